@@ -1,0 +1,133 @@
+"""The ``/api/v2/`` handler: parse -> validate -> authorize -> recognise -> answer.
+
+Validation follows the upstream's order and answers every bad input locally with the
+upstream's own envelope, before any upstream call and without charging quota.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+
+from aiohttp import web
+
+from gateway.cache_key import TYPE_PARAMS, analysis_params
+from gateway.config import TeamConfig
+from gateway.errors import (
+    GatewayError,
+    InvalidFile,
+    InvalidFormat,
+    InvalidParameter,
+    InvalidType,
+    KeyInvalid,
+    KeyMissing,
+    NoData,
+    Unavailable,
+)
+from gateway.form import Form, UploadedFile, parse_query, read_form
+from gateway.service import Answer, Call, Directives
+from gateway.state import STATE, GatewayState
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+HASH_RE = re.compile(r"[0-9a-f]{32}")
+TYPES = (*TYPE_PARAMS, "cache")
+
+
+async def handle_api(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    team_label, type_label, outcome, status = "unknown", "invalid", "none", 500
+    if state.inflight >= state.config.server.max_inflight or state.draining:
+        state.metrics.requests.labels(team_label, type_label, "503", outcome).inc()
+        raise Unavailable("Gateway overloaded" if not state.draining else "Gateway draining")
+    state.inflight += 1
+    state.metrics.inflight.inc()
+    form: Form | None = None
+    try:
+        form = await _read(request, state)
+        team = _authorize(form, state)
+        team_label = team.name
+        type_ = _type(form, request.method, team)
+        type_label = type_
+        if type_ == "cache":
+            body = await _cache_lookup(form, team, state)
+            status = 200
+            return _json(body, {})
+        file = _image(form)
+        params = analysis_params(type_, form.fields)
+        directives = Directives.parse(request.headers.get("Cache-Control"))
+        answer: Answer = await state.service.recognize(Call(team, type_, params, file, directives))
+        outcome, status = answer.outcome, 200
+        return _json(answer.body, {"Cache-Status": answer.cache_status,
+                                   "X-Content-Hash": answer.content_hash})
+    except GatewayError as exc:
+        status = exc.status
+        raise
+    finally:
+        if form is not None:
+            form.close()
+        state.inflight -= 1
+        state.metrics.inflight.dec()
+        state.metrics.requests.labels(team_label, type_label, str(status), outcome).inc()
+        state.metrics.request_duration.labels(type_label, outcome).observe(
+            time.perf_counter() - started)
+
+
+async def _read(request: web.Request, state: GatewayState) -> Form:
+    if request.method == "GET":
+        return Form(fields=parse_query(request.query_string), file=None)
+    if request.method != "POST":
+        raise NoData()
+    return await read_form(request.headers.get("Content-Type"), request.content_length,
+                           request.content, spool_dir=state.spool_dir)
+
+
+def _authorize(form: Form, state: GatewayState) -> TeamConfig:
+    if not form.fields and form.file is None:
+        raise NoData()
+    key = form.fields.get("apikey", "")
+    if not key:
+        raise KeyMissing()
+    # Looked up by hash: no comparison against stored keys, so no timing oracle.
+    team = state.teams_by_key_hash.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+    if team is None:
+        raise KeyInvalid()
+    return team
+
+
+def _type(form: Form, method: str, team: TeamConfig) -> str:
+    type_ = form.fields.get("type", "")
+    if type_ not in TYPES:
+        raise InvalidType()
+    if method == "GET" and type_ != "cache":
+        raise NoData()
+    if team.types is not None and type_ != "cache" and type_ not in team.types:
+        raise InvalidType(f"Invalid type: {type_} is not enabled for this team")
+    return type_
+
+
+def _image(form: Form) -> UploadedFile:
+    file = form.file
+    if file is None or file.size == 0:
+        raise InvalidFile()
+    if not (file.head.startswith(PNG_MAGIC) or file.head.startswith(JPEG_MAGIC)):
+        raise InvalidFormat()
+    return file
+
+
+async def _cache_lookup(form: Form, team: TeamConfig, state: GatewayState) -> bytes:
+    if "hash" in form.fields:
+        content_hash = form.fields["hash"].strip().lower()
+        if not HASH_RE.fullmatch(content_hash):
+            raise InvalidParameter("hash", "must be the 32 hex digits of X-Content-Hash")
+    elif form.file is not None and form.file.size > 0:
+        content_hash = form.file.content_hash
+    else:
+        raise InvalidFile()
+    return await state.service.cached_results(team, content_hash)
+
+
+def _json(body: bytes, headers: dict[str, str]) -> web.Response:
+    return web.Response(body=body, status=200, content_type="application/json", headers=headers)

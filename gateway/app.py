@@ -1,0 +1,158 @@
+"""Wiring: ``create_app(config)`` builds the aiohttp application and its lifecycle.
+
+Resources are opened in ``cleanup_ctx`` generators, so cleanup runs iff startup finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from gateway.api import handle_api
+from gateway.config import Config
+from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
+from gateway.metrics import Metrics
+from gateway.quota import Clock, QuotaLedger
+from gateway.service import RecognitionService
+from gateway.state import STATE, GatewayState
+from gateway.store import StoreUnavailable, open_store
+from gateway.store.base import Store
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FLUSH_INTERVAL_S = 0.5
+
+
+@web.middleware
+async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every gateway error as the upstream envelope; hide internals of the rest."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return _error_response(exc)
+    except StoreUnavailable as exc:
+        log.error("store unavailable, refusing to forward: %s", exc)
+        return _error_response(Unavailable("Gateway store unavailable"))
+    except web.HTTPException:
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return _error_response(ServerError())
+
+
+def _error_response(exc: GatewayError) -> web.Response:
+    return web.Response(body=error_envelope(exc.status, exc.message), status=exc.status,
+                        content_type="application/json", headers=exc.headers)
+
+
+def create_app(config: Config, *, registry: CollectorRegistry | None = None,
+               store: Store | None = None, clock: Clock = time.time,
+               spool_dir: str | None = None) -> web.Application:
+    metrics = Metrics(registry)
+    metrics.preinitialize(config)
+    store = store if store is not None else open_store(config.storage)
+    ledger = QuotaLedger(store, config, clock=clock)
+    upstream = UpstreamClient(config.upstream, metrics)
+    service = RecognitionService(config, store, ledger, upstream, metrics)
+    state = GatewayState(config=config, store=store, metrics=metrics, ledger=ledger,
+                         upstream=upstream, service=service, spool_dir=spool_dir)
+
+    app = web.Application(middlewares=[envelope_errors], handler_args={"max_field_size": 16384})
+    app[STATE] = state
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_flush_ctx)
+    app.router.add_route("*", "/api/v2/", handle_api)
+    app.router.add_route("*", "/api/v2", handle_api)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/metrics", handle_metrics)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.store.open()
+    yield
+    await state.store.close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.upstream.start()
+    yield
+    await state.upstream.close()
+
+
+async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    stored = await state.store.get_meta("upstream_quota")
+    if stored is not None and stored.isdigit():
+        state.metrics.upstream_quota_remaining.set(int(stored))
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            await state.service.flush()
+
+    task = asyncio.create_task(loop())
+    yield
+    state.draining = True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await state.service.drain()
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def handle_readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    problems = []
+    if state.draining:
+        problems.append("draining")
+    try:
+        await state.store.ping()
+    except StoreUnavailable:
+        problems.append("store unreachable")
+    if not state.config.upstream.api_key:
+        problems.append("upstream key not configured")
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    await refresh_store_gauges(state)
+    body = generate_latest(state.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def refresh_store_gauges(state: GatewayState) -> None:
+    """Gauges that live in the store are read when scraped: right across restarts and
+    across processes sharing the store."""
+    m = state.metrics
+    try:
+        usage = {u.team: u.charged for u in await state.store.usage(state.ledger.period())}
+        entries, size = await state.store.totals()
+    except StoreUnavailable as exc:
+        log.warning("metrics: store unreachable: %s", exc)
+        return
+    for team in state.config.teams:
+        m.quota_used.labels(team.name).set(usage.get(team.name, 0))
+        m.quota_limit.labels(team.name).set(team.quota)
+    m.cache_entries.set(entries)
+    m.cache_size.set(size)

@@ -1,0 +1,58 @@
+"""What identifies a result: the image bytes, the type, and only the parameters that type uses.
+
+Boundary, field order, filename, team and key never change the key. Parameters are parsed
+and validated here (430 names the bad one), so the request path calls ``analysis_params``
+once and gets both the validated values and the canonical key text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.errors import InvalidParameter
+
+# (name, minimum, maximum) per type, in canonical order. Every listed parameter is required,
+# as in the seed document's table.
+TYPE_PARAMS: dict[str, tuple[tuple[str, int, int], ...]] = {
+    "objects": (("max_labels", 1, 2**31 - 1), ("min_confidence", 0, 100)),
+    "celebrities": (),
+    "detect_faces": (),
+    "detect_text": (),
+    "nsfw": (("nsfw_min_confidence", 0, 100),),
+}
+
+
+def analysis_params(type_: str, fields: Mapping[str, str]) -> dict[str, int]:
+    """The validated, normalised parameters ``type_`` uses; raises ``InvalidParameter``."""
+    params: dict[str, int] = {}
+    for name, low, high in TYPE_PARAMS[type_]:
+        raw = fields.get(name)
+        if raw is None or not raw.strip():
+            raise InvalidParameter(name, "missing")
+        text = raw.strip()
+        if not text.isascii() or not text.isdigit():
+            raise InvalidParameter(name, _range_text(low, high))
+        value = int(text)
+        if not low <= value <= high:
+            raise InvalidParameter(name, _range_text(low, high))
+        params[name] = value
+    return params
+
+
+def _range_text(low: int, high: int) -> str:
+    if high == 2**31 - 1:
+        return f"must be an integer >= {low}"
+    return f"must be an integer from {low} to {high}"
+
+
+def params_text(params: Mapping[str, int]) -> str:
+    """Canonical text of normalised params: ``max_labels=10&min_confidence=80``."""
+    return "&".join(f"{k}={params[k]}" for k in params)
+
+
+def cache_key(content_hash: str, type_: str, params: Mapping[str, int], scope: str = "") -> str:
+    """``scope`` is empty when results are shared across teams, else the team name."""
+    key = f"{content_hash}/{type_}"
+    if params:
+        key += "?" + params_text(params)
+    return f"{scope}|{key}" if scope else key

@@ -1,0 +1,305 @@
+"""config.toml -> frozen dataclasses, validated once at start.
+
+A bad config is refused with one line naming the file, the key and the problem
+(``ConfigError``). Secrets (the upstream key) come from the environment only and live in
+``Secret``, whose ``repr`` hides them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PERIODS = ("day", "week", "month", "total")
+ANALYSIS_TYPES = ("objects", "celebrities", "detect_faces", "detect_text", "nsfw")
+
+
+class ConfigError(Exception):
+    """One clear line: file, key, problem."""
+
+
+class Secret:
+    """A string that never shows itself in repr/str/logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+def hash_key(key: str) -> str:
+    """The ``sha256:<hex>`` form of a key, as written in config.toml."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    cors_origins: tuple[str, ...] = ()
+    max_inflight: int = 1024
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "https://imagerecognize.com/api/v2/"
+    api_key_env: str = "IMAGERECOGNIZE_API_KEY"
+    timeout_s: float = 30.0
+    max_concurrency: int = 64
+    api_key: Secret = field(default_factory=lambda: Secret(""), repr=False)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = "sqlite"
+    path: str = "data/gateway.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "gw:"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    ttl_days: float = 30.0
+    max_mb: float = 1024.0
+    share_across_teams: bool = True
+    coalesce_wait_s: float = 60.0
+
+    @property
+    def ttl_s(self) -> float:
+        return self.ttl_days * 86400.0
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    period: str = "month"
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    key_hashes: frozenset[str]
+    quota: int
+    rate_per_s: float | None = None
+    burst: int | None = None
+    types: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    storage: StorageConfig = StorageConfig()
+    cache: CacheConfig = CacheConfig()
+    quota: QuotaConfig = QuotaConfig()
+    teams: tuple[TeamConfig, ...] = ()
+    source: str = "<built-in>"
+
+    def team(self, name: str) -> TeamConfig | None:
+        return next((t for t in self.teams if t.name == name), None)
+
+
+class _Reader:
+    """Typed access to one TOML table, with errors that name file and key."""
+
+    def __init__(self, source: str, prefix: str, table: Mapping[str, Any], known: set[str]):
+        self.source, self.prefix, self.table = source, prefix, table
+        for key in table:
+            if key not in known:
+                self.fail(key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def fail(self, key: str, problem: str) -> None:
+        raise ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.fail(key, f"must be {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0, strict: bool = True) -> float:
+        value = float(self.get(key, (int, float), default))
+        if value < minimum or (strict and value == minimum):
+            self.fail(key, f"must be {'>' if strict else '>='} {minimum:g}")
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
+        value: int = self.get(key, int, default)
+        if value < minimum:
+            self.fail(key, f"must be an integer >= {minimum}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list, list(default))
+        if not all(isinstance(v, str) and v for v in value):
+            self.fail(key, "must be a list of non-empty strings")
+        return tuple(value)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+                *, require_api_key: bool = True) -> Config:
+    source = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_config(raw, source=source, env=os.environ if env is None else env,
+                        require_api_key=require_api_key)
+
+
+def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
+                 env: Mapping[str, str] | None = None, require_api_key: bool = True) -> Config:
+    env = os.environ if env is None else env
+    top = _Reader(source, "", raw, {"server", "upstream", "storage", "cache", "quota", "teams"})
+
+    def table(name: str) -> Mapping[str, Any]:
+        value = top.get(name, dict, {})
+        return value  # type: ignore[no-any-return]
+
+    s = _Reader(source, "server.", table("server"),
+                {"host", "port", "workers", "cors_origins", "max_inflight", "drain_timeout_s"})
+    port = s.integer("port", 8080, minimum=0)
+    if port > 65535:
+        s.fail("port", "must be <= 65535")
+    server = ServerConfig(
+        host=s.get("host", str, "127.0.0.1"),
+        port=port,
+        workers=s.integer("workers", 1),
+        cors_origins=s.strings("cors_origins", ()),
+        max_inflight=s.integer("max_inflight", 1024),
+        drain_timeout_s=s.number("drain_timeout_s", 30.0),
+    )
+
+    u = _Reader(source, "upstream.", table("upstream"),
+                {"url", "api_key_env", "timeout_s", "max_concurrency"})
+    url: str = u.get("url", str, UpstreamConfig.url)
+    if not url.startswith(("http://", "https://")):
+        u.fail("url", "must be an http:// or https:// URL")
+    key_env: str = u.get("api_key_env", str, UpstreamConfig.api_key_env)
+    api_key = env.get(key_env, "")
+    if require_api_key and not api_key:
+        raise ConfigError(
+            f"{source}: upstream.api_key_env: environment variable {key_env} is not set "
+            "(the upstream key comes from the environment, never the file)"
+        )
+    upstream = UpstreamConfig(
+        url=url, api_key_env=key_env, timeout_s=u.number("timeout_s", 30.0),
+        max_concurrency=u.integer("max_concurrency", 64), api_key=Secret(api_key),
+    )
+
+    st = _Reader(source, "storage.", table("storage"),
+                 {"backend", "path", "redis_url", "redis_prefix"})
+    backend: str = st.get("backend", str, "sqlite")
+    if backend not in ("sqlite", "redis"):
+        st.fail("backend", 'must be "sqlite" or "redis"')
+    storage = StorageConfig(
+        backend=backend, path=st.get("path", str, StorageConfig.path),
+        redis_url=st.get("redis_url", str, StorageConfig.redis_url),
+        redis_prefix=st.get("redis_prefix", str, StorageConfig.redis_prefix),
+    )
+    if backend == "redis" and not storage.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        st.fail("redis_url", "must be a redis:// URL")
+
+    c = _Reader(source, "cache.", table("cache"),
+                {"ttl_days", "max_mb", "share_across_teams", "coalesce_wait_s"})
+    cache = CacheConfig(
+        ttl_days=c.number("ttl_days", 30.0), max_mb=c.number("max_mb", 1024.0),
+        share_across_teams=c.get("share_across_teams", bool, True),
+        coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
+    )
+
+    q = _Reader(source, "quota.", table("quota"), {"period"})
+    period: str = q.get("period", str, "month")
+    if period not in PERIODS:
+        q.fail("period", f"must be one of {', '.join(PERIODS)}")
+
+    teams = _parse_teams(source, table("teams"), upstream.api_key)
+    return Config(server=server, upstream=upstream, storage=storage, cache=cache,
+                  quota=QuotaConfig(period=period), teams=teams, source=source)
+
+
+def _parse_teams(source: str, raw: Mapping[str, Any], upstream_key: Secret) -> tuple[TeamConfig, ...]:
+    teams: list[TeamConfig] = []
+    owner: dict[str, str] = {}
+    upstream_hash = hash_key(upstream_key.reveal()) if upstream_key else None
+    for name, body in raw.items():
+        prefix = f"teams.{name}."
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: teams.{name}: must be a table")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{source}: teams.{name}: team names use letters, digits, - and _")
+        t = _Reader(source, prefix, body, {"keys", "quota", "rate_per_s", "burst", "types"})
+        if "keys" not in body:
+            t.fail("keys", "missing (a list of team keys, plain or sha256:<hex>)")
+        if "quota" not in body:
+            t.fail("quota", "missing (upstream calls per quota.period)")
+        hashes: set[str] = set()
+        for key in t.strings("keys", ()):
+            h = _key_hash(key)
+            if h is None:
+                t.fail("keys", "a sha256: key must be 64 hex digits")
+            assert h is not None
+            if h == upstream_hash:
+                t.fail("keys", "the upstream key must never be a team key")
+            if h in owner and owner[h] != name:
+                t.fail("keys", f"a key is also listed for team {owner[h]!r}")
+            owner[h] = name
+            hashes.add(h)
+        if not hashes:
+            t.fail("keys", "must list at least one key")
+        rate = t.get("rate_per_s", (int, float), None)
+        if rate is not None and rate <= 0:
+            t.fail("rate_per_s", "must be > 0")
+        burst = t.get("burst", int, None)
+        if burst is not None and burst < 1:
+            t.fail("burst", "must be an integer >= 1")
+        types = t.get("types", list, None)
+        if types is not None and not all(x in ANALYSIS_TYPES for x in types):
+            t.fail("types", f"must list only {', '.join(ANALYSIS_TYPES)}")
+        teams.append(TeamConfig(
+            name=name, key_hashes=frozenset(hashes), quota=t.integer("quota", 0, minimum=0),
+            rate_per_s=float(rate) if rate is not None else None, burst=burst,
+            types=frozenset(types) if types is not None else None,
+        ))
+    return tuple(teams)
+
+
+def _key_hash(key: str) -> str | None:
+    if key.startswith("sha256:"):
+        hexpart = key[7:].lower()
+        if len(hexpart) != 64 or any(ch not in "0123456789abcdef" for ch in hexpart):
+            return None
+        return "sha256:" + hexpart
+    return hash_key(key)

@@ -1,0 +1,34 @@
+"""The success envelope, built by splicing stored bytes (no JSON re-encode on a hit).
+
+A result is stored as its ``data`` object encoded so that it ends in ``"quota":``; the
+answer appends the caller's remaining sub-quota and closes the braces.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_HEAD = b'{"status":200,"message":"Success","data":'
+
+
+def data_prefix(data: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in data.items() if k != "quota"}
+    encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return encoded[:-1] + (b',"quota":' if body else b'"quota":')
+
+
+def success_body(prefix: bytes, quota: int) -> bytes:
+    return b"".join((_HEAD, prefix, str(quota).encode(), b"}}"))
+
+
+def data_object(prefix: bytes) -> dict[str, Any]:
+    """The stored data object without its ``quota`` (for ``type=cache`` listings)."""
+    data: dict[str, Any] = json.loads(prefix + b"0}")
+    data.pop("quota", None)
+    return data
+
+
+def success_json(data: dict[str, Any]) -> bytes:
+    return json.dumps({"status": 200, "message": "Success", "data": data},
+                      separators=(",", ":"), ensure_ascii=False).encode()

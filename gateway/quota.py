@@ -1,0 +1,56 @@
+"""Per-team sub-quotas over calendar UTC periods, derived from timestamps (no reset job)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from gateway.config import Config, TeamConfig
+from gateway.errors import QuotaReached
+from gateway.store.base import Store
+
+Clock = Callable[[], float]
+
+
+def period_key(period: str, now: float) -> str:
+    """The ledger row a moment belongs to: ``2026-11-24``, ``2026-W48``, ``2026-11``, ``total``."""
+    moment = datetime.fromtimestamp(now, UTC)
+    if period == "day":
+        return moment.strftime("%Y-%m-%d")
+    if period == "week":
+        year, week, _ = moment.isocalendar()
+        return f"{year}-W{week:02d}"
+    if period == "month":
+        return moment.strftime("%Y-%m")
+    return "total"
+
+
+class QuotaLedger:
+    """Reserve one unit before forwarding, refund it if the upstream call does not succeed.
+
+    The store makes the reservation atomic, so neither concurrency nor a second gateway
+    process on the same store can admit a request past the limit.
+    """
+
+    def __init__(self, store: Store, config: Config, *, clock: Clock = time.time):
+        self.store = store
+        self.config = config
+        self.clock = clock
+
+    def period(self) -> str:
+        return period_key(self.config.quota.period, self.clock())
+
+    async def reserve(self, team: TeamConfig) -> tuple[str, int]:
+        """Charge one unit now; returns (period, remaining after the charge)."""
+        period = self.period()
+        used = await self.store.reserve(team.name, period, team.quota)
+        if used is None:
+            raise QuotaReached()
+        return period, max(team.quota - used, 0)
+
+    async def refund(self, team: TeamConfig, period: str) -> None:
+        await self.store.refund(team.name, period)
+
+    async def remaining(self, team: TeamConfig) -> int:
+        return max(team.quota - await self.store.used(team.name, self.period()), 0)

@@ -1,0 +1,258 @@
+"""The recognition service: look up -> coalesce -> reserve quota -> forward -> store -> answer.
+
+It never imports ``aiohttp.web``: the HTTP handler (``gateway.api``) parses and validates,
+then hands a ``Call`` here and renders the ``Answer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.cache_key import cache_key, params_text
+from gateway.config import Config, TeamConfig
+from gateway.envelope import data_object, data_prefix, success_body, success_json
+from gateway.errors import GatewayError, GatewayTimeout
+from gateway.form import UploadedFile
+from gateway.metrics import Metrics
+from gateway.quota import QuotaLedger
+from gateway.store.base import CachedResult, Hit, Store, StoreUnavailable
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("gateway.service")
+
+CACHE_NAME = "imagerecognize-gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Directives:
+    """Request Cache-Control directives the gateway honours (RFC 9111)."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    only_if_cached: bool = False
+
+    @classmethod
+    def parse(cls, header: str | None) -> Directives:
+        if not header:
+            return _NO_DIRECTIVES
+        names = {part.split("=", 1)[0].strip().lower() for part in header.split(",")}
+        return cls(no_cache="no-cache" in names or "max-age=0" in header.replace(" ", ""),
+                   no_store="no-store" in names, only_if_cached="only-if-cached" in names)
+
+
+_NO_DIRECTIVES = Directives()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    team: TeamConfig
+    type: str
+    params: dict[str, int]
+    file: UploadedFile
+    directives: Directives = _NO_DIRECTIVES
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    body: bytes
+    outcome: str               # hit | miss | coalesced | none (metric label)
+    cache_status: str          # the Cache-Status header value
+    content_hash: str
+
+
+class _Retry(Exception):
+    """The leader could not go ahead (its team was over quota): followers try themselves."""
+
+
+@dataclass(slots=True)
+class _Flight:
+    future: asyncio.Future[CachedResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class RecognitionService:
+    def __init__(self, config: Config, store: Store, ledger: QuotaLedger,
+                 upstream: UpstreamClient, metrics: Metrics):
+        self.config = config
+        self.store = store
+        self.ledger = ledger
+        self.upstream = upstream
+        self.metrics = metrics
+        self._flights: dict[str, _Flight] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._hits: list[Hit] = []
+        self.max_bytes = int(config.cache.max_mb * 1024 * 1024)
+
+    # -- the request path ------------------------------------------------------------------
+    async def recognize(self, call: Call) -> Answer:
+        scope = "" if self.config.cache.share_across_teams else call.team.name
+        key = cache_key(call.file.content_hash, call.type, call.params, scope)
+        d = call.directives
+        if d.no_store:
+            return await self._forward(call, key, scope, store=False, cache_status="fwd=request")
+        while True:
+            period = self.ledger.period()
+            if not d.no_cache:
+                entry, used = await self.store.lookup(key, call.team.name, period)
+                now = self.ledger.clock()
+                if entry is not None:
+                    age = now - entry.created_at
+                    if age < self.config.cache.ttl_s:
+                        self._note_hit(key, call, period, now, coalesced=False)
+                        ttl = int(self.config.cache.ttl_s - age)
+                        return Answer(success_body(entry.data_prefix, self._left(call.team, used)),
+                                      "hit", f"{CACHE_NAME}; hit; ttl={ttl}", call.file.content_hash)
+                if d.only_if_cached:
+                    raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
+                flight = self._flights.get(key)
+                if flight is not None:
+                    try:
+                        return await self._follow(flight, key, call, scope)
+                    except _Retry:
+                        continue
+                fwd = "fwd=stale" if entry is not None else "fwd=miss"
+            else:
+                fwd = "fwd=request"
+            return await self._lead(call, key, scope, fwd)
+
+    async def _lead(self, call: Call, key: str, scope: str, fwd: str) -> Answer:
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            period, remaining = await self.ledger.reserve(call.team)
+        except BaseException:
+            del self._flights[key]
+            flight.future.set_exception(_Retry())
+            flight.future.exception()  # retrieved: followers may be none
+            raise
+        # The upstream call runs as its own task: the leader's client hanging up must not
+        # cancel it for the followers.
+        task = asyncio.create_task(self._fetch(call, key, scope, period, flight, store=True))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        result = await asyncio.shield(task)
+        return Answer(success_body(result.data_prefix, remaining), "miss",
+                      f"{CACHE_NAME}; {fwd}; stored", call.file.content_hash)
+
+    async def _follow(self, flight: _Flight, key: str, call: Call, scope: str) -> Answer:
+        try:
+            result = await asyncio.wait_for(asyncio.shield(flight.future),
+                                            self.config.cache.coalesce_wait_s)
+        except TimeoutError:
+            log.warning("coalesced request waited %.0fs; forwarding on its own",
+                        self.config.cache.coalesce_wait_s)
+            return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
+        period = self.ledger.period()
+        self._note_hit(key, call, period, self.ledger.clock(), coalesced=True)
+        remaining = await self.ledger.remaining(call.team)
+        return Answer(success_body(result.data_prefix, remaining), "coalesced",
+                      f"{CACHE_NAME}; hit; detail=coalesced", call.file.content_hash)
+
+    async def _forward(self, call: Call, key: str, scope: str, *, store: bool,
+                       cache_status: str) -> Answer:
+        period, remaining = await self.ledger.reserve(call.team)
+        task = asyncio.create_task(self._fetch(call, key, scope, period, None, store=store))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        result = await asyncio.shield(task)
+        status = f"{CACHE_NAME}; {cache_status}" + ("; stored" if store else "")
+        return Answer(success_body(result.data_prefix, remaining), "none" if not store else "miss",
+                      status, call.file.content_hash)
+
+    async def _fetch(self, call: Call, key: str, scope: str, period: str,
+                     flight: _Flight | None, *, store: bool) -> CachedResult:
+        try:
+            try:
+                recognition = await self.upstream.recognize(call.type, call.params, call.file)
+            except BaseException:
+                await self._refund(call.team, period)
+                raise
+            result = CachedResult(
+                key=key, content_hash=call.file.content_hash, type=call.type,
+                params=params_text(call.params), scope=scope,
+                data_prefix=data_prefix(recognition.data), created_at=self.ledger.clock())
+            if recognition.account_quota is not None:
+                self._upstream_quota = recognition.account_quota
+            if store:
+                try:
+                    await self.store.save_result(result, max_bytes=self.max_bytes)
+                except StoreUnavailable as exc:
+                    # Paid for and delivered; only the cached copy is missing.
+                    log.error("could not store a result (%s); answering it uncached", exc)
+        except BaseException as exc:
+            if flight is not None:
+                self._flights.pop(key, None)
+                flight.future.set_exception(exc)
+                flight.future.exception()
+            raise
+        if flight is not None:
+            self._flights.pop(key, None)
+            flight.future.set_result(result)
+        return result
+
+    async def _refund(self, team: TeamConfig, period: str) -> None:
+        try:
+            await self.ledger.refund(team, period)
+        except StoreUnavailable as exc:
+            log.error("could not refund a failed upstream call for team %s: %s", team.name, exc)
+
+    def _left(self, team: TeamConfig, used: int) -> int:
+        return max(team.quota - used, 0)
+
+    def _note_hit(self, key: str, call: Call, period: str, now: float, *, coalesced: bool) -> None:
+        self._hits.append(Hit(key, call.team.name, period, now, coalesced))
+        self.metrics.calls_saved.labels(call.team.name, call.type).inc()
+
+    # -- type=cache ------------------------------------------------------------------------
+    async def cached_results(self, team: TeamConfig, content_hash: str) -> bytes:
+        scope = "" if self.config.cache.share_across_teams else team.name
+        now = self.ledger.clock()
+        results = []
+        for entry in await self.store.results_for_hash(content_hash, scope):
+            if now - entry.created_at >= self.config.cache.ttl_s:
+                continue
+            params = dict(p.split("=", 1) for p in entry.params.split("&") if p)
+            results.append({
+                "type": entry.type,
+                "params": {k: int(v) for k, v in params.items()},
+                "data": data_object(entry.data_prefix),
+                "cached_at": datetime.fromtimestamp(entry.created_at, UTC)
+                .isoformat(timespec="seconds").replace("+00:00", "Z"),
+            })
+        data: dict[str, Any] = {"error": 0 if results else "no cached results", "type": "cache",
+                                "hash": content_hash, "results": results,
+                                "quota": await self.ledger.remaining(team)}
+        return success_json(data)
+
+    # -- background ------------------------------------------------------------------------
+    _upstream_quota: int | None = None
+
+    async def flush(self) -> None:
+        """Write batched hit counters (off the answer's path) and the account quota."""
+        hits, self._hits = self._hits, []
+        if hits:
+            try:
+                await self.store.record_hits(hits)
+            except StoreUnavailable as exc:
+                log.warning("could not record %d cache hits: %s", len(hits), exc)
+                self._hits[:0] = hits[-10000:]
+        if self._upstream_quota is not None:
+            value, self._upstream_quota = self._upstream_quota, None
+            try:
+                await self.store.set_meta("upstream_quota", str(value))
+            except StoreUnavailable:
+                self._upstream_quota = value
+
+    async def drain(self) -> None:
+        """Wait for upstream calls already running (they were paid for), then flush."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+
+
+__all__ = ["Answer", "Call", "Directives", "GatewayError", "RecognitionService"]

@@ -1,0 +1,24 @@
+"""Storage behind a small protocol: cached results and the quota ledger."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.store.base import CachedResult, CacheStats, Hit, Store, StoreUnavailable, TeamUsage
+
+if TYPE_CHECKING:
+    from gateway.config import StorageConfig
+
+__all__ = ["CacheStats", "CachedResult", "Hit", "Store", "StoreUnavailable", "TeamUsage",
+           "open_store"]
+
+
+def open_store(config: StorageConfig) -> Store:
+    """The configured backend, not yet opened."""
+    if config.backend == "redis":
+        from gateway.store.redis import RedisStore
+
+        return RedisStore(config.redis_url, prefix=config.redis_prefix)
+    from gateway.store.sqlite import SQLiteStore
+
+    return SQLiteStore(config.path)

@@ -1,0 +1,85 @@
+"""The storage protocol. One implementation a module (``sqlite``, ``redis``); one contract
+test suite (``tests/test_store_contract.py``) runs over every implementation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or written: the gateway answers 503 and forwards nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResult:
+    key: str
+    content_hash: str
+    type: str
+    params: str          # canonical parameter text, e.g. "max_labels=10&min_confidence=80"
+    scope: str           # "" when shared across teams, else the owning team
+    data_prefix: bytes   # the upstream's data object, re-encoded to end in '"quota":' (splice)
+    created_at: float
+
+    @property
+    def size(self) -> int:
+        return len(self.data_prefix) + len(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    entries: int
+    size_bytes: int
+    oldest: float | None = None
+    by_type: tuple[tuple[str, int, int], ...] = ()   # (type, entries, bytes)
+    hits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TeamUsage:
+    team: str
+    period: str
+    charged: int      # upstream calls charged to the team
+    hits: int         # answered from the store
+    coalesced: int    # rode on another request's upstream call
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    key: str
+    team: str
+    period: str
+    at: float
+    coalesced: bool = False
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    async def lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
+        """The entry for ``key`` (or None) and the team's charged count, in one round trip."""
+
+    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+        """Commit ``result`` (replacing any entry with its key) before returning; evict least
+        recently hit entries while the store holds more than ``max_bytes``."""
+
+    async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]: ...
+
+    async def reserve(self, team: str, period: str, limit: int) -> int | None:
+        """Atomically charge one unit if the team is under ``limit``: the new charged count,
+        or None when that would exceed the limit."""
+
+    async def refund(self, team: str, period: str) -> None: ...
+    async def used(self, team: str, period: str) -> int: ...
+    async def record_hits(self, hits: list[Hit]) -> None: ...
+    async def usage(self, period: str) -> list[TeamUsage]: ...
+    async def stats(self) -> CacheStats: ...
+
+    async def totals(self) -> tuple[int, int]:
+        """(entries, bytes) held, cheap enough for every scrape."""
+    async def purge(self, *, content_hash: str | None = None, type_: str | None = None,
+                    older_than: float | None = None) -> int: ...
+    async def get_meta(self, name: str) -> str | None: ...
+    async def set_meta(self, name: str, value: str) -> None: ...

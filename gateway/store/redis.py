@@ -1,0 +1,259 @@
+"""The Redis store, for several gateway replicas sharing one cache and one quota ledger.
+
+Every multi-key change is one Lua script, so it is atomic on the server: a reservation can
+never admit past a limit, and the totals move with the entries they count.
+
+Keys (under ``prefix``):
+  r:<key>          hash   one result (content_hash, type, params, scope, data, size, created_at)
+  h:<hash>         set    result keys of one image, every scope
+  t:<type>         set    result keys of one type
+  lru              zset   result key -> last hit time (eviction order)
+  created          zset   result key -> created_at
+  totals           hash   entries, bytes
+  used:<period>    hash   team -> charged;  hits:<period>, coalesced:<period> likewise
+  meta             hash   name -> value
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.store.base import CachedResult, CacheStats, Hit, StoreUnavailable, TeamUsage
+
+_FIELDS = ("content_hash", "type", "params", "scope", "data", "created_at")
+
+# KEYS: none (prefix in ARGV[1]); ARGV: prefix, key, hash, type, params, scope, data, size,
+# created_at, max_bytes
+_SAVE = """
+local p, key = ARGV[1], ARGV[2]
+local rkey = p .. 'r:' .. key
+local size = tonumber(ARGV[8])
+local old = redis.call('HGET', rkey, 'size')
+if old then
+  redis.call('HINCRBY', p .. 'totals', 'bytes', size - tonumber(old))
+else
+  redis.call('HINCRBY', p .. 'totals', 'entries', 1)
+  redis.call('HINCRBY', p .. 'totals', 'bytes', size)
+end
+redis.call('HSET', rkey, 'content_hash', ARGV[3], 'type', ARGV[4], 'params', ARGV[5],
+           'scope', ARGV[6], 'data', ARGV[7], 'size', size, 'created_at', ARGV[9])
+redis.call('SADD', p .. 'h:' .. ARGV[3], key)
+redis.call('SADD', p .. 't:' .. ARGV[4], key)
+redis.call('ZADD', p .. 'lru', ARGV[9], key)
+redis.call('ZADD', p .. 'created', ARGV[9], key)
+local excess = tonumber(redis.call('HGET', p .. 'totals', 'bytes')) - tonumber(ARGV[10])
+while excess > 0 do
+  local victims = redis.call('ZRANGE', p .. 'lru', 0, 63)
+  local progressed = false
+  for _, victim in ipairs(victims) do
+    if victim ~= key and excess > 0 then
+      local vkey = p .. 'r:' .. victim
+      local v = redis.call('HMGET', vkey, 'size', 'content_hash', 'type')
+      if v[1] then
+        redis.call('HINCRBY', p .. 'totals', 'entries', -1)
+        redis.call('HINCRBY', p .. 'totals', 'bytes', -tonumber(v[1]))
+        redis.call('SREM', p .. 'h:' .. v[2], victim)
+        redis.call('SREM', p .. 't:' .. v[3], victim)
+        redis.call('DEL', vkey)
+        excess = excess - tonumber(v[1])
+      end
+      redis.call('ZREM', p .. 'lru', victim)
+      redis.call('ZREM', p .. 'created', victim)
+      progressed = true
+    end
+  end
+  if not progressed then break end
+end
+return 1
+"""
+
+_DELETE = """
+local p = ARGV[1]
+local n = 0
+for i = 2, #ARGV do
+  local victim = ARGV[i]
+  local vkey = p .. 'r:' .. victim
+  local v = redis.call('HMGET', vkey, 'size', 'content_hash', 'type')
+  if v[1] then
+    redis.call('HINCRBY', p .. 'totals', 'entries', -1)
+    redis.call('HINCRBY', p .. 'totals', 'bytes', -tonumber(v[1]))
+    redis.call('SREM', p .. 'h:' .. v[2], victim)
+    redis.call('SREM', p .. 't:' .. v[3], victim)
+    redis.call('DEL', vkey)
+    n = n + 1
+  end
+  redis.call('ZREM', p .. 'lru', victim)
+  redis.call('ZREM', p .. 'created', victim)
+end
+return n
+"""
+
+_RESERVE = """
+local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if used < tonumber(ARGV[2]) then return redis.call('HINCRBY', KEYS[1], ARGV[1], 1) end
+return -1
+"""
+
+_REFUND = """
+local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if used > 0 then return redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
+return 0
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = "gw:"):
+        self.url = url
+        self.prefix = prefix
+        self._redis: aioredis.Redis | None = None
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StoreUnavailable("store is closed")
+        return self._redis
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+
+    async def open(self) -> None:
+        self._redis = aioredis.Redis.from_url(self.url, socket_timeout=5,
+                                              socket_connect_timeout=5)
+        self._save = self._redis.register_script(_SAVE)
+        self._delete = self._redis.register_script(_DELETE)
+        self._reserve = self._redis.register_script(_RESERVE)
+        self._refund = self._redis.register_script(_REFUND)
+        await self.ping()
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping())
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + "".join(parts)
+
+    async def lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self._k("r:", key), _FIELDS)
+        pipe.hget(self._k("used:", period), team)
+        values, used = await self._call(pipe.execute())
+        return self._result(key, values), int(used or 0)
+
+    def _result(self, key: str, values: list[bytes | None]) -> CachedResult | None:
+        if values[0] is None:
+            return None
+        content_hash, type_, params, scope, data, created_at = values
+        assert type_ is not None and params is not None and scope is not None
+        assert data is not None and created_at is not None
+        return CachedResult(key=key, content_hash=content_hash.decode(), type=type_.decode(),
+                            params=params.decode(), scope=scope.decode(), data_prefix=data,
+                            created_at=float(created_at))
+
+    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+        await self._call(self._save(args=[
+            self.prefix, result.key, result.content_hash, result.type, result.params,
+            result.scope, result.data_prefix, result.size, repr(result.created_at), max_bytes]))
+
+    async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
+        keys = sorted(k.decode() for k in await self._call(
+            self._r.smembers(self._k("h:", content_hash))))
+        results = [await self._one(k) for k in keys]
+        found = [r for r in results if r is not None and r.scope == scope]
+        return sorted(found, key=lambda r: (r.type, r.params))
+
+    async def _one(self, key: str) -> CachedResult | None:
+        return self._result(key, await self._call(self._r.hmget(self._k("r:", key), _FIELDS)))
+
+    async def reserve(self, team: str, period: str, limit: int) -> int | None:
+        if limit <= 0:
+            return None
+        used = int(await self._call(self._reserve(keys=[self._k("used:", period)],
+                                                  args=[team, limit])))
+        return None if used < 0 else used
+
+    async def refund(self, team: str, period: str) -> None:
+        await self._call(self._refund(keys=[self._k("used:", period)], args=[team]))
+
+    async def used(self, team: str, period: str) -> int:
+        return int(await self._call(self._r.hget(self._k("used:", period), team)) or 0)
+
+    async def record_hits(self, hits: list[Hit]) -> None:
+        if not hits:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for h in hits:
+            if h.coalesced:
+                pipe.hincrby(self._k("coalesced:", h.period), h.team, 1)
+            else:
+                pipe.hincrby(self._k("hits:", h.period), h.team, 1)
+                pipe.zadd(self._k("lru"), {h.key: h.at}, xx=True, gt=True)
+                pipe.hincrby(self._k("hitcount"), "all", 1)
+        await self._call(pipe.execute())
+
+    async def usage(self, period: str) -> list[TeamUsage]:
+        pipe = self._r.pipeline(transaction=False)
+        for kind in ("used:", "hits:", "coalesced:"):
+            pipe.hgetall(self._k(kind, period))
+        used, hits, coalesced = await self._call(pipe.execute())
+        teams = sorted({k.decode() for k in (*used, *hits, *coalesced)})
+        return [TeamUsage(team=t, period=period, charged=int(used.get(t.encode(), 0)),
+                          hits=int(hits.get(t.encode(), 0)),
+                          coalesced=int(coalesced.get(t.encode(), 0))) for t in teams]
+
+    async def totals(self) -> tuple[int, int]:
+        entries, size = await self._call(self._r.hmget(self._k("totals"), ["entries", "bytes"]))
+        return int(entries or 0), int(size or 0)
+
+    async def stats(self) -> CacheStats:
+        entries, size = await self.totals()
+        oldest = await self._call(self._r.zrange(self._k("created"), 0, 0, withscores=True))
+        hits = int(await self._call(self._r.hget(self._k("hitcount"), "all")) or 0)
+        by_type = []
+        async for name in self._r.scan_iter(match=self._k("t:*"), count=1000):
+            type_ = name.decode()[len(self._k("t:")):]
+            keys = [k.decode() for k in await self._call(self._r.smembers(name))]
+            sizes = [int(s) for s in [await self._call(self._r.hget(self._k("r:", k), "size"))
+                                      for k in keys] if s is not None]
+            if sizes:
+                by_type.append((type_, len(sizes), sum(sizes)))
+        return CacheStats(entries=entries, size_bytes=size,
+                          oldest=float(oldest[0][1]) if oldest else None,
+                          by_type=tuple(sorted(by_type)), hits=hits)
+
+    async def purge(self, *, content_hash: str | None = None, type_: str | None = None,
+                    older_than: float | None = None) -> int:
+        r = self._r
+        candidates: set[bytes] | None = None
+        if content_hash is not None:
+            candidates = set(await self._call(r.smembers(self._k("h:", content_hash))))
+        if type_ is not None:
+            of_type = set(await self._call(r.smembers(self._k("t:", type_))))
+            candidates = of_type if candidates is None else candidates & of_type
+        if older_than is not None:
+            old = set(await self._call(r.zrangebyscore(self._k("created"), "-inf",
+                                                       f"({older_than!r}")))
+            candidates = old if candidates is None else candidates & old
+        if candidates is None:
+            candidates = set(await self._call(r.zrange(self._k("created"), 0, -1)))
+        total = 0
+        batch = sorted(candidates)
+        for i in range(0, len(batch), 500):
+            total += int(await self._call(self._delete(args=[self.prefix, *batch[i:i + 500]])))
+        return total
+
+    async def get_meta(self, name: str) -> str | None:
+        value = await self._call(self._r.hget(self._k("meta"), name))
+        return value.decode() if value is not None else None
+
+    async def set_meta(self, name: str, value: str) -> None:
+        await self._call(self._r.hset(self._k("meta"), name, value))

@@ -1,0 +1,316 @@
+"""The one module that opens SQLite.
+
+WAL, ``busy_timeout``, ``BEGIN IMMEDIATE`` for multi-statement writes, named ordered
+migrations tracked in ``PRAGMA user_version``. One connection writes, another reads, so
+lookups are never queued behind writes. Totals for the cache (entries, bytes) are kept by
+triggers in the same transaction as the change, exact across processes sharing the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import aiosqlite
+
+from gateway.store.base import CachedResult, CacheStats, Hit, StoreUnavailable, TeamUsage
+
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    ("results and quota ledger", """
+        CREATE TABLE results (
+            key          TEXT PRIMARY KEY,
+            content_hash TEXT NOT NULL,
+            type         TEXT NOT NULL,
+            params       TEXT NOT NULL,
+            scope        TEXT NOT NULL DEFAULT '',
+            data         BLOB NOT NULL,
+            size         INTEGER NOT NULL,
+            created_at   REAL NOT NULL,
+            last_hit_at  REAL NOT NULL,
+            hit_count    INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX results_by_hash ON results(content_hash, scope);
+        CREATE INDEX results_by_last_hit ON results(last_hit_at);
+        CREATE TABLE cache_totals (
+            id      INTEGER PRIMARY KEY CHECK (id = 1),
+            entries INTEGER NOT NULL,
+            bytes   INTEGER NOT NULL
+        );
+        INSERT INTO cache_totals VALUES (1, 0, 0);
+        CREATE TRIGGER results_ins AFTER INSERT ON results BEGIN
+            UPDATE cache_totals SET entries = entries + 1, bytes = bytes + NEW.size;
+        END;
+        CREATE TRIGGER results_del AFTER DELETE ON results BEGIN
+            UPDATE cache_totals SET entries = entries - 1, bytes = bytes - OLD.size;
+        END;
+        CREATE TRIGGER results_upd AFTER UPDATE OF size ON results BEGIN
+            UPDATE cache_totals SET bytes = bytes - OLD.size + NEW.size;
+        END;
+        CREATE TABLE quota_usage (
+            team      TEXT NOT NULL,
+            period    TEXT NOT NULL,
+            used      INTEGER NOT NULL DEFAULT 0,
+            hits      INTEGER NOT NULL DEFAULT 0,
+            coalesced INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (team, period)
+        );
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """),
+)
+
+_ERRORS = (sqlite3.Error, OSError, ValueError)
+
+
+def _row_result(row: sqlite3.Row | tuple[object, ...]) -> CachedResult:
+    key, content_hash, type_, params, scope, data, created_at = row[:7]
+    return CachedResult(key=str(key), content_hash=str(content_hash), type=str(type_),
+                        params=str(params), scope=str(scope), data_prefix=bytes(data),  # type: ignore[arg-type]
+                        created_at=float(created_at))  # type: ignore[arg-type]
+
+
+_RESULT_COLUMNS = "key, content_hash, type, params, scope, data, created_at"
+
+
+class SQLiteStore:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL"):
+        self.path = path
+        self.synchronous = synchronous
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                # Created 0600 before SQLite touches it: the file holds paid-for results.
+                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            self._writer = await self._connect()
+            await self._migrate(self._writer)
+            self._reader = await self._connect()
+        except _ERRORS as exc:
+            await self.close()
+            raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 10000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = (await conn.execute_fetchall("PRAGMA user_version"))[0]
+            for number, (_name, sql) in enumerate(MIGRATIONS, start=1):
+                if number > version:
+                    for statement in _statements(sql):
+                        await conn.execute(statement)
+                    await conn.execute(f"PRAGMA user_version = {number}")
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except _ERRORS:
+                    pass
+        self._reader = self._writer = None
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreUnavailable("store is closed")
+        return self._reader
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StoreUnavailable("store is closed")
+        return self._writer
+
+    async def _read(self, sql: str, args: Iterable[object] = ()) -> list[sqlite3.Row]:
+        try:
+            return list(await self._r.execute_fetchall(sql, tuple(args)))
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
+
+    async def _write(self, sql: str, args: Iterable[object] = ()) -> int:
+        try:
+            cursor = await self._w.execute(sql, tuple(args))
+            return cursor.rowcount
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    # -- results ---------------------------------------------------------------------------
+    async def lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
+        rows = await self._read(
+            f"SELECT {_RESULT_COLUMNS}, "
+            "(SELECT used FROM quota_usage WHERE team = ? AND period = ?) "
+            "FROM (SELECT 1) LEFT JOIN results ON results.key = ?",
+            (team, period, key),
+        )
+        row = rows[0]
+        used = int(row[7] or 0)
+        return (_row_result(row) if row[0] is not None else None), used
+
+    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+        w = self._w
+        try:
+            await w.execute("BEGIN IMMEDIATE")
+            try:
+                await w.execute(
+                    "INSERT INTO results (key, content_hash, type, params, scope, data, size, "
+                    "created_at, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET data = excluded.data, size = excluded.size, "
+                    "created_at = excluded.created_at, last_hit_at = excluded.last_hit_at",
+                    (result.key, result.content_hash, result.type, result.params, result.scope,
+                     result.data_prefix, result.size, result.created_at, result.created_at),
+                )
+                (total,) = (await w.execute_fetchall("SELECT bytes FROM cache_totals"))[0]
+                if total > max_bytes:
+                    await self._evict(w, int(total) - max_bytes, keep=result.key)
+                await w.execute("COMMIT")
+            except BaseException:
+                await w.execute("ROLLBACK")
+                raise
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+
+    @staticmethod
+    async def _evict(w: aiosqlite.Connection, excess: int, *, keep: str) -> None:
+        """Delete least recently hit entries until ``excess`` bytes are freed."""
+        rows = await w.execute_fetchall(
+            "SELECT key, size FROM results WHERE key != ? ORDER BY last_hit_at LIMIT 1000",
+            (keep,),
+        )
+        doomed: list[str] = []
+        for key, size in rows:
+            if excess <= 0:
+                break
+            doomed.append(key)
+            excess -= size
+        await w.executemany("DELETE FROM results WHERE key = ?", [(k,) for k in doomed])
+
+    async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
+        rows = await self._read(
+            f"SELECT {_RESULT_COLUMNS} FROM results WHERE content_hash = ? AND scope = ? "
+            "ORDER BY type, params", (content_hash, scope))
+        return [_row_result(r) for r in rows]
+
+    async def record_hits(self, hits: list[Hit]) -> None:
+        if not hits:
+            return
+        w = self._w
+        try:
+            await w.execute("BEGIN IMMEDIATE")
+            try:
+                await w.executemany(
+                    "UPDATE results SET hit_count = hit_count + 1, "
+                    "last_hit_at = MAX(last_hit_at, ?) WHERE key = ?",
+                    [(h.at, h.key) for h in hits if not h.coalesced])
+                await w.executemany(
+                    "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
+                    "coalesced = coalesced + excluded.coalesced",
+                    [(h.team, h.period, int(not h.coalesced), int(h.coalesced)) for h in hits])
+                await w.execute("COMMIT")
+            except BaseException:
+                await w.execute("ROLLBACK")
+                raise
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+
+    async def stats(self) -> CacheStats:
+        totals = await self._read("SELECT entries, bytes FROM cache_totals")
+        extra = await self._read("SELECT MIN(created_at), COALESCE(SUM(hit_count), 0) FROM results")
+        by_type = await self._read(
+            "SELECT type, COUNT(*), COALESCE(SUM(size), 0) FROM results GROUP BY type ORDER BY type")
+        entries, size = totals[0]
+        oldest, hits = extra[0]
+        return CacheStats(entries=int(entries), size_bytes=int(size),
+                          oldest=float(oldest) if oldest is not None else None,
+                          by_type=tuple((str(t), int(n), int(b)) for t, n, b in by_type),
+                          hits=int(hits))
+
+    async def totals(self) -> tuple[int, int]:
+        rows = await self._read("SELECT entries, bytes FROM cache_totals")
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def purge(self, *, content_hash: str | None = None, type_: str | None = None,
+                    older_than: float | None = None) -> int:
+        where, args = ["1"], []
+        if content_hash is not None:
+            where.append("content_hash = ?")
+            args.append(content_hash)
+        if type_ is not None:
+            where.append("type = ?")
+            args.append(type_)
+        if older_than is not None:
+            where.append("created_at < ?")
+            args.append(older_than)
+        return await self._write(f"DELETE FROM results WHERE {' AND '.join(where)}", args)
+
+    # -- quota ledger ----------------------------------------------------------------------
+    async def reserve(self, team: str, period: str, limit: int) -> int | None:
+        if limit <= 0:
+            return None
+        # One statement: atomic under SQLite's write lock, across connections and processes.
+        rows = await self._write_returning(
+            "INSERT INTO quota_usage (team, period, used) VALUES (?, ?, 1) "
+            "ON CONFLICT(team, period) DO UPDATE SET used = used + 1 WHERE used < ? "
+            "RETURNING used", (team, period, limit))
+        return int(rows[0][0]) if rows else None
+
+    async def _write_returning(self, sql: str, args: Iterable[object]) -> list[sqlite3.Row]:
+        try:
+            return list(await self._w.execute_fetchall(sql, tuple(args)))
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+
+    async def refund(self, team: str, period: str) -> None:
+        await self._write("UPDATE quota_usage SET used = used - 1 "
+                          "WHERE team = ? AND period = ? AND used > 0", (team, period))
+
+    async def used(self, team: str, period: str) -> int:
+        rows = await self._read("SELECT used FROM quota_usage WHERE team = ? AND period = ?",
+                                (team, period))
+        return int(rows[0][0]) if rows else 0
+
+    async def usage(self, period: str) -> list[TeamUsage]:
+        rows = await self._read("SELECT team, period, used, hits, coalesced FROM quota_usage "
+                                "WHERE period = ? ORDER BY team", (period,))
+        return [TeamUsage(team=str(t), period=str(p), charged=int(u), hits=int(h),
+                          coalesced=int(c)) for t, p, u, h, c in rows]
+
+    # -- meta ------------------------------------------------------------------------------
+    async def get_meta(self, name: str) -> str | None:
+        rows = await self._read("SELECT value FROM meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_meta(self, name: str, value: str) -> None:
+        await self._write("INSERT INTO meta (name, value) VALUES (?, ?) "
+                          "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    out, buf = [], ""
+    for line in sql.strip().splitlines():
+        buf += line + "\n"
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out

@@ -1,0 +1,78 @@
+"""End to end through the installed `gateway` command: several processes on one store, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import requests
+
+from gateway.sample_images import make_png
+from tests.conftest import GatewayProcess, Sim, free_port, objects_form, post_requests, write_config
+
+
+def start(tmp_path: Path, sim: Sim, name: str, *, quota: int) -> GatewayProcess:
+    port = free_port()
+    config = write_config(tmp_path / f"{name}.toml", sim_url=sim.url, db=tmp_path / "shared.db",
+                          port=port, teams={"t": ("team-key", quota)})
+    proc = GatewayProcess(config, port, tmp_path / f"{name}.log")
+    return proc
+
+
+async def test_two_processes_on_one_sqlite_file_never_overspend(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    a, b = start(tmp_path, sim, "a", quota=20), start(tmp_path, sim, "b", quota=20)
+    processes += [a, b]
+    await asyncio.gather(asyncio.to_thread(a.wait_ready), asyncio.to_thread(b.wait_ready))
+    results = await asyncio.gather(*(
+        post_requests((a if i % 2 else b).url, *objects_form("team-key", make_png(3000 + i)))
+        for i in range(60)))
+    codes = [r.status_code for r in results]
+    assert codes.count(200) == 20 and codes.count(402) == 40, codes
+    assert sim.state.calls == 20
+
+
+async def test_kill_9_under_load_loses_no_delivered_result_and_no_charge(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    sim.state.latency_ms = 20
+    gw = start(tmp_path, sim, "victim", quota=10_000)
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    delivered: list[int] = []
+    stop = asyncio.Event()
+
+    async def client(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            seed = worker * 100_000 + n
+            n += 1
+            try:
+                r = await post_requests(gw.url, *objects_form("team-key", make_png(seed)))
+            except requests.RequestException:
+                continue
+            if r.status_code == 200:
+                delivered.append(seed)
+
+    workers = [asyncio.create_task(client(w)) for w in range(8)]
+    await asyncio.sleep(1.5)
+    gw.proc.send_signal(signal.SIGKILL)
+    await asyncio.to_thread(gw.proc.wait)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert delivered, "no request completed before the kill"
+    upstream_called = sim.state.calls
+
+    again = start(tmp_path, sim, "restarted", quota=10_000)
+    processes.append(again)
+    await asyncio.to_thread(again.wait_ready)
+    calls_before = sim.state.calls
+    for seed in delivered:
+        r = await post_requests(again.url, *objects_form("team-key", make_png(seed)))
+        assert r.status_code == 200
+        assert "; hit;" in r.headers["Cache-Status"], f"delivered result {seed} was lost"
+    assert sim.state.calls == calls_before
+    usage = requests.get(f"http://127.0.0.1:{again.port}/metrics", timeout=5).text
+    charged = next(float(line.split()[-1]) for line in usage.splitlines()
+                   if line.startswith('gateway_quota_used{team="t"}'))
+    assert len(delivered) <= charged <= upstream_called, (len(delivered), charged, upstream_called)

@@ -1,0 +1,129 @@
+"""One contract suite, run over every store implementation (real SQLite file, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store.base import CachedResult, Hit, Store
+from gateway.store.redis import RedisStore
+from gateway.store.sqlite import SQLiteStore
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "sqlite":
+        s = SQLiteStore(str(tmp_path / "store.db"))
+    else:
+        s = RedisStore(REDIS_URL, prefix=f"test:{uuid.uuid4().hex}:")
+    await s.open()
+    yield s
+    if isinstance(s, RedisStore):
+        await s.purge()
+        r = s._r
+        async for k in r.scan_iter(match=s.prefix + "*"):
+            await r.delete(k)
+    await s.close()
+
+
+def result(key: str, *, content_hash: str = "h" * 32, type_: str = "objects",
+           data: bytes = b'{"error":0,"objects":[],"quota":', created: float | None = None,
+           scope: str = "") -> CachedResult:
+    return CachedResult(key=key, content_hash=content_hash, type=type_, params="max_labels=1",
+                        scope=scope, data_prefix=data, created_at=created or time.time())
+
+
+async def test_lookup_miss_then_hit_with_the_teams_usage(store: Store) -> None:
+    assert await store.lookup("k1", "team", "2026-11") == (None, 0)
+    r = result("k1")
+    await store.save_result(r, max_bytes=10**9)
+    await store.reserve("team", "2026-11", 5)
+    found, used = await store.lookup("k1", "team", "2026-11")
+    assert found is not None and found.data_prefix == r.data_prefix and used == 1
+    assert found.content_hash == r.content_hash and found.type == "objects"
+
+
+async def test_reserve_never_passes_the_limit_under_concurrency(store: Store) -> None:
+    outcomes = await asyncio.gather(*(store.reserve("t", "p", 7) for _ in range(40)))
+    admitted = [o for o in outcomes if o is not None]
+    assert sorted(admitted) == list(range(1, 8))
+    assert await store.used("t", "p") == 7
+    await store.refund("t", "p")
+    assert await store.used("t", "p") == 6
+    assert await store.reserve("t", "p", 7) == 7
+    assert await store.reserve("t", "p", 0) is None
+    assert await store.used("t", "other-period") == 0
+
+
+async def test_refund_never_goes_negative(store: Store) -> None:
+    await store.refund("t", "p")
+    assert await store.used("t", "p") == 0
+
+
+async def test_totals_and_eviction_of_least_recently_hit(store: Store) -> None:
+    now = time.time()
+    for i in range(5):
+        await store.save_result(result(f"k{i}", created=now + i), max_bytes=10**9)
+    entries, size = await store.totals()
+    assert entries == 5 and size == sum(result(f"k{i}").size for i in range(5))
+    await store.record_hits([Hit("k0", "t", "p", now + 100)])
+    one = result("k5", created=now + 5).size
+    await store.save_result(result("k5", created=now + 5), max_bytes=one * 3)
+    remaining = {k for k in (f"k{i}" for i in range(6)) if (await store.lookup(k, "t", "p"))[0]}
+    assert remaining == {"k0", "k4", "k5"}  # k0 was hit recently; k1..k3 were oldest
+    assert await store.totals() == (3, 3 * one)
+
+
+async def test_replacing_an_entry_keeps_totals_exact(store: Store) -> None:
+    await store.save_result(result("k", data=b'{"a":1,"quota":'), max_bytes=10**9)
+    await store.save_result(result("k", data=b'{"a":12345,"quota":'), max_bytes=10**9)
+    entries, size = await store.totals()
+    assert entries == 1 and size == result("k", data=b'{"a":12345,"quota":').size
+
+
+async def test_results_for_hash_respects_scope(store: Store) -> None:
+    await store.save_result(result("a", type_="objects"), max_bytes=10**9)
+    await store.save_result(result("b", type_="nsfw"), max_bytes=10**9)
+    await store.save_result(result("c", scope="ads"), max_bytes=10**9)
+    await store.save_result(result("d", content_hash="x" * 32), max_bytes=10**9)
+    shared = await store.results_for_hash("h" * 32, "")
+    assert [r.key for r in shared] == ["b", "a"]  # ordered by type
+    assert [r.key for r in await store.results_for_hash("h" * 32, "ads")] == ["c"]
+
+
+async def test_hits_and_usage(store: Store) -> None:
+    await store.save_result(result("k"), max_bytes=10**9)
+    await store.reserve("search", "2026-11", 10)
+    await store.record_hits([Hit("k", "search", "2026-11", time.time()),
+                             Hit("k", "ads", "2026-11", time.time()),
+                             Hit("k", "ads", "2026-11", time.time(), coalesced=True)])
+    usage = {u.team: u for u in await store.usage("2026-11")}
+    assert (usage["search"].charged, usage["search"].hits, usage["search"].coalesced) == (1, 1, 0)
+    assert (usage["ads"].charged, usage["ads"].hits, usage["ads"].coalesced) == (0, 1, 1)
+    assert (await store.stats()).hits == 2
+
+
+async def test_purge(store: Store) -> None:
+    now = time.time()
+    await store.save_result(result("a", created=now - 100), max_bytes=10**9)
+    await store.save_result(result("b", type_="nsfw", created=now), max_bytes=10**9)
+    await store.save_result(result("c", content_hash="x" * 32, created=now), max_bytes=10**9)
+    assert await store.purge(older_than=now - 50) == 1
+    assert await store.purge(type_="nsfw") == 1
+    assert await store.purge(content_hash="x" * 32) == 1
+    assert await store.totals() == (0, 0)
+
+
+async def test_meta(store: Store) -> None:
+    assert await store.get_meta("upstream_quota") is None
+    await store.set_meta("upstream_quota", "42")
+    await store.set_meta("upstream_quota", "41")
+    assert await store.get_meta("upstream_quota") == "41"
