@@ -28,6 +28,7 @@ from gateway.errors import (
 from gateway.form import Form, UploadedFile, parse_query, read_form
 from gateway.service import Answer, Call, Directives
 from gateway.state import STATE, GatewayState
+from gateway.store.base import StoreUnavailable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -64,6 +65,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                                    "X-Content-Hash": answer.content_hash})
     except GatewayError as exc:
         status = exc.status
+        raise
+    except StoreUnavailable:
+        status = 503  # the middleware answers it so: spend fails closed
         raise
     finally:
         if form is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from images import make_jpeg, make_png, make_png_of_size
+from gateway.sample_images import make_jpeg, make_png, make_png_of_size
 
 from gateway import sim as sim_module
 from gateway.sim import MAX_FILE_BYTES, SimState, recognize, start_sim

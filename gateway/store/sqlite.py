@@ -8,9 +8,10 @@ triggers in the same transaction as the change, exact across processes sharing t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import aiosqlite
@@ -79,6 +80,9 @@ class SQLiteStore:
         self.synchronous = synchronous
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # One writer connection, one write at a time: a statement sent while another
+        # coroutine's transaction is open would join (or break) that transaction.
+        self._write_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -144,8 +148,9 @@ class SQLiteStore:
 
     async def _write(self, sql: str, args: Iterable[object] = ()) -> int:
         try:
-            cursor = await self._w.execute(sql, tuple(args))
-            return cursor.rowcount
+            async with self._write_lock:
+                cursor = await self._w.execute(sql, tuple(args))
+                return cursor.rowcount
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
 
@@ -164,28 +169,36 @@ class SQLiteStore:
         used = int(row[7] or 0)
         return (_row_result(row) if row[0] is not None else None), used
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+    async def _transaction(self, body: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
+        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction on the writer connection."""
         w = self._w
         try:
-            await w.execute("BEGIN IMMEDIATE")
-            try:
-                await w.execute(
-                    "INSERT INTO results (key, content_hash, type, params, scope, data, size, "
-                    "created_at, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET data = excluded.data, size = excluded.size, "
-                    "created_at = excluded.created_at, last_hit_at = excluded.last_hit_at",
-                    (result.key, result.content_hash, result.type, result.params, result.scope,
-                     result.data_prefix, result.size, result.created_at, result.created_at),
-                )
-                (total,) = (await w.execute_fetchall("SELECT bytes FROM cache_totals"))[0]
-                if total > max_bytes:
-                    await self._evict(w, int(total) - max_bytes, keep=result.key)
-                await w.execute("COMMIT")
-            except BaseException:
-                await w.execute("ROLLBACK")
-                raise
+            async with self._write_lock:
+                await w.execute("BEGIN IMMEDIATE")
+                try:
+                    await body(w)
+                    await w.execute("COMMIT")
+                except BaseException:
+                    await w.execute("ROLLBACK")
+                    raise
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+
+    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+        async def body(w: aiosqlite.Connection) -> None:
+            await w.execute(
+                "INSERT INTO results (key, content_hash, type, params, scope, data, size, "
+                "created_at, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET data = excluded.data, size = excluded.size, "
+                "created_at = excluded.created_at, last_hit_at = excluded.last_hit_at",
+                (result.key, result.content_hash, result.type, result.params, result.scope,
+                 result.data_prefix, result.size, result.created_at, result.created_at),
+            )
+            (total,) = (await w.execute_fetchall("SELECT bytes FROM cache_totals"))[0]
+            if total > max_bytes:
+                await self._evict(w, int(total) - max_bytes, keep=result.key)
+
+        await self._transaction(body)
 
     @staticmethod
     async def _evict(w: aiosqlite.Connection, excess: int, *, keep: str) -> None:
@@ -211,31 +224,26 @@ class SQLiteStore:
     async def record_hits(self, hits: list[Hit]) -> None:
         if not hits:
             return
-        w = self._w
-        try:
-            await w.execute("BEGIN IMMEDIATE")
-            try:
-                await w.executemany(
-                    "UPDATE results SET hit_count = hit_count + 1, "
-                    "last_hit_at = MAX(last_hit_at, ?) WHERE key = ?",
-                    [(h.at, h.key) for h in hits if not h.coalesced])
-                await w.executemany(
-                    "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
-                    "coalesced = coalesced + excluded.coalesced",
-                    [(h.team, h.period, int(not h.coalesced), int(h.coalesced)) for h in hits])
-                await w.execute("COMMIT")
-            except BaseException:
-                await w.execute("ROLLBACK")
-                raise
-        except _ERRORS as exc:
-            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+
+        async def body(w: aiosqlite.Connection) -> None:
+            await w.executemany(
+                "UPDATE results SET hit_count = hit_count + 1, "
+                "last_hit_at = MAX(last_hit_at, ?) WHERE key = ?",
+                [(h.at, h.key) for h in hits if not h.coalesced])
+            await w.executemany(
+                "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
+                "coalesced = coalesced + excluded.coalesced",
+                [(h.team, h.period, int(not h.coalesced), int(h.coalesced)) for h in hits])
+
+        await self._transaction(body)
 
     async def stats(self) -> CacheStats:
         totals = await self._read("SELECT entries, bytes FROM cache_totals")
         extra = await self._read("SELECT MIN(created_at), COALESCE(SUM(hit_count), 0) FROM results")
         by_type = await self._read(
-            "SELECT type, COUNT(*), COALESCE(SUM(size), 0) FROM results GROUP BY type ORDER BY type")
+            "SELECT type, COUNT(*), COALESCE(SUM(size), 0) FROM results "
+            "GROUP BY type ORDER BY type")
         entries, size = totals[0]
         oldest, hits = extra[0]
         return CacheStats(entries=int(entries), size_bytes=int(size),
@@ -274,7 +282,8 @@ class SQLiteStore:
 
     async def _write_returning(self, sql: str, args: Iterable[object]) -> list[sqlite3.Row]:
         try:
-            return list(await self._w.execute_fetchall(sql, tuple(args)))
+            async with self._write_lock:
+                return list(await self._w.execute_fetchall(sql, tuple(args)))
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
 
