@@ -50,19 +50,20 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         form = await _read(request, state)
         team = _authorize(form, state)
         team_label = team.name
+        limits = state.limiter.check(team)
         type_ = _type(form, request.method, team)
         type_label = type_
         if type_ == "cache":
             body = await _cache_lookup(form, team, state)
             status = 200
-            return _json(body, {})
+            return _json(body, limits)
         file = _image(form)
         params = analysis_params(type_, form.fields)
         directives = Directives.parse(request.headers.get("Cache-Control"))
         answer: Answer = await state.service.recognize(Call(team, type_, params, file, directives))
         outcome, status = answer.outcome, 200
         return _json(answer.body, {"Cache-Status": answer.cache_status,
-                                   "X-Content-Hash": answer.content_hash})
+                                   "X-Content-Hash": answer.content_hash, **limits})
     except GatewayError as exc:
         status = exc.status
         raise

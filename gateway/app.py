@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from gateway.api import handle_api
 from gateway.config import Config
+from gateway.cors import cors_middleware
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.metrics import Metrics
 from gateway.quota import Clock, QuotaLedger
@@ -67,8 +68,12 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     state = GatewayState(config=config, store=store, metrics=metrics, ledger=ledger,
                          upstream=upstream, service=service, spool_dir=spool_dir)
 
-    app = web.Application(middlewares=[envelope_errors], handler_args={"max_field_size": 16384})
+    middlewares = [envelope_errors]
+    if config.server.cors_origins:
+        middlewares.insert(0, cors_middleware(config.server.cors_origins))
+    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 16384})
     app[STATE] = state
+    app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_flush_ctx)
@@ -78,6 +83,12 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
     return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    # aiohttp has stopped listening; in-flight requests now get drain_timeout_s to finish.
+    app[STATE].draining = True
+    log.info("draining: finishing in-flight requests")
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

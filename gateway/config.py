@@ -8,6 +8,7 @@ A bad config is refused with one line naming the file, the key and the problem
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import tomllib
 from collections.abc import Mapping
@@ -41,6 +42,12 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
 def hash_key(key: str) -> str:
@@ -93,6 +100,16 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    token_env: str | None = None       # admin API and /status are off unless this names a set var
+    token: Secret = field(default_factory=lambda: Secret(""), repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token)
+
+
+@dataclass(frozen=True)
 class TeamConfig:
     name: str
     key_hashes: frozenset[str]
@@ -109,6 +126,7 @@ class Config:
     storage: StorageConfig = StorageConfig()
     cache: CacheConfig = CacheConfig()
     quota: QuotaConfig = QuotaConfig()
+    admin: AdminConfig = AdminConfig()
     teams: tuple[TeamConfig, ...] = ()
     source: str = "<built-in>"
 
@@ -182,7 +200,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
                  env: Mapping[str, str] | None = None, require_api_key: bool = True) -> Config:
     env = os.environ if env is None else env
-    top = _Reader(source, "", raw, {"server", "upstream", "storage", "cache", "quota", "teams"})
+    top = _Reader(source, "", raw, {"server", "upstream", "storage", "cache", "quota", "admin", "teams"})
 
     def table(name: str) -> Mapping[str, Any]:
         value = top.get(name, dict, {})
@@ -245,9 +263,13 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
 
+    a = _Reader(source, "admin.", table("admin"), {"token_env"})
+    token_env: str | None = a.get("token_env", str, None)
+    admin = AdminConfig(token_env=token_env, token=Secret(env.get(token_env, "") if token_env else ""))
+
     teams = _parse_teams(source, table("teams"), upstream.api_key)
     return Config(server=server, upstream=upstream, storage=storage, cache=cache,
-                  quota=QuotaConfig(period=period), teams=teams, source=source)
+                  quota=QuotaConfig(period=period), admin=admin, teams=teams, source=source)
 
 
 def _parse_teams(source: str, raw: Mapping[str, Any], upstream_key: Secret) -> tuple[TeamConfig, ...]:

@@ -9,6 +9,7 @@ from aiohttp import web
 from gateway.config import Config, TeamConfig
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
+from gateway.ratelimit import RateLimiter
 from gateway.service import RecognitionService
 from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
@@ -24,11 +25,32 @@ class GatewayState:
     service: RecognitionService
     spool_dir: str | None = None
     teams_by_key_hash: dict[str, TeamConfig] = field(default_factory=dict)
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     inflight: int = 0
     draining: bool = False
 
     def __post_init__(self) -> None:
         self.teams_by_key_hash = {h: t for t in self.config.teams for h in t.key_hashes}
+
+    def apply_config(self, new: Config) -> list[str]:
+        """Swap in a re-read config: team keys, quotas, rate limits, types and cache rules
+        change at once, without dropping a request. Returns the changed keys that only a
+        restart applies."""
+        old = self.config
+        needs_restart = [name for name, a, b in (
+            ("server", old.server, new.server), ("storage", old.storage, new.storage),
+            ("upstream", old.upstream, new.upstream), ("admin", old.admin, new.admin),
+        ) if a != b]
+        self.config = new
+        self.ledger.config = new
+        self.service.config = new
+        self.service.max_bytes = int(new.cache.max_mb * 1024 * 1024)
+        self.teams_by_key_hash = {h: t for t in new.teams for h in t.key_hashes}
+        self.metrics.preinitialize(new)
+        for team in old.teams:
+            if new.team(team.name) is None:
+                self.metrics.quota_limit.remove(team.name)
+        return needs_restart
 
 
 STATE: web.AppKey[GatewayState] = web.AppKey("gateway_state", GatewayState)
