@@ -7,6 +7,7 @@ upstream's own envelope, before any upstream call and without charging quota.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 
@@ -30,6 +31,8 @@ from gateway.service import Answer, Call, Directives
 from gateway.state import STATE, GatewayState
 from gateway.store.base import StoreUnavailable
 
+access_log = logging.getLogger("gateway.access")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 HASH_RE = re.compile(r"[0-9a-f]{32}")
@@ -46,6 +49,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     state.inflight += 1
     state.metrics.inflight.inc()
     form: Form | None = None
+    answer: Answer | None = None
     try:
         form = await _read(request, state)
         team = _authorize(form, state)
@@ -60,7 +64,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         file = _image(form)
         params = analysis_params(type_, form.fields)
         directives = Directives.parse(request.headers.get("Cache-Control"))
-        answer: Answer = await state.service.recognize(Call(team, type_, params, file, directives))
+        answer = await state.service.recognize(Call(team, type_, params, file, directives))
         outcome, status = answer.outcome, 200
         return _json(answer.body, {"Cache-Status": answer.cache_status,
                                    "X-Content-Hash": answer.content_hash, **limits})
@@ -76,8 +80,18 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         state.inflight -= 1
         state.metrics.inflight.dec()
         state.metrics.requests.labels(team_label, type_label, str(status), outcome).inc()
-        state.metrics.request_duration.labels(type_label, outcome).observe(
-            time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        state.metrics.request_duration.labels(type_label, outcome).observe(elapsed)
+        if state.config.server.access_log:
+            file = form.file if form is not None else None
+            access_log.info("%s %s %s %s", team_label, type_label, status, outcome, extra={
+                "team": team_label, "type": type_label, "status": status, "cache": outcome,
+                "hash": file.content_hash[:12] if file is not None else None,
+                "bytes": file.size if file is not None else 0,
+                "gateway_ms": round(elapsed * 1000, 2),
+                "upstream_ms": round(answer.upstream_ms, 2)
+                if answer is not None and answer.upstream_ms is not None else None,
+            })
 
 
 async def _read(request: web.Request, state: GatewayState) -> Form:

@@ -63,6 +63,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     max_inflight: int = 1024
     drain_timeout_s: float = 30.0
+    access_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
         return value  # type: ignore[no-any-return]
 
     s = _Reader(source, "server.", table("server"),
-                {"host", "port", "workers", "cors_origins", "max_inflight", "drain_timeout_s"})
+                {"host", "port", "workers", "cors_origins", "max_inflight", "drain_timeout_s",
+                 "access_log"})
     port = s.integer("port", 8080, minimum=0)
     if port > 65535:
         s.fail("port", "must be <= 65535")
@@ -218,6 +220,7 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
         cors_origins=s.strings("cors_origins", ()),
         max_inflight=s.integer("max_inflight", 1024),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
+        access_log=s.get("access_log", bool, True),
     )
 
     u = _Reader(source, "upstream.", table("upstream"),

@@ -63,6 +63,7 @@ class Answer:
     outcome: str               # hit | miss | coalesced | none (metric label)
     cache_status: str          # the Cache-Status header value
     content_hash: str
+    upstream_ms: float | None = None
 
 
 class _Retry(Exception):
@@ -135,9 +136,9 @@ class RecognitionService:
         task = asyncio.create_task(self._fetch(call, key, scope, period, flight, store=True))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        result = await asyncio.shield(task)
+        result, upstream_s = await asyncio.shield(task)
         return Answer(success_body(result.data_prefix, remaining), "miss",
-                      f"{CACHE_NAME}; {fwd}; stored", call.file.content_hash)
+                      f"{CACHE_NAME}; {fwd}; stored", call.file.content_hash, upstream_s * 1000)
 
     async def _follow(self, flight: _Flight, key: str, call: Call, scope: str) -> Answer:
         try:
@@ -159,19 +160,21 @@ class RecognitionService:
         task = asyncio.create_task(self._fetch(call, key, scope, period, None, store=store))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        result = await asyncio.shield(task)
+        result, upstream_s = await asyncio.shield(task)
         status = f"{CACHE_NAME}; {cache_status}" + ("; stored" if store else "")
         return Answer(success_body(result.data_prefix, remaining), "none" if not store else "miss",
-                      status, call.file.content_hash)
+                      status, call.file.content_hash, upstream_s * 1000)
 
     async def _fetch(self, call: Call, key: str, scope: str, period: str,
-                     flight: _Flight | None, *, store: bool) -> CachedResult:
+                     flight: _Flight | None, *, store: bool) -> tuple[CachedResult, float]:
         try:
+            started = time.perf_counter()
             try:
                 recognition = await self.upstream.recognize(call.type, call.params, call.file)
             except BaseException:
                 await self._refund(call.team, period)
                 raise
+            upstream_s = time.perf_counter() - started
             result = CachedResult(
                 key=key, content_hash=call.file.content_hash, type=call.type,
                 params=params_text(call.params), scope=scope,
@@ -193,7 +196,7 @@ class RecognitionService:
         if flight is not None:
             self._flights.pop(key, None)
             flight.future.set_result(result)
-        return result
+        return result, upstream_s
 
     async def _refund(self, team: TeamConfig, period: str) -> None:
         try:

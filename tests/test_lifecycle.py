@@ -1,0 +1,102 @@
+"""The installed command as an operator runs it: JSON access log, SIGHUP reload, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import requests
+
+from gateway.sample_images import make_png
+from tests.conftest import (
+    UPSTREAM_KEY,
+    GatewayProcess,
+    Sim,
+    free_port,
+    objects_form,
+    post_requests,
+    write_config,
+)
+
+
+def start(tmp_path: Path, sim: Sim, *args: str, quota: int = 5) -> tuple[GatewayProcess, Path]:
+    port = free_port()
+    config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=tmp_path / "g.db", port=port,
+                          teams={"t": ("team-key", quota)})
+    return GatewayProcess(config, port, tmp_path / "g.log", *args), config
+
+
+async def test_json_access_log_has_one_line_per_request_and_no_secret(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    gw, _ = start(tmp_path, sim, "--log-format", "json")
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    image = make_png(1)
+    await post_requests(gw.url, *objects_form("team-key", image))
+    await post_requests(gw.url, *objects_form("team-key", image))
+    await post_requests(gw.url, *objects_form("wrong-key", image))
+    gw.stop()
+    text = gw.log_path.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    access = [r for r in records if r["logger"] == "gateway.access"]
+    assert [(r["team"], r["status"], r["cache"]) for r in access] == [
+        ("t", 200, "miss"), ("t", 200, "hit"), ("unknown", 401, "none")]
+    first = access[0]
+    assert first["type"] == "objects" and first["bytes"] == len(image)
+    assert len(first["hash"]) == 12 and first["gateway_ms"] > 0 and first["upstream_ms"] > 0
+    assert access[1]["upstream_ms"] is None
+    for secret in (UPSTREAM_KEY, "team-key", "wrong-key"):
+        assert secret not in text
+
+
+async def test_sighup_reload_raises_a_quota_and_refuses_a_broken_config(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    gw, config = start(tmp_path, sim, quota=1)
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    assert (await post_requests(gw.url, *objects_form("team-key", make_png(1)))).status_code == 200
+    assert (await post_requests(gw.url, *objects_form("team-key", make_png(2)))).status_code == 402
+
+    good = config.read_text().replace("quota = 1", "quota = 3")
+    config.write_text(good)
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    r = await post_requests(gw.url, *objects_form("team-key", make_png(2)))
+    assert r.status_code == 200 and r.json()["data"]["quota"] == 1
+
+    config.write_text(good.replace("quota = 3", "quota = 'lots'"))
+    gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    assert gw.proc.poll() is None
+    r = await post_requests(gw.url, *objects_form("team-key", make_png(3)))
+    assert r.status_code == 200 and r.json()["data"]["quota"] == 0  # old config kept
+    assert "reload refused" in gw.log_path.read_text()
+
+
+async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    sim.state.latency_ms = 1500
+    gw, _ = start(tmp_path, sim, quota=100)
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    in_flight = [asyncio.create_task(post_requests(gw.url, *objects_form("team-key", make_png(i))))
+                 for i in range(5)]
+    await asyncio.sleep(0.5)
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    try:
+        late = await asyncio.to_thread(requests.post, gw.url, timeout=5,
+                                       data=objects_form("team-key", make_png(99))[0],
+                                       files={"file": make_png(99)})
+        refused = late.status_code == 503
+    except requests.ConnectionError:
+        refused = True  # the listener is closed: new connections are refused
+    assert refused
+    results = await asyncio.gather(*in_flight)
+    assert [r.status_code for r in results] == [200] * 5
+    assert time.monotonic() - started < 10
+    assert await asyncio.to_thread(gw.proc.wait, 15) == 0
