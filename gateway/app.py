@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from gateway.api import handle_api
 from gateway.config import Config
@@ -148,7 +149,13 @@ async def handle_readyz(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await refresh_store_gauges(state)
-    body = generate_latest(state.metrics.registry)
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        # Several workers: every worker's values, summed or most recent per metric.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        body = generate_latest(registry)
+    else:
+        body = generate_latest(state.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import shutil
 import signal
+import tempfile
+import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -37,22 +43,97 @@ def serve(config_path: str, *, host: str | None = None, port: int | None = None,
           log_format: str = "text", log_level: str = "INFO") -> int:
     config = load_config(config_path)
     setup_logging(log_format, log_level)
-    host = host or config.server.host
-    port = config.server.port if port is None else port
+    options = _Options(config_path, host or config.server.host,
+                       config.server.port if port is None else port, log_format, log_level)
+    if config.server.workers > 1:
+        return _supervise(options, config.server.workers)
+    _run_worker(options, reuse_port=False)
+    return 0
+
+
+@dataclass(frozen=True)
+class _Options:
+    config_path: str
+    host: str
+    port: int
+    log_format: str
+    log_level: str
+
+
+def _run_worker(options: _Options, *, reuse_port: bool) -> None:
+    config = load_config(options.config_path)
     _use_uvloop()
     app = create_app(config)
 
     async def on_startup(app: web.Application) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, reload_config, app)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app)
 
     app.on_startup.append(on_startup)
-    log.info("gateway listening on http://%s:%s/api/v2/ (store %s)", host, port,
-             config.storage.backend)
-    web.run_app(app, host=host, port=port, print=None, access_log=None,
-                shutdown_timeout=config.server.drain_timeout_s, handle_signals=True)
-    log.info("gateway stopped")
+    log.info("gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)", options.host,
+             options.port, config.storage.backend, os.getpid())
+    web.run_app(app, host=options.host, port=options.port, print=None, access_log=None,
+                shutdown_timeout=config.server.drain_timeout_s, handle_signals=True,
+                reuse_port=reuse_port)
+    log.info("gateway stopped (pid %d)", os.getpid())
+
+
+def _worker_main(options: _Options) -> None:
+    setup_logging(options.log_format, options.log_level)
+    try:
+        _run_worker(options, reuse_port=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _supervise(options: _Options, workers: int) -> int:
+    """N worker processes share the port (SO_REUSEPORT) and the store; quotas stay exact
+    because reservations are atomic in the store. Metrics are whole across workers through
+    prometheus-client's multiprocess mode, set up here before any worker imports it."""
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    procs: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        proc = context.Process(target=_worker_main, args=(options,), daemon=False)
+        proc.start()
+        return proc
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    procs.extend(spawn() for _ in range(workers))
+    log.info("supervising %d workers on port %d", workers, options.port)
+    try:
+        while not stopping:
+            for i, proc in enumerate(procs):
+                if not proc.is_alive() and not stopping:
+                    log.error("worker pid %s exited with %s; starting another", proc.pid,
+                              proc.exitcode)
+                    _mark_dead(proc.pid)
+                    procs[i] = spawn()
+            time.sleep(0.2)
+        for proc in procs:
+            proc.join()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _mark_dead(pid: int | None) -> None:
+    if pid is None:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
 
 
 def _use_uvloop() -> None:

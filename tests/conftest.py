@@ -129,9 +129,9 @@ def gateway_command() -> list[str]:
 
 
 def write_config(path: Path, *, sim_url: str, db: Path, port: int, teams: dict[str, tuple[str, int]],
-                 extra: str = "") -> Path:
+                 extra: str = "", server: str = "") -> Path:
     lines = [
-        "[server]", 'host = "127.0.0.1"', f"port = {port}", "",
+        "[server]", 'host = "127.0.0.1"', f"port = {port}", server, "",
         "[upstream]", f'url = "{sim_url}"', 'api_key_env = "TEST_UPSTREAM_KEY"', "timeout_s = 10", "",
         "[storage]", 'backend = "sqlite"', f'path = "{db}"', "",
         "[quota]", 'period = "month"', "",

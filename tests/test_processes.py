@@ -76,3 +76,31 @@ async def test_kill_9_under_load_loses_no_delivered_result_and_no_charge(
     charged = next(float(line.split()[-1]) for line in usage.splitlines()
                    if line.startswith('gateway_quota_used{team="t"}'))
     assert len(delivered) <= charged <= upstream_called, (len(delivered), charged, upstream_called)
+
+
+async def test_two_workers_share_port_store_quota_and_metrics(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "w.toml", sim_url=sim.url, db=tmp_path / "w.db", port=port,
+                          teams={"t": ("team-key", 20)}, server="workers = 2")
+    gw = GatewayProcess(config, port, tmp_path / "w.log")
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    results = await asyncio.gather(*(
+        post_requests(gw.url, *objects_form("team-key", make_png(7000 + i))) for i in range(60)))
+    codes = [r.status_code for r in results]
+    assert codes.count(200) == 20 and codes.count(402) == 40
+    assert sim.state.calls == 20
+    pids = {line.split("pid ")[1].rstrip(")") for line in gw.log_path.read_text().splitlines()
+            if "listening" in line and "pid " in line}
+    assert len(pids) == 2
+    # Whichever worker answers the scrape, the counters are the sum over both workers.
+    for _ in range(4):
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        served = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("gateway_requests_total{") and 'team="t"' in line)
+        assert served == 60
+        used = next(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith('gateway_quota_used{team="t"}'))
+        assert used == 20
+    assert gw.stop() == 0
