@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from gateway.admin import add_admin_routes
 from gateway.api import handle_api
 from gateway.config import Config
 from gateway.cors import cors_middleware
@@ -31,6 +32,7 @@ log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FLUSH_INTERVAL_S = 0.5
+RECLAIM_INTERVAL_S = 60.0
 
 
 @web.middleware
@@ -83,6 +85,7 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None,
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
+    add_admin_routes(app)
     return app
 
 
@@ -112,10 +115,16 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
     if stored is not None and stored.isdigit():
         state.metrics.upstream_quota_remaining.set(int(stored))
 
+    await _reclaim(state)
+
     async def loop() -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             await state.service.flush()
+            ticks += 1
+            if ticks % int(RECLAIM_INTERVAL_S / FLUSH_INTERVAL_S) == 0:
+                await _reclaim(state)
 
     task = asyncio.create_task(loop())
     yield
@@ -124,6 +133,17 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await state.service.drain()
+
+
+async def _reclaim(state: GatewayState) -> None:
+    try:
+        reclaimed = await state.ledger.reclaim()
+    except StoreUnavailable as exc:
+        log.warning("could not reclaim abandoned reservations: %s", exc)
+        return
+    if reclaimed:
+        log.warning("refunded %d quota reservations abandoned by a process that died "
+                    "before its upstream call finished", reclaimed)
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
+from gateway.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from gateway.config import ConfigError, hash_key, load_config
 
 
@@ -40,12 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulator + gateway + a short workload, then a table")
     demo.add_argument("--requests", type=int, default=40, help="requests per team")
     demo.add_argument("--images", type=int, default=8, help="distinct images in the workload")
+    add_admin_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ADMIN_COMMANDS:
+            return run_admin_command(args)
         if args.command == "serve":
             from gateway.server import serve
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from gateway.config import Config, TeamConfig
 from gateway.errors import QuotaReached
-from gateway.store.base import Store
+from gateway.store.base import Reservation, Store
 
 Clock = Callable[[], float]
 
@@ -41,16 +41,26 @@ class QuotaLedger:
     def period(self) -> str:
         return period_key(self.config.quota.period, self.clock())
 
-    async def reserve(self, team: TeamConfig) -> tuple[str, int]:
-        """Charge one unit now; returns (period, remaining after the charge)."""
-        period = self.period()
-        used = await self.store.reserve(team.name, period, team.quota)
-        if used is None:
+    async def reserve(self, team: TeamConfig) -> Reservation:
+        """Charge one unit now (pending until settled or refunded)."""
+        now = self.clock()
+        reservation = await self.store.reserve(team.name, period_key(self.config.quota.period, now),
+                                               team.quota, at=now)
+        if reservation is None:
             raise QuotaReached()
-        return period, max(team.quota - used, 0)
+        return reservation
 
-    async def refund(self, team: TeamConfig, period: str) -> None:
-        await self.store.refund(team.name, period)
+    def remaining_after(self, team: TeamConfig, reservation: Reservation) -> int:
+        return max(team.quota - reservation.used, 0)
+
+    async def refund(self, reservation: Reservation) -> None:
+        await self.store.refund(reservation)
+
+    async def reclaim(self) -> int:
+        """Refund reservations older than any upstream call can take: their process died
+        between charging and finishing (a phantom charge otherwise)."""
+        horizon = max(4 * self.config.upstream.timeout_s, 300.0)
+        return await self.store.reclaim(self.clock() - horizon)
 
     async def remaining(self, team: TeamConfig) -> int:
         return max(team.quota - await self.store.used(team.name, self.period()), 0)

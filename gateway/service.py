@@ -20,7 +20,7 @@ from gateway.errors import GatewayError, GatewayTimeout
 from gateway.form import UploadedFile
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
-from gateway.store.base import CachedResult, Hit, Store, StoreUnavailable
+from gateway.store.base import CachedResult, Hit, Reservation, Store, StoreUnavailable
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway.service")
@@ -125,7 +125,7 @@ class RecognitionService:
         flight = _Flight()
         self._flights[key] = flight
         try:
-            period, remaining = await self.ledger.reserve(call.team)
+            reservation = await self.ledger.reserve(call.team)
         except BaseException:
             del self._flights[key]
             flight.future.set_exception(_Retry())
@@ -133,10 +133,11 @@ class RecognitionService:
             raise
         # The upstream call runs as its own task: the leader's client hanging up must not
         # cancel it for the followers.
-        task = asyncio.create_task(self._fetch(call, key, scope, period, flight, store=True))
+        task = asyncio.create_task(self._fetch(call, key, scope, reservation, flight, store=True))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         result, upstream_s = await asyncio.shield(task)
+        remaining = self.ledger.remaining_after(call.team, reservation)
         return Answer(success_body(result.data_prefix, remaining), "miss",
                       f"{CACHE_NAME}; {fwd}; stored", call.file.content_hash, upstream_s * 1000)
 
@@ -156,23 +157,24 @@ class RecognitionService:
 
     async def _forward(self, call: Call, key: str, scope: str, *, store: bool,
                        cache_status: str) -> Answer:
-        period, remaining = await self.ledger.reserve(call.team)
-        task = asyncio.create_task(self._fetch(call, key, scope, period, None, store=store))
+        reservation = await self.ledger.reserve(call.team)
+        task = asyncio.create_task(self._fetch(call, key, scope, reservation, None, store=store))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         result, upstream_s = await asyncio.shield(task)
+        remaining = self.ledger.remaining_after(call.team, reservation)
         status = f"{CACHE_NAME}; {cache_status}" + ("; stored" if store else "")
         return Answer(success_body(result.data_prefix, remaining), "none" if not store else "miss",
                       status, call.file.content_hash, upstream_s * 1000)
 
-    async def _fetch(self, call: Call, key: str, scope: str, period: str,
+    async def _fetch(self, call: Call, key: str, scope: str, reservation: Reservation,
                      flight: _Flight | None, *, store: bool) -> tuple[CachedResult, float]:
         try:
             started = time.perf_counter()
             try:
                 recognition = await self.upstream.recognize(call.type, call.params, call.file)
             except BaseException:
-                await self._refund(call.team, period)
+                await self._refund(reservation)
                 raise
             upstream_s = time.perf_counter() - started
             result = CachedResult(
@@ -181,12 +183,18 @@ class RecognitionService:
                 data_prefix=data_prefix(recognition.data), created_at=self.ledger.clock())
             if recognition.account_quota is not None:
                 self._upstream_quota = recognition.account_quota
-            if store:
-                try:
-                    await self.store.save_result(result, max_bytes=self.max_bytes)
-                except StoreUnavailable as exc:
-                    # Paid for and delivered; only the cached copy is missing.
-                    log.error("could not store a result (%s); answering it uncached", exc)
+            try:
+                if store:
+                    # Stored and settled in one transaction, before anyone is answered.
+                    await self.store.save_result(result, max_bytes=self.max_bytes,
+                                                 settle=reservation)
+                else:
+                    await self.store.settle(reservation)
+            except StoreUnavailable as exc:
+                # Paid for and delivered; only the cached copy is missing. The charge stays
+                # (a pending reservation is reclaimed only after the upstream could have
+                # answered: this one may then be refunded, erring against no team).
+                log.error("could not store a result (%s); answering it uncached", exc)
         except BaseException as exc:
             if flight is not None:
                 self._flights.pop(key, None)
@@ -198,11 +206,12 @@ class RecognitionService:
             flight.future.set_result(result)
         return result, upstream_s
 
-    async def _refund(self, team: TeamConfig, period: str) -> None:
+    async def _refund(self, reservation: Reservation) -> None:
         try:
-            await self.ledger.refund(team, period)
+            await self.ledger.refund(reservation)
         except StoreUnavailable as exc:
-            log.error("could not refund a failed upstream call for team %s: %s", team.name, exc)
+            log.error("could not refund a failed upstream call for team %s (reclaimed later): "
+                      "%s", reservation.team, exc)
 
     def _left(self, team: TeamConfig, used: int) -> int:
         return max(team.quota - used, 0)

@@ -45,26 +45,55 @@ async def test_lookup_miss_then_hit_with_the_teams_usage(store: Store) -> None:
     assert await store.lookup("k1", "team", "2026-11") == (None, 0)
     r = result("k1")
     await store.save_result(r, max_bytes=10**9)
-    await store.reserve("team", "2026-11", 5)
+    await store.reserve("team", "2026-11", 5, at=time.time())
     found, used = await store.lookup("k1", "team", "2026-11")
     assert found is not None and found.data_prefix == r.data_prefix and used == 1
     assert found.content_hash == r.content_hash and found.type == "objects"
 
 
 async def test_reserve_never_passes_the_limit_under_concurrency(store: Store) -> None:
-    outcomes = await asyncio.gather(*(store.reserve("t", "p", 7) for _ in range(40)))
+    now = time.time()
+    outcomes = await asyncio.gather(*(store.reserve("t", "p", 7, at=now) for _ in range(40)))
     admitted = [o for o in outcomes if o is not None]
-    assert sorted(admitted) == list(range(1, 8))
+    assert sorted(o.used for o in admitted) == list(range(1, 8))
     assert await store.used("t", "p") == 7
-    await store.refund("t", "p")
+    assert await store.refund(admitted[0]) is True
     assert await store.used("t", "p") == 6
-    assert await store.reserve("t", "p", 7) == 7
-    assert await store.reserve("t", "p", 0) is None
+    again = await store.reserve("t", "p", 7, at=now)
+    assert again is not None and again.used == 7
+    assert await store.reserve("t", "p", 0, at=now) is None
     assert await store.used("t", "other-period") == 0
 
 
-async def test_refund_never_goes_negative(store: Store) -> None:
-    await store.refund("t", "p")
+async def test_refund_is_idempotent_and_never_after_settling(store: Store) -> None:
+    now = time.time()
+    a = await store.reserve("t", "p", 5, at=now)
+    b = await store.reserve("t", "p", 5, at=now)
+    assert a is not None and b is not None
+    assert await store.refund(a) is True
+    assert await store.refund(a) is False  # a second refund gives nothing back
+    await store.settle(b)
+    assert await store.refund(b) is False
+    assert await store.used("t", "p") == 1
+
+
+async def test_saving_a_result_settles_its_reservation(store: Store) -> None:
+    r = await store.reserve("t", "p", 5, at=time.time())
+    assert r is not None
+    await store.save_result(result("k"), max_bytes=10**9, settle=r)
+    assert await store.reclaim(time.time() + 10) == 0
+    assert await store.used("t", "p") == 1
+
+
+async def test_abandoned_reservations_are_reclaimed(store: Store) -> None:
+    now = time.time()
+    old = await store.reserve("t", "p", 5, at=now - 1000)
+    fresh = await store.reserve("t", "p", 5, at=now)
+    assert old is not None and fresh is not None
+    assert await store.reclaim(now - 500) == 1
+    assert await store.used("t", "p") == 1
+    assert await store.refund(old) is False  # already reclaimed
+    assert await store.refund(fresh) is True
     assert await store.used("t", "p") == 0
 
 
@@ -101,7 +130,7 @@ async def test_results_for_hash_respects_scope(store: Store) -> None:
 
 async def test_hits_and_usage(store: Store) -> None:
     await store.save_result(result("k"), max_bytes=10**9)
-    await store.reserve("search", "2026-11", 10)
+    await store.reserve("search", "2026-11", 10, at=time.time())
     await store.record_hits([Hit("k", "search", "2026-11", time.time()),
                              Hit("k", "ads", "2026-11", time.time()),
                              Hit("k", "ads", "2026-11", time.time(), coalesced=True)])

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.store.base import CachedResult, CacheStats, Hit, Store, StoreUnavailable, TeamUsage
+from gateway.store.base import (
+    CachedResult,
+    CacheStats,
+    Hit,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    TeamUsage,
+)
 
 if TYPE_CHECKING:
     from gateway.config import StorageConfig
 
-__all__ = ["CacheStats", "CachedResult", "Hit", "Store", "StoreUnavailable", "TeamUsage",
-           "open_store"]
+__all__ = ["CacheStats", "CachedResult", "Hit", "Reservation", "Store", "StoreUnavailable",
+           "TeamUsage", "open_store"]
 
 
 def open_store(config: StorageConfig) -> Store:

@@ -45,6 +45,19 @@ class TeamUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """One unit of a team's quota, charged before forwarding. It stays pending until it is
+    settled (the upstream call succeeded) or refunded; a pending one left behind by a killed
+    process is reclaimed once older than any upstream call can take."""
+
+    id: str
+    team: str
+    period: str
+    used: int      # the team's charged count, this unit included
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Hit:
     key: str
     team: str
@@ -61,17 +74,26 @@ class Store(Protocol):
     async def lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
         """The entry for ``key`` (or None) and the team's charged count, in one round trip."""
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
-        """Commit ``result`` (replacing any entry with its key) before returning; evict least
-        recently hit entries while the store holds more than ``max_bytes``."""
+    async def save_result(self, result: CachedResult, *, max_bytes: int,
+                          settle: Reservation | None = None) -> None:
+        """Commit ``result`` (replacing any entry with its key) and settle ``settle`` in one
+        transaction before returning; evict least recently hit entries while the store holds
+        more than ``max_bytes``."""
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]: ...
 
-    async def reserve(self, team: str, period: str, limit: int) -> int | None:
-        """Atomically charge one unit if the team is under ``limit``: the new charged count,
-        or None when that would exceed the limit."""
+    async def reserve(self, team: str, period: str, limit: int, *,
+                      at: float) -> Reservation | None:
+        """Atomically charge one unit if the team is under ``limit`` (pending until settled
+        or refunded), or None when that would exceed the limit."""
 
-    async def refund(self, team: str, period: str) -> None: ...
+    async def settle(self, reservation: Reservation) -> None: ...
+
+    async def refund(self, reservation: Reservation) -> bool:
+        """Give the unit back if it is still pending; False if already settled or reclaimed."""
+
+    async def reclaim(self, older_than: float) -> int:
+        """Refund pending reservations made before ``older_than`` (their process died)."""
     async def used(self, team: str, period: str) -> int: ...
     async def record_hits(self, hits: list[Hit]) -> None: ...
     async def usage(self, period: str) -> list[TeamUsage]: ...

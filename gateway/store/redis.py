@@ -11,22 +11,31 @@ Keys (under ``prefix``):
   created          zset   result key -> created_at
   totals           hash   entries, bytes
   used:<period>    hash   team -> charged;  hits:<period>, coalesced:<period> likewise
+  resv, resv_at    hash, zset   pending reservations: id -> "team|period", id -> time
   meta             hash   name -> value
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.store.base import CachedResult, CacheStats, Hit, StoreUnavailable, TeamUsage
+from gateway.store.base import (
+    CachedResult,
+    CacheStats,
+    Hit,
+    Reservation,
+    StoreUnavailable,
+    TeamUsage,
+)
 
 _FIELDS = ("content_hash", "type", "params", "scope", "data", "created_at")
 
 # KEYS: none (prefix in ARGV[1]); ARGV: prefix, key, hash, type, params, scope, data, size,
-# created_at, max_bytes
+# created_at, max_bytes, reservation id to settle (or "")
 _SAVE = """
 local p, key = ARGV[1], ARGV[2]
 local rkey = p .. 'r:' .. key
@@ -44,6 +53,10 @@ redis.call('SADD', p .. 'h:' .. ARGV[3], key)
 redis.call('SADD', p .. 't:' .. ARGV[4], key)
 redis.call('ZADD', p .. 'lru', ARGV[9], key)
 redis.call('ZADD', p .. 'created', ARGV[9], key)
+if ARGV[11] ~= '' then
+  redis.call('HDEL', p .. 'resv', ARGV[11])
+  redis.call('ZREM', p .. 'resv_at', ARGV[11])
+end
 local excess = tonumber(redis.call('HGET', p .. 'totals', 'bytes')) - tonumber(ARGV[10])
 while excess > 0 do
   local victims = redis.call('ZRANGE', p .. 'lru', 0, 63)
@@ -91,16 +104,35 @@ end
 return n
 """
 
+# KEYS: used:<period>, resv, resv_at; ARGV: team, limit, id, payload, at
 _RESERVE = """
 local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if used < tonumber(ARGV[2]) then return redis.call('HINCRBY', KEYS[1], ARGV[1], 1) end
-return -1
+if used >= tonumber(ARGV[2]) then return -1 end
+used = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
+return used
 """
 
+# Refund only a still-pending reservation. ARGV: prefix, id...
 _REFUND = """
-local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if used > 0 then return redis.call('HINCRBY', KEYS[1], ARGV[1], -1) end
-return 0
+local p = ARGV[1]
+local n = 0
+for i = 2, #ARGV do
+  local payload = redis.call('HGET', p .. 'resv', ARGV[i])
+  if payload then
+    redis.call('HDEL', p .. 'resv', ARGV[i])
+    redis.call('ZREM', p .. 'resv_at', ARGV[i])
+    local sep = string.find(payload, '|', 1, true)
+    local team, period = string.sub(payload, 1, sep - 1), string.sub(payload, sep + 1)
+    local key = p .. 'used:' .. period
+    if tonumber(redis.call('HGET', key, team) or '0') > 0 then
+      redis.call('HINCRBY', key, team, -1)
+    end
+    n = n + 1
+  end
+end
+return n
 """
 
 
@@ -159,10 +191,12 @@ class RedisStore:
                             params=params.decode(), scope=scope.decode(), data_prefix=data,
                             created_at=float(created_at))
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+    async def save_result(self, result: CachedResult, *, max_bytes: int,
+                          settle: Reservation | None = None) -> None:
         await self._call(self._save(args=[
             self.prefix, result.key, result.content_hash, result.type, result.params,
-            result.scope, result.data_prefix, result.size, repr(result.created_at), max_bytes]))
+            result.scope, result.data_prefix, result.size, repr(result.created_at), max_bytes,
+            settle.id if settle is not None else ""]))
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
         keys = sorted(k.decode() for k in await self._call(
@@ -174,15 +208,31 @@ class RedisStore:
     async def _one(self, key: str) -> CachedResult | None:
         return self._result(key, await self._call(self._r.hmget(self._k("r:", key), _FIELDS)))
 
-    async def reserve(self, team: str, period: str, limit: int) -> int | None:
+    async def reserve(self, team: str, period: str, limit: int, *,
+                      at: float) -> Reservation | None:
         if limit <= 0:
             return None
-        used = int(await self._call(self._reserve(keys=[self._k("used:", period)],
-                                                  args=[team, limit])))
-        return None if used < 0 else used
+        rid = uuid.uuid4().hex
+        used = int(await self._call(self._reserve(
+            keys=[self._k("used:", period), self._k("resv"), self._k("resv_at")],
+            args=[team, limit, rid, f"{team}|{period}", repr(at)])))
+        return None if used < 0 else Reservation(rid, team, period, used, at)
 
-    async def refund(self, team: str, period: str) -> None:
-        await self._call(self._refund(keys=[self._k("used:", period)], args=[team]))
+    async def settle(self, reservation: Reservation) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hdel(self._k("resv"), reservation.id)
+        pipe.zrem(self._k("resv_at"), reservation.id)
+        await self._call(pipe.execute())
+
+    async def refund(self, reservation: Reservation) -> bool:
+        return int(await self._call(self._refund(args=[self.prefix, reservation.id]))) > 0
+
+    async def reclaim(self, older_than: float) -> int:
+        stale = await self._call(self._r.zrangebyscore(self._k("resv_at"), "-inf",
+                                                       f"({older_than!r}"))
+        if not stale:
+            return 0
+        return int(await self._call(self._refund(args=[self.prefix, *stale])))
 
     async def used(self, team: str, period: str) -> int:
         return int(await self._call(self._r.hget(self._k("used:", period), team)) or 0)

@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import aiosqlite
 
-from gateway.store.base import CachedResult, CacheStats, Hit, StoreUnavailable, TeamUsage
+from gateway.store.base import (
+    CachedResult,
+    CacheStats,
+    Hit,
+    Reservation,
+    StoreUnavailable,
+    TeamUsage,
+)
 
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("results and quota ledger", """
@@ -58,6 +66,15 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             PRIMARY KEY (team, period)
         );
         CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """),
+    ("pending reservations", """
+        CREATE TABLE reservations (
+            id         TEXT PRIMARY KEY,
+            team       TEXT NOT NULL,
+            period     TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX reservations_by_age ON reservations(created_at);
     """),
 )
 
@@ -184,8 +201,11 @@ class SQLiteStore:
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int) -> None:
+    async def save_result(self, result: CachedResult, *, max_bytes: int,
+                          settle: Reservation | None = None) -> None:
         async def body(w: aiosqlite.Connection) -> None:
+            if settle is not None:
+                await w.execute("DELETE FROM reservations WHERE id = ?", (settle.id,))
             await w.execute(
                 "INSERT INTO results (key, content_hash, type, params, scope, data, size, "
                 "created_at, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -270,26 +290,62 @@ class SQLiteStore:
         return await self._write(f"DELETE FROM results WHERE {' AND '.join(where)}", args)
 
     # -- quota ledger ----------------------------------------------------------------------
-    async def reserve(self, team: str, period: str, limit: int) -> int | None:
+    async def reserve(self, team: str, period: str, limit: int, *,
+                      at: float) -> Reservation | None:
         if limit <= 0:
             return None
-        # One statement: atomic under SQLite's write lock, across connections and processes.
-        rows = await self._write_returning(
-            "INSERT INTO quota_usage (team, period, used) VALUES (?, ?, 1) "
-            "ON CONFLICT(team, period) DO UPDATE SET used = used + 1 WHERE used < ? "
-            "RETURNING used", (team, period, limit))
-        return int(rows[0][0]) if rows else None
+        reservation: Reservation | None = None
 
-    async def _write_returning(self, sql: str, args: Iterable[object]) -> list[sqlite3.Row]:
-        try:
-            async with self._write_lock:
-                return list(await self._w.execute_fetchall(sql, tuple(args)))
-        except _ERRORS as exc:
-            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+        async def body(w: aiosqlite.Connection) -> None:
+            nonlocal reservation
+            # One statement decides admission: atomic under SQLite's write lock, across
+            # connections and processes sharing the file.
+            rows = await w.execute_fetchall(
+                "INSERT INTO quota_usage (team, period, used) VALUES (?, ?, 1) "
+                "ON CONFLICT(team, period) DO UPDATE SET used = used + 1 WHERE used < ? "
+                "RETURNING used", (team, period, limit))
+            if rows:
+                rid = uuid.uuid4().hex
+                await w.execute("INSERT INTO reservations VALUES (?, ?, ?, ?)",
+                                (rid, team, period, at))
+                reservation = Reservation(rid, team, period, int(list(rows)[0][0]), at)
 
-    async def refund(self, team: str, period: str) -> None:
-        await self._write("UPDATE quota_usage SET used = used - 1 "
-                          "WHERE team = ? AND period = ? AND used > 0", (team, period))
+        await self._transaction(body)
+        return reservation
+
+    async def settle(self, reservation: Reservation) -> None:
+        await self._write("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+
+    async def refund(self, reservation: Reservation) -> bool:
+        refunded = False
+
+        async def body(w: aiosqlite.Connection) -> None:
+            nonlocal refunded
+            cursor = await w.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            if cursor.rowcount:
+                refunded = True
+                await w.execute("UPDATE quota_usage SET used = used - 1 "
+                                "WHERE team = ? AND period = ? AND used > 0",
+                                (reservation.team, reservation.period))
+
+        await self._transaction(body)
+        return refunded
+
+    async def reclaim(self, older_than: float) -> int:
+        count = 0
+
+        async def body(w: aiosqlite.Connection) -> None:
+            nonlocal count
+            rows = await w.execute_fetchall(
+                "DELETE FROM reservations WHERE created_at < ? RETURNING team, period",
+                (older_than,))
+            for team, period in rows:
+                count += 1
+                await w.execute("UPDATE quota_usage SET used = used - 1 "
+                                "WHERE team = ? AND period = ? AND used > 0", (team, period))
+
+        await self._transaction(body)
+        return count
 
     async def used(self, team: str, period: str) -> int:
         rows = await self._read("SELECT used FROM quota_usage WHERE team = ? AND period = ?",
