@@ -66,8 +66,11 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         directives = Directives.parse(request.headers.get("Cache-Control"))
         answer = await state.service.recognize(Call(team, type_, params, file, directives))
         outcome, status = answer.outcome, 200
-        return _json(answer.body, {"Cache-Status": answer.cache_status,
-                                   "X-Content-Hash": answer.content_hash, **limits})
+        headers = {"Cache-Status": answer.cache_status, "X-Content-Hash": answer.content_hash,
+                   **limits}
+        if answer.warning is not None:
+            headers["Warning"] = answer.warning
+        return _json(answer.body, headers)
     except GatewayError as exc:
         status = exc.status
         raise

@@ -136,10 +136,12 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _reclaim(state: GatewayState) -> None:
+    """Housekeeping: refund abandoned reservations, drop entries past stale-if-error."""
     try:
         reclaimed = await state.ledger.reclaim()
+        await state.store.purge(older_than=state.ledger.clock() - state.config.cache.keep_s)
     except StoreUnavailable as exc:
-        log.warning("could not reclaim abandoned reservations: %s", exc)
+        log.warning("housekeeping failed: %s", exc)
         return
     if reclaimed:
         log.warning("refunded %d quota reservations abandoned by a process that died "

@@ -72,6 +72,10 @@ class UpstreamConfig:
     api_key_env: str = "IMAGERECOGNIZE_API_KEY"
     timeout_s: float = 30.0
     max_concurrency: int = 64
+    max_queue: int = 256
+    retries: int = 2
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
     api_key: Secret = field(default_factory=lambda: Secret(""), repr=False)
 
 
@@ -89,10 +93,16 @@ class CacheConfig:
     max_mb: float = 1024.0
     share_across_teams: bool = True
     coalesce_wait_s: float = 60.0
+    stale_if_error_days: float = 7.0
 
     @property
     def ttl_s(self) -> float:
         return self.ttl_days * 86400.0
+
+    @property
+    def keep_s(self) -> float:
+        """How long an entry is kept: fresh for ttl, then servable if the upstream fails."""
+        return (self.ttl_days + self.stale_if_error_days) * 86400.0
 
 
 @dataclass(frozen=True)
@@ -224,7 +234,8 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
     )
 
     u = _Reader(source, "upstream.", table("upstream"),
-                {"url", "api_key_env", "timeout_s", "max_concurrency"})
+                {"url", "api_key_env", "timeout_s", "max_concurrency", "max_queue", "retries",
+                 "breaker_failures", "breaker_cooldown_s"})
     url: str = u.get("url", str, UpstreamConfig.url)
     if not url.startswith(("http://", "https://")):
         u.fail("url", "must be an http:// or https:// URL")
@@ -237,7 +248,10 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
         )
     upstream = UpstreamConfig(
         url=url, api_key_env=key_env, timeout_s=u.number("timeout_s", 30.0),
-        max_concurrency=u.integer("max_concurrency", 64), api_key=Secret(api_key),
+        max_concurrency=u.integer("max_concurrency", 64), max_queue=u.integer("max_queue", 256),
+        retries=u.integer("retries", 2, minimum=0),
+        breaker_failures=u.integer("breaker_failures", 5),
+        breaker_cooldown_s=u.number("breaker_cooldown_s", 10.0), api_key=Secret(api_key),
     )
 
     st = _Reader(source, "storage.", table("storage"),
@@ -254,11 +268,13 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
         st.fail("redis_url", "must be a redis:// URL")
 
     c = _Reader(source, "cache.", table("cache"),
-                {"ttl_days", "max_mb", "share_across_teams", "coalesce_wait_s"})
+                {"ttl_days", "max_mb", "share_across_teams", "coalesce_wait_s",
+                 "stale_if_error_days"})
     cache = CacheConfig(
         ttl_days=c.number("ttl_days", 30.0), max_mb=c.number("max_mb", 1024.0),
         share_across_teams=c.get("share_across_teams", bool, True),
         coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
+        stale_if_error_days=c.number("stale_if_error_days", 7.0, strict=False),
     )
 
     q = _Reader(source, "quota.", table("quota"), {"period"})

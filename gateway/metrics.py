@@ -50,6 +50,10 @@ class Metrics:
                                    registry=r, multiprocess_mode="mostrecent")
         self.cache_size = Gauge("gateway_cache_size_bytes", "Bytes of results held",
                                 registry=r, multiprocess_mode="mostrecent")
+        self.upstream_breaker_state = Gauge(
+            "gateway_upstream_breaker_state",
+            "Upstream circuit breaker: 0 closed, 1 open (refusing at once), 2 half-open (probing)",
+            registry=r, multiprocess_mode="mostrecent")
         self.inflight = Gauge("gateway_inflight_requests", "Requests being answered",
                               registry=r, multiprocess_mode="livesum")
 

@@ -16,7 +16,7 @@ from typing import Any
 from gateway.cache_key import cache_key, params_text
 from gateway.config import Config, TeamConfig
 from gateway.envelope import data_object, data_prefix, success_body, success_json
-from gateway.errors import GatewayError, GatewayTimeout
+from gateway.errors import BadGateway, GatewayError, GatewayTimeout, Unavailable
 from gateway.form import UploadedFile
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
@@ -64,6 +64,7 @@ class Answer:
     cache_status: str          # the Cache-Status header value
     content_hash: str
     upstream_ms: float | None = None
+    warning: str | None = None    # RFC 7234 Warning, on a stale answer
 
 
 class _Retry(Exception):
@@ -95,9 +96,11 @@ class RecognitionService:
         key = cache_key(call.file.content_hash, call.type, call.params, scope)
         d = call.directives
         if d.no_store:
+            self._refuse_if_breaker_open()
             return await self._forward(call, key, scope, store=False, cache_status="fwd=request")
         while True:
             period = self.ledger.period()
+            entry: CachedResult | None = None
             if not d.no_cache:
                 entry, used = await self.store.lookup(key, call.team.name, period)
                 now = self.ledger.clock()
@@ -110,16 +113,45 @@ class RecognitionService:
                                       "hit", f"{CACHE_NAME}; hit; ttl={ttl}", call.file.content_hash)
                 if d.only_if_cached:
                     raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
-                flight = self._flights.get(key)
-                if flight is not None:
-                    try:
-                        return await self._follow(flight, key, call, scope)
-                    except _Retry:
-                        continue
-                fwd = "fwd=stale" if entry is not None else "fwd=miss"
-            else:
-                fwd = "fwd=request"
-            return await self._lead(call, key, scope, fwd)
+            try:
+                if not d.no_cache:
+                    flight = self._flights.get(key)
+                    if flight is not None:
+                        try:
+                            return await self._follow(flight, key, call, scope)
+                        except _Retry:
+                            continue
+                self._refuse_if_breaker_open()
+                fwd = "fwd=request" if d.no_cache else "fwd=stale" if entry else "fwd=miss"
+                return await self._lead(call, key, scope, fwd)
+            except (BadGateway, GatewayTimeout, Unavailable) as exc:
+                stale = await self._stale(entry, key, call, period)
+                if stale is None:
+                    raise
+                log.warning("upstream failed (%s); serving a stale result", exc.status)
+                return stale
+
+    def _refuse_if_breaker_open(self) -> None:
+        """Refuse before charging anything while the upstream is known to be failing."""
+        if self.upstream.breaker.is_open():
+            self.upstream.breaker.before_call()
+
+    async def _stale(self, entry: CachedResult | None, key: str, call: Call,
+                     period: str) -> Answer | None:
+        """stale-if-error: an expired entry, within its grace, beats an error."""
+        if entry is None:
+            return None
+        now = self.ledger.clock()
+        age = now - entry.created_at
+        if age >= self.config.cache.keep_s:
+            return None
+        self._note_hit(key, call, period, now, coalesced=False)
+        used = await self.store.used(call.team.name, period)
+        ttl = int(self.config.cache.ttl_s - age)
+        return Answer(success_body(entry.data_prefix, self._left(call.team, used)), "hit",
+                      f"{CACHE_NAME}; hit; ttl={ttl}; detail=stale-if-error",
+                      call.file.content_hash,
+                      warning=f'110 {CACHE_NAME} "Response is Stale"')
 
     async def _lead(self, call: Call, key: str, scope: str, fwd: str) -> Answer:
         flight = _Flight()

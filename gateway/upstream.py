@@ -8,17 +8,20 @@ exhausted -> 402, the gateway's own credentials refused -> 502 naming no secret.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from gateway.config import UpstreamConfig
-from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached
+from gateway.breaker import CircuitBreaker
+from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
 from gateway.form import UploadedFile
 from gateway.metrics import Metrics
 
@@ -51,12 +54,14 @@ class UpstreamClient:
         self.metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._queued = 0
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s,
+                                      on_change=metrics.upstream_breaker_state.set)
+        self.last_status: str | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.max_concurrency,
-                                           enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            connector=aiohttp.TCPConnector(limit=self.config.max_concurrency),
             raise_for_status=False,
             skip_auto_headers=("User-Agent",),
             headers={"User-Agent": "imagerecognize-gateway"},
@@ -71,40 +76,76 @@ class UpstreamClient:
                         file: UploadedFile) -> Recognition:
         if self._session is None:
             raise BadGateway("Upstream client not started")
-        form = aiohttp.FormData(quote_fields=False)
-        form.add_field("apikey", self.config.api_key.reveal())
-        form.add_field("type", type_)
-        for name, value in params.items():
-            form.add_field(name, str(value))
-        filename = file.filename or ("image.png" if file.head.startswith(b"\x89PNG") else "image.jpg")
-        if file.data is not None:
-            form.add_field("file", bytes(file.data), filename=filename,
-                           content_type=file.content_type or "application/octet-stream")
-        async with self._slots:
-            started = time.perf_counter()
-            status_label = "error"
-            handle = open(file.path, "rb") if file.path is not None else None  # noqa: SIM115
-            try:
-                if handle is not None:
-                    form.add_field("file", handle, filename=filename,
-                                   content_type=file.content_type or "application/octet-stream")
-                async with self._session.post(self.config.url, data=form) as response:
-                    raw = await response.read()
-                    http_status = response.status
+        if self._queued >= self.config.max_queue:
+            # Shed load rather than hold unbounded waiters (and their uploads) in memory.
+            raise Unavailable("Gateway overloaded: upstream queue full",
+                              headers={"Retry-After": "1"})
+        self._queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            self.breaker.before_call()
+            return await self._call(type_, params, file)
+        finally:
+            self._slots.release()
+
+    async def _call(self, type_: str, params: Mapping[str, int],
+                    file: UploadedFile) -> Recognition:
+        assert self._session is not None
+        deadline = time.monotonic() + self.config.timeout_s
+        started = time.perf_counter()
+        status_label = "error"
+        try:
+            for attempt in range(self.config.retries + 1):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                with _form(self.config, type_, params, file) as form:
+                    try:
+                        async with self._session.post(
+                                self.config.url, data=form,
+                                timeout=aiohttp.ClientTimeout(total=left)) as response:
+                            raw = await response.read()
+                            http_status = response.status
+                    except aiohttp.ClientConnectorError as exc:
+                        # The connection never opened: nothing was sent, nothing billed.
+                        if attempt < self.config.retries:
+                            await _backoff(attempt, deadline)
+                            continue
+                        log.warning("upstream unreachable: %s", type(exc).__name__)
+                        raise BadGateway() from None
                 envelope = _parse_envelope(raw)
+                if envelope is None and http_status == 503 and attempt < self.config.retries:
+                    # Refused before processing (not the API's envelope): safe to try again.
+                    await _backoff(attempt, deadline)
+                    continue
                 status_label = str(envelope["status"]) if envelope else str(http_status)
-                return self._interpret(envelope, http_status)
-            except TimeoutError:
-                status_label = "timeout"
-                raise GatewayTimeout() from None
-            except aiohttp.ClientError as exc:
-                log.warning("upstream unreachable: %s", type(exc).__name__)
-                raise BadGateway() from None
-            finally:
-                if handle is not None:
-                    handle.close()
-                self.metrics.upstream_requests.labels(type_, status_label).inc()
-                self.metrics.upstream_duration.labels(type_).observe(time.perf_counter() - started)
+                break
+            result = self._interpret(envelope, http_status)
+        except TimeoutError:
+            status_label = "timeout"
+            self.breaker.failure()
+            raise GatewayTimeout() from None
+        except aiohttp.ClientError as exc:
+            # Sent, maybe billed: never retried blindly.
+            log.warning("upstream connection failed: %s", type(exc).__name__)
+            self.breaker.failure()
+            raise BadGateway() from None
+        except BadGateway:
+            self.breaker.failure()
+            raise
+        except GatewayError:
+            self.breaker.success()  # the upstream is up and answering the API
+            raise
+        else:
+            self.breaker.success()
+            return result
+        finally:
+            self.last_status = status_label
+            self.metrics.upstream_requests.labels(type_, status_label).inc()
+            self.metrics.upstream_duration.labels(type_).observe(time.perf_counter() - started)
 
     def _interpret(self, envelope: dict[str, Any] | None, http_status: int) -> Recognition:
         if envelope is None:
@@ -116,7 +157,8 @@ class UpstreamClient:
             if not isinstance(data, dict):
                 raise BadGateway("Upstream answered something that is not the API envelope")
             quota = data.get("quota")
-            account_quota = quota if isinstance(quota, int) and not isinstance(quota, bool) else None
+            valid = isinstance(quota, int) and not isinstance(quota, bool)
+            account_quota = quota if valid else None
             if account_quota is not None:
                 self.metrics.upstream_quota_remaining.set(account_quota)
             return Recognition(data=data, account_quota=account_quota)
@@ -135,6 +177,32 @@ class UpstreamClient:
             raise BadGateway("Upstream refused the gateway's credentials")
         log.warning("upstream answered envelope status %s", status)
         raise BadGateway(f"Upstream answered status {status}")
+
+
+@contextlib.contextmanager
+def _form(config: UpstreamConfig, type_: str, params: Mapping[str, int],
+          file: UploadedFile) -> Iterator[aiohttp.FormData]:
+    """A fresh multipart body per attempt (aiohttp sends a FormData once)."""
+    form = aiohttp.FormData(quote_fields=False)
+    form.add_field("apikey", config.api_key.reveal())
+    form.add_field("type", type_)
+    for name, value in params.items():
+        form.add_field(name, str(value))
+    filename = file.filename or ("image.png" if file.head.startswith(b"\x89PNG") else "image.jpg")
+    content_type = file.content_type or "application/octet-stream"
+    if file.path is None:
+        form.add_field("file", file.data if file.data is not None else b"", filename=filename,
+                       content_type=content_type)
+        yield form
+        return
+    with open(file.path, "rb") as handle:  # streamed from the spool file, never held whole
+        form.add_field("file", handle, filename=filename, content_type=content_type)
+        yield form
+
+
+async def _backoff(attempt: int, deadline: float) -> None:
+    delay = min(0.05 * 2**attempt * (0.5 + random.random()), max(deadline - time.monotonic(), 0))
+    await asyncio.sleep(delay)
 
 
 def _parse_envelope(raw: bytes) -> dict[str, Any] | None:

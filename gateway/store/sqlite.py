@@ -76,6 +76,9 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         CREATE INDEX reservations_by_age ON reservations(created_at);
     """),
+    ("results by age, for purging what is past stale-if-error", """
+        CREATE INDEX results_by_created ON results(created_at);
+    """),
 )
 
 _ERRORS = (sqlite3.Error, OSError, ValueError)

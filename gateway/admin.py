@@ -1,0 +1,342 @@
+"""The admin HTTP API (``/admin/...``) and the status page (``/status``, ``/status.json``).
+
+The admin API exists only while ``[admin] token_env`` names a variable that is set: otherwise
+``/admin/*`` is 404 and the status page is open. With a token, every one of these routes wants
+``Authorization: Bearer <token>`` (the status page also takes HTTP Basic with the token as the
+password, so a browser can ask for it). The token is compared as sha256 digests in constant
+time and never logged or echoed. Handlers read the live config (``state.config``), which a
+reload replaces.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import html
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.config import ANALYSIS_TYPES, ConfigError, Secret, load_config
+from gateway.errors import GatewayError, error_envelope
+from gateway.state import STATE, GatewayState
+from gateway.usage import (
+    PeriodError,
+    UsageReport,
+    compute_usage,
+    human_bytes,
+    iso_utc,
+    parse_age,
+    parse_period,
+    stats_dict,
+)
+
+log = logging.getLogger("gateway.admin")
+
+HASH_CHARS = frozenset("0123456789abcdef")
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+class AdminUnauthorized(GatewayError):
+    status, message = 401, "Admin token missing or invalid"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class AdminBadRequest(GatewayError):
+    status, message = 400, "Bad admin request"
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/usage", handle_usage)
+    app.router.add_get("/admin/cache/stats", handle_cache_stats)
+    app.router.add_post("/admin/cache/purge", handle_cache_purge)
+    app.router.add_post("/admin/reload", handle_reload)
+    app.router.add_get("/status", handle_status)
+    app.router.add_get("/status.json", handle_status_json)
+
+
+# -- authentication ---------------------------------------------------------------------------
+def _admin(request: web.Request) -> GatewayState:
+    state = request.app[STATE]
+    if not state.config.admin.enabled:
+        raise web.HTTPNotFound()
+    if not token_matches(request.headers.get("Authorization"), state.config.admin.token):
+        raise AdminUnauthorized()
+    return state
+
+
+def token_matches(authorization: str | None, token: Secret, *, basic: bool = False) -> bool:
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    given = credentials.strip()
+    if basic and scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    if not given or not token:
+        return False
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
+                               hashlib.sha256(token.reveal().encode()).digest())
+
+
+# -- admin API --------------------------------------------------------------------------------
+async def handle_usage(request: web.Request) -> web.Response:
+    state = _admin(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise AdminBadRequest("format must be json or csv")
+    report = await _usage(state, request.query.get("period", "current"))
+    if fmt == "json":
+        return web.json_response(report.as_dict())
+    lines = [",".join(str(v) for v in row) for row in report.csv_rows()]
+    return web.Response(
+        text="\n".join(lines) + "\n", content_type="text/csv", charset="utf-8",
+        headers={"Content-Disposition":
+                 f'attachment; filename="gateway-usage-{report.period.key}.csv"'})
+
+
+async def _usage(state: GatewayState, period: str) -> UsageReport:
+    await state.service.flush()  # this process's batched hit counts, so the numbers are now's
+    try:
+        asked = parse_period(period, ledger=state.config.quota.period, now=state.ledger.clock())
+        return await compute_usage(state.store, state.config, asked)
+    except PeriodError as exc:
+        raise AdminBadRequest(str(exc)) from None
+
+
+async def handle_cache_stats(request: web.Request) -> web.Response:
+    state = _admin(request)
+    return web.json_response(stats_dict(await state.store.stats()))
+
+
+async def handle_cache_purge(request: web.Request) -> web.Response:
+    state = _admin(request)
+    fields = await _fields(request)
+    content_hash = fields.get("hash", "").strip().lower() or None
+    type_ = fields.get("type", "").strip() or None
+    older = fields.get("older_than", "").strip() or None
+    everything = fields.get("all", "").strip().lower() in TRUE_WORDS
+    if content_hash is not None and (len(content_hash) != 32 or set(content_hash) - HASH_CHARS):
+        raise AdminBadRequest("hash must be the 32 hex digits of X-Content-Hash")
+    if type_ is not None and type_ not in ANALYSIS_TYPES:
+        raise AdminBadRequest(f"type must be one of {', '.join(ANALYSIS_TYPES)}")
+    cutoff = None
+    if older is not None:
+        try:
+            cutoff = state.ledger.clock() - parse_age(older)
+        except ValueError as exc:
+            raise AdminBadRequest(f"older_than: {exc}") from None
+    filtered = content_hash is not None or type_ is not None or cutoff is not None
+    if filtered and everything:
+        raise AdminBadRequest("all=true purges everything: give it alone, without filters")
+    if not filtered and not everything:
+        raise AdminBadRequest("refusing to purge without a filter: give hash, type or "
+                              "older_than, or all=true to remove every cached result")
+    removed = await state.store.purge(content_hash=content_hash, type_=type_, older_than=cutoff)
+    log.info("admin purge removed %d cached results (hash=%s type=%s older_than=%s)",
+                removed, content_hash, type_, older)
+    return web.json_response({"removed": removed, "hash": content_hash, "type": type_,
+                              "older_than": older, "all": everything})
+
+
+async def _fields(request: web.Request) -> dict[str, str]:
+    if request.content_type == "application/json":
+        try:
+            body = await request.json()
+        except ValueError:
+            raise AdminBadRequest("body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise AdminBadRequest("body must be a JSON object")
+        return {k: _text(v) for k, v in body.items() if v is not None}
+    form = await request.post()
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+async def handle_reload(request: web.Request) -> web.Response:
+    state = _admin(request)
+    parent = multiprocessing.parent_process()
+    if state.config.server.workers > 1 and parent is not None and parent.pid is not None:
+        # A worker under `server.workers`: the request reached one worker of N. Check the
+        # file here, then let the supervisor pass SIGHUP to every worker, this one included.
+        try:
+            load_config(state.config.source)
+        except ConfigError as exc:
+            return web.json_response({"ok": False, "message": str(exc)}, status=400)
+        os.kill(parent.pid, signal.SIGHUP)
+        return web.json_response({"ok": True, "message":
+                                  f"{state.config.source} is valid; reload signalled to all "
+                                  f"{state.config.server.workers} workers"})
+    from gateway.server import reload_config  # gateway.server imports gateway.app: not at the top
+
+    ok, message = reload_config(request.app)
+    return web.json_response({"ok": ok, "message": message}, status=200 if ok else 400)
+
+
+# -- status page ------------------------------------------------------------------------------
+async def handle_status_json(request: web.Request) -> web.Response:
+    denied = _status_denied(request)
+    if denied is not None:
+        return denied
+    return web.json_response(await _status(request.app[STATE]))
+
+
+async def handle_status(request: web.Request) -> web.Response:
+    denied = _status_denied(request)
+    if denied is not None:
+        return denied
+    page = render_status(await _status(request.app[STATE]))
+    return web.Response(text=page, content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+def _status_denied(request: web.Request) -> web.Response | None:
+    """Open while the admin API is off; otherwise the admin token, as Bearer or as the
+    password of HTTP Basic (two challenges, so a browser offers a login)."""
+    admin = request.app[STATE].config.admin
+    if not admin.enabled or token_matches(request.headers.get("Authorization"), admin.token,
+                                          basic=True):
+        return None
+    headers = CIMultiDict([("WWW-Authenticate", "Bearer"),
+                           ("WWW-Authenticate", 'Basic realm="gateway status"')])
+    return web.Response(body=error_envelope(401, AdminUnauthorized.message), status=401,
+                        content_type="application/json", headers=headers)
+
+
+async def _status(state: GatewayState) -> dict[str, Any]:
+    report = await _usage(state, "current")
+    entries, size = await state.store.totals()
+    return {
+        "generated_at": iso_utc(time.time()),
+        "period": report.period.key,
+        "quota_period": report.quota_period,
+        "teams": [{**t.as_dict(), "hit_ratio": t.hit_ratio} for t in report.teams],
+        "total": {**report.total.as_dict(), "hit_ratio": report.total.hit_ratio},
+        "cache": {"entries": entries, "size_bytes": size, "size": human_bytes(size)},
+        "upstream": await _upstream_health(state),
+    }
+
+
+async def _upstream_health(state: GatewayState) -> dict[str, Any]:
+    # The store's copy is shared by every process on it; this process's gauge is the fallback.
+    stored = await state.store.get_meta("upstream_quota")
+    quota: int | None = int(stored) if stored is not None and stored.isdigit() else None
+    if quota is None:
+        gauge = state.metrics.registry.get_sample_value("gateway_upstream_quota_remaining")
+        quota = int(gauge) if gauge is not None and not math.isnan(gauge) else None
+    calls: dict[str, int] = {}
+    for family in state.metrics.upstream_requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.value:
+                status = sample.labels["status"]
+                calls[status] = calls.get(status, 0) + int(sample.value)
+    failed = sum(n for status, n in calls.items() if status != "200")
+    return {"account_quota_remaining": quota, "calls_since_start": calls,
+            "failed_since_start": failed}
+
+
+def render_status(s: Mapping[str, Any]) -> str:
+    e = html.escape
+    rows = []
+    for t in s["teams"]:
+        quota, used = t["quota"], t["charged"]
+        share = min(used / quota, 1.0) if quota else (1.0 if quota == 0 else 0.0)
+        level = "full" if share >= 0.9 else "high" if share >= 0.75 else "ok"
+        limit = (f"{used} used, team not configured" if quota is None
+                 else f"{used} / {quota} used, {t['remaining']} left")
+        rows.append(
+            f'<tr><th scope="row">{e(t["team"])}</th>'
+            f'<td><div class="bar {level}" role="img" aria-label="{share:.0%} of quota used">'
+            f'<span style="width:{share * 100:.1f}%"></span></div>'
+            f'<span class="num">{e(limit)}</span></td>'
+            f'<td class="num">{_ratio(t["hit_ratio"])}</td>'
+            f'<td class="num">{t["calls_saved"]}</td></tr>')
+    up, cache, total = s["upstream"], s["cache"], s["total"]
+    calls = ", ".join(f"{e(k)}: {v}" for k, v in sorted(up["calls_since_start"].items()))
+    quota_left = up["account_quota_remaining"]
+    return _PAGE.format(
+        period=e(s["period"]), quota_period=e(s["quota_period"]), rows="\n".join(rows),
+        total_used=total["charged"], total_quota=total["quota"],
+        total_ratio=_ratio(total["hit_ratio"]), total_saved=total["calls_saved"],
+        calls=calls or "none yet", failed=up["failed_since_start"],
+        called=sum(up["calls_since_start"].values()),
+        account="unknown" if quota_left is None else quota_left,
+        entries=cache["entries"], size=e(cache["size"]), size_bytes=cache["size_bytes"],
+        generated=e(s["generated_at"]), json_link="/status.json")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="refresh" content="10">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>ImageRecognize gateway status</title>
+<style>
+body {{ font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 60em;
+       padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 1.6em; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .4em .6em; border-bottom: 1px solid #ddd; }}
+td.num, .num {{ font-variant-numeric: tabular-nums; }}
+.bar {{ background: #eee; border-radius: 3px; height: .9em; width: 100%; margin: .2em 0; }}
+.bar span {{ display: block; height: 100%; border-radius: 3px; background: #2e7d32; }}
+.bar.high span {{ background: #f9a825; }} .bar.full span {{ background: #c62828; }}
+dl {{ display: grid; grid-template-columns: max-content auto; gap: .3em 1.2em; }}
+dt {{ color: #555; }} dd {{ margin: 0; }}
+footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
+</style>
+</head>
+<body>
+<h1>ImageRecognize gateway</h1>
+<h2>Team quotas, period {period} (quota per {quota_period})</h2>
+<table id="teams">
+<thead><tr><th>team</th><th>upstream calls charged</th><th>hit ratio</th>
+<th>calls saved</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+<tfoot><tr><th scope="row">all teams</th><td class="num">{total_used} / {total_quota} used</td>
+<td class="num">{total_ratio}</td><td class="num">{total_saved}</td></tr></tfoot>
+</table>
+<h2>Upstream</h2>
+<dl id="upstream">
+<dt>account quota remaining</dt><dd class="num">{account}</dd>
+<dt>failed calls since start</dt><dd class="num">{failed} of {called}</dd>
+<dt>calls since start, by status</dt><dd class="num">{calls}</dd>
+</dl>
+<h2>Cache</h2>
+<dl id="cache">
+<dt>entries</dt><dd class="num">{entries}</dd>
+<dt>size</dt><dd class="num">{size} ({size_bytes} bytes)</dd>
+</dl>
+<footer>Generated {generated}; refreshes every 10 s. Same numbers as JSON:
+<a href="{json_link}">{json_link}</a></footer>
+</body>
+</html>
+"""
+
+__all__ = ["add_admin_routes", "render_status", "token_matches"]

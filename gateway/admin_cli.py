@@ -1,0 +1,315 @@
+"""Operator commands: ``gateway usage``, ``gateway cache stats|purge``, ``gateway keys new``,
+``gateway reload``.
+
+``usage`` and ``cache`` read the configured store directly, so they work while a gateway runs
+(SQLite in WAL mode, or Redis) and when none does. Exit codes: 0 ok, 1 failure, 2 usage or
+config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.config import ANALYSIS_TYPES, Config, hash_key, load_config
+from gateway.store import StoreUnavailable, open_store
+from gateway.store.base import CacheStats, Store
+from gateway.usage import (
+    PeriodError,
+    UsageReport,
+    compute_usage,
+    human_age,
+    human_bytes,
+    iso_utc,
+    parse_age,
+    parse_period,
+    stats_dict,
+)
+
+ADMIN_COMMANDS = frozenset({"usage", "cache", "keys", "reload"})
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A command line the command refuses (exit 2)."""
+
+
+class Failure(Exception):
+    """The command could not do its job (exit 1)."""
+
+
+def add_admin_commands(sub: Any) -> None:
+    """Add the operator commands to ``gateway``'s subparsers (``sub``)."""
+    usage = sub.add_parser(
+        "usage", help="per-team upstream calls, quota and calls saved (chargeback)",
+        description="Per configured team: upstream calls charged, quota, remaining, cache "
+                    "hits, coalesced and calls saved (hits + coalesced), with a total line. "
+                    "A period coarser than quota.period sums the ledger rows inside it.")
+    _config_arg(usage)
+    usage.add_argument("--period", default="current",
+                       help="YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), total, or current "
+                            "(default: the quota period now)")
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                       help="csv is a chargeback file: header, one row per team, a total row")
+
+    cache = sub.add_parser("cache", help="inspect or purge the stored results",
+                           description="Inspect or purge the stored results.")
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    stats = actions.add_parser("stats", help="entries, bytes, hits, oldest entry, by type",
+                               description="What the cache holds.")
+    _config_arg(stats)
+    stats.add_argument("--format", choices=("table", "json"), default="table")
+    purge = actions.add_parser(
+        "purge", help="remove stored results",
+        description="Remove stored results matching every filter given. Refuses to run "
+                    "without a filter unless --all is given (alone).")
+    _config_arg(purge)
+    purge.add_argument("--hash", help="the image's X-Content-Hash (32 hex digits)")
+    purge.add_argument("--type", choices=ANALYSIS_TYPES, help="one analysis type")
+    purge.add_argument("--older-than", metavar="AGE",
+                       help="stored longer ago than AGE: 30d, 12h, 90m, 2w")
+    purge.add_argument("--all", action="store_true", help="remove every stored result")
+
+    keys = sub.add_parser("keys", help="team keys", description="Team keys.")
+    key_actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = key_actions.add_parser(
+        "new", help="make a fresh random key for a team",
+        description="Print a fresh random team key once, and the config line with its hash. "
+                    "The gateway keeps only the hash; hand the key to the team.")
+    new.add_argument("team", help="the team's name, as in [teams.NAME]")
+
+    reload = sub.add_parser(
+        "reload", help="make a running gateway re-read its config",
+        description="With the admin token in the environment (the variable named by [admin] "
+                    "token_env), POST /admin/reload on server.host:port and print the answer; "
+                    "otherwise send SIGHUP to --pid.")
+    _config_arg(reload)
+    reload.add_argument("--pid", type=int, help="the gateway's process id (SIGHUP)")
+    reload.add_argument("--timeout", type=float, default=10.0, help="seconds (HTTP)")
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="config.toml", help="path to config.toml")
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    """Run one operator command; ``ConfigError`` is left to ``gateway.cli`` (exit 2)."""
+    name = f"gateway {args.command}"
+    try:
+        if args.command == "usage":
+            return _usage(args)
+        if args.command == "cache":
+            return _cache_stats(args) if args.cache_command == "stats" else _cache_purge(args)
+        if args.command == "keys":
+            return _keys_new(args.team)
+        return _reload(args)
+    except (UsageError, PeriodError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except (Failure, StoreUnavailable) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- store access -----------------------------------------------------------------------------
+def _with_store(config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
+    storage = config.storage
+    if storage.backend == "sqlite" and not Path(storage.path).exists():
+        # Opening would create an empty store (and its directory): say what is wrong instead.
+        raise Failure(f"no store at {storage.path} (storage.path in {config.source}); "
+                      "has a gateway run with this config?")
+
+    async def run() -> T:
+        store = open_store(storage)
+        await store.open()
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+# -- usage ------------------------------------------------------------------------------------
+def _usage(args: argparse.Namespace) -> int:
+    config = load_config(args.config, require_api_key=False)
+    asked = parse_period(args.period, ledger=config.quota.period, now=time.time())
+    report = _with_store(config, lambda store: compute_usage(store, config, asked))
+    if args.format == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerows(report.csv_rows())
+    else:
+        print(usage_table(report))
+    return 0
+
+
+def usage_table(report: UsageReport) -> str:
+    head = ("team", "charged", "quota", "remaining", "cache hits", "coalesced", "calls saved")
+    rows = [(t.team, t.charged, _dash(t.quota), _dash(t.remaining), t.hits, t.coalesced,
+             t.saved) for t in (*report.teams, report.total)]
+    title = f"Usage for {report.period.key} (quota per {report.quota_period})"
+    lines = [title, *_table(head, rows, footer=True)]
+    if report.note:
+        lines.append(f"note: {report.note}")
+    if any(t.quota is None for t in report.teams):
+        lines.append("note: a team with quota '-' is in the ledger but not in the config")
+    return "\n".join(lines)
+
+
+def _dash(value: int | None) -> str | int:
+    return "-" if value is None else value
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[object]], *,
+           footer: bool = False) -> list[str]:
+    """Aligned columns: the first left, numbers right; a rule above the footer row."""
+    cells = [[str(c) for c in row] for row in (head, *rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+
+    def line(row: list[str]) -> str:
+        out = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
+                                                                      strict=True)]
+        return "  ".join(out).rstrip()
+
+    lines = [line(r) for r in cells]
+    if footer:
+        lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return lines
+
+
+# -- cache ------------------------------------------------------------------------------------
+def _cache_stats(args: argparse.Namespace) -> int:
+    config = load_config(args.config, require_api_key=False)
+    stats = _with_store(config, lambda store: store.stats())
+    if args.format == "json":
+        print(json.dumps(stats_dict(stats), indent=2))
+    else:
+        print(stats_table(stats, now=time.time()))
+    return 0
+
+
+def stats_table(stats: CacheStats, *, now: float) -> str:
+    oldest = ("-" if stats.oldest is None
+              else f"{iso_utc(stats.oldest)} ({human_age(now - stats.oldest)} ago)")
+    lines = [f"entries       {stats.entries}",
+             f"size          {human_bytes(stats.size_bytes)} ({stats.size_bytes} bytes)",
+             f"hits          {stats.hits}",
+             f"oldest entry  {oldest}"]
+    if stats.by_type:
+        rows = [(t, n, human_bytes(b), b) for t, n, b in stats.by_type]
+        lines += ["", "by type:", *_table(("type", "entries", "size", "bytes"), rows)]
+    return "\n".join(lines)
+
+
+def _cache_purge(args: argparse.Namespace) -> int:
+    content_hash = args.hash.strip().lower() if args.hash else None
+    if content_hash is not None and (len(content_hash) != 32 or
+                                     set(content_hash) - set("0123456789abcdef")):
+        raise UsageError("--hash must be the 32 hex digits of X-Content-Hash")
+    try:
+        age = parse_age(args.older_than) if args.older_than else None
+    except ValueError as exc:
+        raise UsageError(f"--older-than: {exc}") from None
+    filtered = content_hash is not None or args.type is not None or age is not None
+    if args.all and filtered:
+        raise UsageError("--all removes every stored result: give it alone, without filters")
+    if not filtered and not args.all:
+        raise UsageError("refusing to purge without a filter: give --hash, --type or "
+                         "--older-than, or --all to remove every stored result")
+    config = load_config(args.config, require_api_key=False)
+    cutoff = time.time() - age if age is not None else None
+    removed = _with_store(config, lambda store: store.purge(
+        content_hash=content_hash, type_=args.type, older_than=cutoff))
+    print(f"removed {removed} cached result{'' if removed == 1 else 's'}")
+    return 0
+
+
+# -- keys -------------------------------------------------------------------------------------
+def _keys_new(team: str) -> int:
+    if not team or not team.replace("_", "").replace("-", "").isalnum():
+        raise UsageError(f"team {team!r}: team names use letters, digits, - and _")
+    key = secrets.token_urlsafe(32)
+    print(f"New key for team {team} (shown once: hand it to the team now; the gateway "
+          "stores only its hash):\n")
+    print(f"  {key}\n")
+    print(f"Add this under [teams.{team}] in the config (to rotate, list it beside the old "
+          "key, then remove the old one), and run `gateway reload`:\n")
+    print(f'keys = ["{hash_key(key)}"]')
+    return 0
+
+
+# -- reload -----------------------------------------------------------------------------------
+def _reload(args: argparse.Namespace) -> int:
+    config = load_config(args.config, require_api_key=False)
+    if config.admin.enabled:
+        return _reload_http(config, args.timeout)
+    if args.pid is None:
+        where = (f"set {config.admin.token_env} (named by [admin] token_env) to reload over "
+                 "HTTP" if config.admin.token_env else
+                 "the config has no [admin] token_env for reloading over HTTP")
+        raise UsageError(f"{where}, or pass --pid PID to send SIGHUP")
+    return _reload_signal(args.pid)
+
+
+def _reload_http(config: Config, timeout: float) -> int:
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.server.host,
+                                                                      config.server.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}/admin/reload"
+    request = urllib.request.Request(url, data=b"", method="POST", headers={
+        "Authorization": f"Bearer {config.admin.token.reveal()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise Failure(f"cannot reach the gateway at {url}: {reason}") from None
+    if status == 401:
+        raise Failure(f"the gateway refused the admin token in {config.admin.token_env}")
+    if status == 404:
+        raise Failure(f"{url}: no admin API there (is the gateway's {config.admin.token_env} "
+                      "set?)")
+    try:
+        answer = json.loads(body)
+        ok, message = bool(answer["ok"]), str(answer["message"])
+    except (ValueError, KeyError, TypeError):
+        raise Failure(f"{url} answered HTTP {status}: {body[:200]!r}") from None
+    print(message)
+    return 0 if ok and status == 200 else 1
+
+
+def _reload_signal(pid: int) -> int:
+    if pid <= 0:
+        raise UsageError("--pid must be a process id > 0")  # 0 and -1 would signal groups
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            command = "gateway"
+        if "gateway" not in command:
+            # SIGHUP ends most programs: don't send it to one that isn't a gateway.
+            raise UsageError(f"process {pid} is not a gateway ({command.strip()[:80]})")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise Failure(f"no process {pid}") from None
+    except PermissionError:
+        raise Failure(f"not allowed to signal process {pid}") from None
+    print(f"sent SIGHUP to {pid}; the gateway logs whether the new config was applied")
+    return 0

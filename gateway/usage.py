@@ -1,0 +1,214 @@
+"""Usage and chargeback: what each team was charged and saved over a period, and what the
+cache holds. Shared by the admin CLI, the admin API and the status page.
+
+The quota ledger keeps one row per team and ledger period (``quota.period``). A coarser
+period than the ledger's is the sum of the ledger rows inside it (the days of a week or a
+month; for a month over a weekly ledger, the ISO weeks whose Thursday falls in it, the same
+rule ISO 8601 uses to give a week to a year, so every week is counted in exactly one month).
+A finer period cannot be split out of a ledger row and is refused (``PeriodError``).
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from gateway.config import Config
+from gateway.quota import period_key
+from gateway.store.base import CacheStats, Store
+
+TOTAL_LABEL = "(total)"   # not a valid team name, so it can't collide with one
+CSV_HEADER = ("period", "team", "charged", "quota", "remaining", "cache_hits", "coalesced",
+              "calls_saved")
+_GRAIN = {"day": 0, "week": 1, "month": 2, "total": 3}
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_WEEK = re.compile(r"(\d{4})-W(\d{2})")
+_MONTH = re.compile(r"(\d{4})-(\d{2})")
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class PeriodError(ValueError):
+    """A period this ledger cannot answer, or a malformed one (CLI exit 2, HTTP 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    kind: str   # day | week | month | total
+    key: str    # "2026-11-24", "2026-W48", "2026-11", "total"
+
+
+def parse_period(text: str, *, ledger: str, now: float) -> Period:
+    """``current`` (the ledger's period now), ``total``, ``YYYY-MM``, ``YYYY-MM-DD`` or
+    ``YYYY-Www``."""
+    text = text.strip()
+    if text in ("", "current"):
+        return Period(ledger, period_key(ledger, now))
+    if text == "total":
+        return Period("total", "total")
+    try:
+        if _DAY.fullmatch(text):
+            date.fromisoformat(text)
+            return Period("day", text)
+        if m := _WEEK.fullmatch(text):
+            date.fromisocalendar(int(m[1]), int(m[2]), 1)
+            return Period("week", text)
+        if (m := _MONTH.fullmatch(text)) and 1 <= int(m[2]) <= 12:
+            return Period("month", text)
+    except ValueError:
+        pass
+    raise PeriodError(f"period {text!r}: use YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), "
+                      "total or current")
+
+
+def ledger_keys(asked: Period, ledger: str) -> tuple[str, ...]:
+    """The ledger rows that make up ``asked``."""
+    if asked.kind == ledger:
+        return (asked.key,)
+    hint = f'the quota ledger keeps one row per {ledger} (quota.period = "{ledger}")'
+    if asked.kind == "total":
+        raise PeriodError(f"period total: {hint}; ask for a day, week or month")
+    if _GRAIN[asked.kind] < _GRAIN[ledger] or (asked.kind, ledger) == ("week", "month"):
+        raise PeriodError(f"period {asked.key} is a {asked.kind}, finer than {hint}, which "
+                          f"cannot be split; ask for a {ledger} or a longer period")
+    if asked.kind == "week":
+        year, week = (int(p) for p in asked.key.split("-W"))
+        return tuple(date.fromisocalendar(year, week, d).isoformat() for d in range(1, 8))
+    year, month = (int(p) for p in asked.key.split("-"))
+    days = [date(year, month, d) for d in range(1, calendar.monthrange(year, month)[1] + 1)]
+    if ledger == "day":
+        return tuple(d.isoformat() for d in days)
+    thursdays = [d for d in days if d.isoweekday() == 4]
+    return tuple(f"{t.isocalendar()[0]}-W{t.isocalendar()[1]:02d}" for t in thursdays)
+
+
+@dataclass(frozen=True, slots=True)
+class TeamLine:
+    team: str
+    charged: int
+    quota: int | None        # None: the team is in the ledger but no longer configured
+    remaining: int | None
+    hits: int
+    coalesced: int
+
+    @property
+    def saved(self) -> int:
+        return self.hits + self.coalesced
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Share of this team's answered recognitions that cost no upstream call."""
+        served = self.saved + self.charged
+        return self.saved / served if served else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"team": self.team, "charged": self.charged, "quota": self.quota,
+                "remaining": self.remaining, "cache_hits": self.hits,
+                "coalesced": self.coalesced, "calls_saved": self.saved}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    period: Period
+    quota_period: str
+    ledger_periods: tuple[str, ...]
+    teams: tuple[TeamLine, ...]
+
+    @property
+    def total(self) -> TeamLine:
+        return TeamLine(
+            TOTAL_LABEL, sum(t.charged for t in self.teams),
+            sum(t.quota or 0 for t in self.teams), sum(t.remaining or 0 for t in self.teams),
+            sum(t.hits for t in self.teams), sum(t.coalesced for t in self.teams))
+
+    @property
+    def note(self) -> str | None:
+        n = len(self.ledger_periods)
+        if n == 1:
+            return None
+        return (f"summed over {n} {self.quota_period} ledger rows "
+                f"({self.ledger_periods[0]} .. {self.ledger_periods[-1]}); quota is the "
+                f"per-{self.quota_period} quota times {n}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"period": self.period.key, "period_kind": self.period.kind,
+                "quota_period": self.quota_period, "ledger_periods": list(self.ledger_periods),
+                "teams": [t.as_dict() for t in self.teams], "total": self.total.as_dict(),
+                "note": self.note}
+
+    def csv_rows(self) -> list[tuple[str | int, ...]]:
+        """The chargeback file: header, one row per team, the total row."""
+        rows: list[tuple[str | int, ...]] = [CSV_HEADER]
+        for t in (*self.teams, self.total):
+            rows.append((self.period.key, t.team, t.charged, _blank(t.quota),
+                         _blank(t.remaining), t.hits, t.coalesced, t.saved))
+        return rows
+
+
+def _blank(value: int | None) -> str | int:
+    return "" if value is None else value
+
+
+async def compute_usage(store: Store, config: Config, asked: Period) -> UsageReport:
+    keys = ledger_keys(asked, config.quota.period)
+    sums: dict[str, list[int]] = {}
+    for key in keys:
+        for row in await store.usage(key):
+            acc = sums.setdefault(row.team, [0, 0, 0])
+            acc[0] += row.charged
+            acc[1] += row.hits
+            acc[2] += row.coalesced
+    lines = []
+    for team in config.teams:
+        charged, hits, coalesced = sums.pop(team.name, [0, 0, 0])
+        quota = team.quota * len(keys)
+        lines.append(TeamLine(team.name, charged, quota, max(quota - charged, 0), hits,
+                              coalesced))
+    # Charges of teams since removed from the config still belong in a chargeback.
+    for name in sorted(sums):
+        charged, hits, coalesced = sums[name]
+        lines.append(TeamLine(name, charged, None, None, hits, coalesced))
+    return UsageReport(asked, config.quota.period, keys, tuple(lines))
+
+
+# -- the cache --------------------------------------------------------------------------------
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (or combined: ``1d12h``) -> seconds."""
+    compact = text.strip().lower()
+    parts = _AGE.findall(compact)
+    if not parts or _AGE.sub("", compact).strip():
+        raise ValueError(f"age {text!r}: use a number and a unit, e.g. 30d, 12h, 90m")
+    return sum(float(n) * _AGE_UNITS[unit] for n, unit in parts)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def iso_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def human_age(seconds: float) -> str:
+    delta = timedelta(seconds=max(int(seconds), 0))
+    if delta.days:
+        return f"{delta.days}d {delta.seconds // 3600}h"
+    hours, rest = divmod(delta.seconds, 3600)
+    return f"{hours}h {rest // 60}m" if hours else f"{rest // 60}m {rest % 60}s"
+
+
+def stats_dict(stats: CacheStats) -> dict[str, Any]:
+    return {
+        "entries": stats.entries, "size_bytes": stats.size_bytes,
+        "size": human_bytes(stats.size_bytes), "hits": stats.hits,
+        "oldest": iso_utc(stats.oldest) if stats.oldest is not None else None,
+        "by_type": [{"type": t, "entries": n, "size_bytes": b} for t, n, b in stats.by_type],
+    }

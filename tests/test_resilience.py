@@ -1,0 +1,149 @@
+"""Upstream faults through the simulator: retries only where nothing was billed, the circuit
+breaker, load shedding, stale-if-error, and exact refunds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.sample_images import make_png
+from tests.conftest import (
+    TEAM_KEYS,
+    Gateway,
+    GatewayFactory,
+    Sim,
+    free_port,
+    objects_form,
+    post_requests,
+)
+
+SEARCH = TEAM_KEYS["search"]
+
+
+async def charged(gw: Gateway) -> int:
+    return await gw.state.store.used("search", gw.state.ledger.period())
+
+
+async def test_a_503_before_processing_is_retried_once_and_charged_once(
+        gateway: Gateway, sim: Sim) -> None:
+    sim.state.fault, sim.state.fault_count = "503", 1
+    r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(1)))
+    assert r.status_code == 200
+    assert sim.state.calls == 2 and await charged(gateway) == 1
+
+
+async def test_a_persistent_503_gives_502_after_bounded_retries(gateway: Gateway,
+                                                                sim: Sim) -> None:
+    sim.state.fault = "503"
+    r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(2)))
+    assert r.status_code == 502
+    assert sim.state.calls == 3 and await charged(gateway) == 0
+
+
+async def test_a_sent_request_that_fails_is_never_retried(gateway: Gateway, sim: Sim) -> None:
+    for fault in ("500", "reset", "garbage"):
+        sim.state.fault, sim.state.fault_count = fault, 1
+        calls = sim.state.calls
+        r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(3)))
+        assert r.status_code == 502
+        assert sim.state.calls == calls + 1, fault
+    assert await charged(gateway) == 0
+
+
+async def test_unreachable_upstream_is_retried_then_502_and_not_charged(
+        gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(upstream={"url": f"http://127.0.0.1:{free_port()}/api/v2/"})
+    r = await post_requests(gw.url, *objects_form(SEARCH, make_png(4)))
+    assert r.status_code == 502 and r.json()["data"] is None
+    assert await charged(gw) == 0
+
+
+async def test_breaker_opens_answers_503_at_once_then_probes_and_closes(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    gw = await gateway_factory(upstream={"breaker_failures": 3, "breaker_cooldown_s": 0.5})
+    sim.state.fault = "500"
+    codes = [(await post_requests(gw.url, *objects_form(SEARCH, make_png(10 + i)))).status_code
+             for i in range(3)]
+    assert codes == [502, 502, 502] and sim.state.calls == 3
+    started = time.monotonic()
+    refused = await post_requests(gw.url, *objects_form(SEARCH, make_png(20)))
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+    assert time.monotonic() - started < 0.5 and sim.state.calls == 3  # no upstream call
+    assert gw.state.metrics.upstream_breaker_state._value.get() == 1
+    await asyncio.sleep(0.6)
+    sim.state.fault = "none"
+    probe = await post_requests(gw.url, *objects_form(SEARCH, make_png(21)))
+    assert probe.status_code == 200
+    assert gw.state.metrics.upstream_breaker_state._value.get() == 0
+    after = await post_requests(gw.url, *objects_form(SEARCH, make_png(22)))
+    assert after.status_code == 200
+    assert await charged(gw) == 2
+
+
+async def test_cache_hits_are_served_while_the_breaker_is_open(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    gw = await gateway_factory(upstream={"breaker_failures": 1, "breaker_cooldown_s": 30})
+    image = make_png(30)
+    assert (await post_requests(gw.url, *objects_form(SEARCH, image))).status_code == 200
+    sim.state.fault = "500"
+    assert (await post_requests(gw.url, *objects_form(SEARCH, make_png(31)))).status_code == 502
+    hit = await post_requests(gw.url, *objects_form(SEARCH, image))
+    assert hit.status_code == 200 and "; hit;" in hit.headers["Cache-Status"]
+
+
+async def test_upstream_queue_overflow_is_shed_with_503(gateway_factory: GatewayFactory,
+                                                        sim: Sim) -> None:
+    gw = await gateway_factory(upstream={"max_concurrency": 1, "max_queue": 1})
+    sim.state.latency_ms = 400
+    results = await asyncio.gather(*(post_requests(gw.url, *objects_form(SEARCH, make_png(40 + i)))
+                                     for i in range(4)))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 200, 503, 503]
+    assert await charged(gw) == 2 and sim.state.calls == 2
+
+
+async def test_slow_trickle_past_the_timeout_is_504_and_refunded(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    gw = await gateway_factory(upstream={"timeout_s": 1})
+    sim.state.fault, sim.state.fault_count = "trickle", 1
+    r = await post_requests(gw.url, *objects_form(SEARCH, make_png(50)))
+    assert r.status_code == 504
+    assert await charged(gw) == 0
+
+
+async def test_flapping_upstream_charges_exactly_the_successes(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    gw = await gateway_factory(upstream={"breaker_failures": 100})
+    ok = 0
+    for i in range(12):
+        sim.state.fault = ("500", "none", "reset", "none", "garbage", "none")[i % 6]
+        r = await post_requests(gw.url, *objects_form(SEARCH, make_png(60 + i)))
+        ok += r.status_code == 200
+    assert ok == 6 and await charged(gw) == 6
+
+
+async def test_stale_if_error_serves_an_expired_entry_marked_stale(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    now = [1_800_000_000.0]
+    gw = await gateway_factory(cache={"ttl_days": 1, "stale_if_error_days": 1},
+                               clock=lambda: now[0])
+    image = make_png(70)
+    fresh = await post_requests(gw.url, *objects_form(SEARCH, image))
+    assert fresh.status_code == 200
+    now[0] += 86400 + 3600  # an hour past the TTL
+    sim.state.fault = "500"
+    stale = await post_requests(gw.url, *objects_form(SEARCH, image))
+    assert stale.status_code == 200
+    assert stale.headers["Cache-Status"].startswith("imagerecognize-gateway; hit; ttl=-")
+    assert "stale" in stale.headers["Warning"].lower()
+    assert stale.json()["data"]["objects"] == fresh.json()["data"]["objects"]
+    assert await charged(gw) == 1  # the failed refresh was refunded
+    # The good entry was not overwritten: once the upstream is back it is refreshed.
+    sim.state.fault = "none"
+    refreshed = await post_requests(gw.url, *objects_form(SEARCH, image))
+    assert refreshed.headers["Cache-Status"] == "imagerecognize-gateway; fwd=stale; stored"
+    # Past the grace an error is an error.
+    now[0] += 3 * 86400
+    sim.state.fault = "500"
+    late = await post_requests(gw.url, *objects_form(SEARCH, image))
+    assert late.status_code == 502
