@@ -264,7 +264,7 @@ def render_status(s: Mapping[str, Any]) -> str:
         limit = (f"{used} used, team not configured" if quota is None
                  else f"{used} / {quota} used, {t['remaining']} left")
         rows.append(
-            f'<tr><th scope="row">{e(t["team"])}</th>'
+            f'<tr data-team="{e(t["team"])}"><th scope="row">{e(t["team"])}</th>'
             f'<td><div class="bar {level}" role="img" aria-label="{share:.0%} of quota used">'
             f'<span style="width:{share * 100:.1f}%"></span></div>'
             f'<span class="num">{e(limit)}</span></td>'
@@ -319,7 +319,7 @@ footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
 <tbody>
 {rows}
 </tbody>
-<tfoot><tr><th scope="row">all teams</th><td class="num">{total_used} / {total_quota} used</td>
+<tfoot><tr data-team=""><th scope="row">all teams</th><td class="num">{total_used} / {total_quota} used</td>
 <td class="num">{total_ratio}</td><td class="num">{total_saved}</td></tr></tfoot>
 </table>
 <h2>Upstream</h2>

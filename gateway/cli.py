@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from gateway import __version__
 from gateway.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from gateway.config import ConfigError, hash_key, load_config
+from gateway.store.base import StoreUnavailable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", default="config.toml")
+
+    cs = sub.add_parser("check-store", help="verify the store; --repair fixes what SQLite can")
+    cs.add_argument("--config", default="config.toml")
+    cs.add_argument("--repair", action="store_true",
+                    help="move a damaged cache aside; rebuild a damaged ledger from its pages")
 
     hk = sub.add_parser("hash-key", help="print the sha256: form of a team key for config.toml")
     hk.add_argument("key", nargs="?", help="the key (read from stdin when omitted)")
@@ -63,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: ok ({len(config.teams)} teams, storage {config.storage.backend}, "
                   f"quota per {config.quota.period})")
             return 0
+        if args.command == "check-store":
+            from gateway.check_store import check_store
+
+            return check_store(load_config(args.config, require_api_key=False),
+                               repair=args.repair)
         if args.command == "hash-key":
             key = args.key if args.key is not None else sys.stdin.readline().strip()
             if not key:
@@ -83,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:
+        print(f"gateway: store error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 2

@@ -83,6 +83,9 @@ class UpstreamConfig:
 class StorageConfig:
     backend: str = "sqlite"
     path: str = "data/gateway.db"
+    cache_path: str = ""          # default: next to path, as <stem>-cache.db
+    synchronous: str = "normal"   # SQLite: "normal" survives a killed process, "full" power loss
+    busy_timeout_ms: int = 5000   # SQLite: how long a write waits for another process's lock
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "gw:"
 
@@ -255,15 +258,21 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
     )
 
     st = _Reader(source, "storage.", table("storage"),
-                 {"backend", "path", "redis_url", "redis_prefix"})
+                 {"backend", "path", "cache_path", "synchronous", "busy_timeout_ms", "redis_url",
+                  "redis_prefix"})
     backend: str = st.get("backend", str, "sqlite")
     if backend not in ("sqlite", "redis"):
         st.fail("backend", 'must be "sqlite" or "redis"')
     storage = StorageConfig(
         backend=backend, path=st.get("path", str, StorageConfig.path),
+        cache_path=st.get("cache_path", str, ""),
+        synchronous=st.get("synchronous", str, "normal").lower(),
+        busy_timeout_ms=st.integer("busy_timeout_ms", 5000, minimum=0),
         redis_url=st.get("redis_url", str, StorageConfig.redis_url),
         redis_prefix=st.get("redis_prefix", str, StorageConfig.redis_prefix),
     )
+    if storage.synchronous not in ("normal", "full"):
+        st.fail("synchronous", 'must be "normal" or "full"')
     if backend == "redis" and not storage.redis_url.startswith(("redis://", "rediss://", "unix://")):
         st.fail("redis_url", "must be a redis:// URL")
 

@@ -7,6 +7,7 @@ then hands a ``Call`` here and renders the ``Answer``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -223,10 +224,11 @@ class RecognitionService:
                 else:
                     await self.store.settle(reservation)
             except StoreUnavailable as exc:
-                # Paid for and delivered; only the cached copy is missing. The charge stays
-                # (a pending reservation is reclaimed only after the upstream could have
-                # answered: this one may then be refunded, erring against no team).
+                # Paid for and delivered; only the cached copy is missing. The charge stays.
                 log.error("could not store a result (%s); answering it uncached", exc)
+                if store:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.settle(reservation)
         except BaseException as exc:
             if flight is not None:
                 self._flights.pop(key, None)

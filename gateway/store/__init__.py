@@ -29,4 +29,5 @@ def open_store(config: StorageConfig) -> Store:
         return RedisStore(config.redis_url, prefix=config.redis_prefix)
     from gateway.store.sqlite import SQLiteStore
 
-    return SQLiteStore(config.path)
+    return SQLiteStore(config.path, cache_path=config.cache_path or None,
+                       synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms)

@@ -1,16 +1,25 @@
 """The one module that opens SQLite.
 
+Two files: the ledger (``storage.path``: quota usage, reservations, meta) and the cache
+(``<path stem>-cache.db``: results), attached to one connection. Losing the cache costs
+money, losing the ledger loses the record of spend: so a corrupt cache is moved aside and
+started afresh (and a cache unreadable at run time degrades to misses), while a corrupt
+ledger refuses to start (``gateway check-store`` says what to do).
+
 WAL, ``busy_timeout``, ``BEGIN IMMEDIATE`` for multi-statement writes, named ordered
-migrations tracked in ``PRAGMA user_version``. One connection writes, another reads, so
-lookups are never queued behind writes. Totals for the cache (entries, bytes) are kept by
-triggers in the same transaction as the change, exact across processes sharing the file.
+migrations per file tracked in ``PRAGMA user_version``. One connection writes (one write at a
+time), another reads, so lookups are never queued behind writes. Cache totals (entries,
+bytes) are kept by triggers in the same transaction as the change, exact across processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -26,37 +35,12 @@ from gateway.store.base import (
     TeamUsage,
 )
 
-MIGRATIONS: tuple[tuple[str, str], ...] = (
-    ("results and quota ledger", """
-        CREATE TABLE results (
-            key          TEXT PRIMARY KEY,
-            content_hash TEXT NOT NULL,
-            type         TEXT NOT NULL,
-            params       TEXT NOT NULL,
-            scope        TEXT NOT NULL DEFAULT '',
-            data         BLOB NOT NULL,
-            size         INTEGER NOT NULL,
-            created_at   REAL NOT NULL,
-            last_hit_at  REAL NOT NULL,
-            hit_count    INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE INDEX results_by_hash ON results(content_hash, scope);
-        CREATE INDEX results_by_last_hit ON results(last_hit_at);
-        CREATE TABLE cache_totals (
-            id      INTEGER PRIMARY KEY CHECK (id = 1),
-            entries INTEGER NOT NULL,
-            bytes   INTEGER NOT NULL
-        );
-        INSERT INTO cache_totals VALUES (1, 0, 0);
-        CREATE TRIGGER results_ins AFTER INSERT ON results BEGIN
-            UPDATE cache_totals SET entries = entries + 1, bytes = bytes + NEW.size;
-        END;
-        CREATE TRIGGER results_del AFTER DELETE ON results BEGIN
-            UPDATE cache_totals SET entries = entries - 1, bytes = bytes - OLD.size;
-        END;
-        CREATE TRIGGER results_upd AFTER UPDATE OF size ON results BEGIN
-            UPDATE cache_totals SET bytes = bytes - OLD.size + NEW.size;
-        END;
+log = logging.getLogger("gateway.store")
+
+Migrations = tuple[tuple[str, str], ...]
+
+LEDGER_MIGRATIONS: Migrations = (
+    ("quota ledger and meta", """
         CREATE TABLE quota_usage (
             team      TEXT NOT NULL,
             period    TEXT NOT NULL,
@@ -76,12 +60,56 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         CREATE INDEX reservations_by_age ON reservations(created_at);
     """),
-    ("results by age, for purging what is past stale-if-error", """
+)
+
+CACHE_MIGRATIONS: Migrations = (
+    ("results with totals kept by triggers", """
+        CREATE TABLE results (
+            key          TEXT PRIMARY KEY,
+            content_hash TEXT NOT NULL,
+            type         TEXT NOT NULL,
+            params       TEXT NOT NULL,
+            scope        TEXT NOT NULL DEFAULT '',
+            data         BLOB NOT NULL,
+            size         INTEGER NOT NULL,
+            created_at   REAL NOT NULL,
+            last_hit_at  REAL NOT NULL,
+            hit_count    INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX results_by_hash ON results(content_hash, scope);
+        CREATE INDEX results_by_last_hit ON results(last_hit_at);
         CREATE INDEX results_by_created ON results(created_at);
+        CREATE TABLE cache_totals (
+            id      INTEGER PRIMARY KEY CHECK (id = 1),
+            entries INTEGER NOT NULL,
+            bytes   INTEGER NOT NULL
+        );
+        INSERT INTO cache_totals VALUES (1, 0, 0);
+        CREATE TRIGGER results_ins AFTER INSERT ON results BEGIN
+            UPDATE cache_totals SET entries = entries + 1, bytes = bytes + NEW.size;
+        END;
+        CREATE TRIGGER results_del AFTER DELETE ON results BEGIN
+            UPDATE cache_totals SET entries = entries - 1, bytes = bytes - OLD.size;
+        END;
+        CREATE TRIGGER results_upd AFTER UPDATE OF size ON results BEGIN
+            UPDATE cache_totals SET bytes = bytes - OLD.size + NEW.size;
+        END;
     """),
 )
 
 _ERRORS = (sqlite3.Error, OSError, ValueError)
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB: the file is damaged (not merely busy or locked)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in (11, 26)
+
+
+def cache_path_for(path: str) -> str:
+    """``data/gateway.db`` -> ``data/gateway-cache.db``."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-cache{p.suffix or '.db'}"))
 
 
 def _row_result(row: sqlite3.Row | tuple[object, ...]) -> CachedResult:
@@ -94,9 +122,60 @@ def _row_result(row: sqlite3.Row | tuple[object, ...]) -> CachedResult:
 _RESULT_COLUMNS = "key, content_hash, type, params, scope, data, created_at"
 
 
+def _create_private(path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 before SQLite touches it: the files hold paid-for results and spend.
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+
+
+def migrate(conn: sqlite3.Connection, migrations: Migrations) -> None:
+    """Apply what this file has not seen yet, in order, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        for number, (_name, sql) in enumerate(migrations, start=1):
+            if number > version:
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def prepare_file(path: str, migrations: Migrations, probe: str) -> None:
+    """Create (0600), switch to WAL, migrate, and read ``probe``: raises sqlite3 errors."""
+    _create_private(path)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn, migrations)
+        conn.execute(probe).fetchall()
+    finally:
+        conn.close()
+
+
+def quarantine(path: str) -> str:
+    """Move a corrupt file (and its WAL/SHM) aside; returns where it went."""
+    aside = f"{path}.corrupt-{int(time.time())}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)
+    return aside
+
+
+CACHE_PROBE = "SELECT entries, bytes FROM cache_totals JOIN (SELECT key FROM results " \
+              "ORDER BY last_hit_at LIMIT 1) ON 1"
+LEDGER_PROBE = "SELECT COUNT(*) FROM quota_usage"
+
+
 class SQLiteStore:
-    def __init__(self, path: str, *, synchronous: str = "NORMAL"):
+    def __init__(self, path: str, *, cache_path: str | None = None, synchronous: str = "NORMAL",
+                 busy_timeout_ms: int = 5000):
         self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self.cache_path = cache_path or cache_path_for(path)
         self.synchronous = synchronous
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -107,12 +186,29 @@ class SQLiteStore:
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
         try:
-            if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-                # Created 0600 before SQLite touches it: the file holds paid-for results.
-                os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            await asyncio.to_thread(prepare_file, self.path, LEDGER_MIGRATIONS, LEDGER_PROBE)
+        except _ERRORS as exc:
+            raise StoreUnavailable(
+                f"quota ledger {self.path} is unusable ({exc}); refusing to start without it: "
+                "run `gateway check-store --config ...` (restore from backup if it cannot "
+                "repair it)") from exc
+        try:
+            await asyncio.to_thread(prepare_file, self.cache_path, CACHE_MIGRATIONS, CACHE_PROBE)
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                raise StoreUnavailable(f"cannot open cache {self.cache_path}: {exc}") from exc
+            aside = await asyncio.to_thread(quarantine, self.cache_path)
+            log.error("result cache %s is corrupt (%s): moved to %s, starting with an empty "
+                      "cache; quota data is unaffected", self.cache_path, exc, aside)
+            try:
+                await asyncio.to_thread(prepare_file, self.cache_path, CACHE_MIGRATIONS,
+                                        CACHE_PROBE)
+            except _ERRORS as again:
+                raise StoreUnavailable(f"cannot create cache {self.cache_path}: {again}") from again
+        except _ERRORS as exc:
+            raise StoreUnavailable(f"cannot open cache {self.cache_path}: {exc}") from exc
+        try:
             self._writer = await self._connect()
-            await self._migrate(self._writer)
             self._reader = await self._connect()
         except _ERRORS as exc:
             await self.close()
@@ -120,24 +216,11 @@ class SQLiteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA busy_timeout = 10000")
-        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         await conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await conn.execute("ATTACH DATABASE ? AS cache", (self.cache_path,))
+        await conn.execute(f"PRAGMA cache.synchronous = {self.synchronous}")
         return conn
-
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            (version,) = (await conn.execute_fetchall("PRAGMA user_version"))[0]
-            for number, (_name, sql) in enumerate(MIGRATIONS, start=1):
-                if number > version:
-                    for statement in _statements(sql):
-                        await conn.execute(statement)
-                    await conn.execute(f"PRAGMA user_version = {number}")
-            await conn.execute("COMMIT")
-        except BaseException:
-            await conn.execute("ROLLBACK")
-            raise
 
     async def close(self) -> None:
         for conn in (self._reader, self._writer):
@@ -179,13 +262,21 @@ class SQLiteStore:
 
     # -- results ---------------------------------------------------------------------------
     async def lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
-        rows = await self._read(
-            f"SELECT {_RESULT_COLUMNS}, "
-            "(SELECT used FROM quota_usage WHERE team = ? AND period = ?) "
-            "FROM (SELECT 1) LEFT JOIN results ON results.key = ?",
-            (team, period, key),
-        )
-        row = rows[0]
+        try:
+            rows = await self._r.execute_fetchall(
+                f"SELECT {_RESULT_COLUMNS}, "
+                "(SELECT used FROM quota_usage WHERE team = ? AND period = ?) "
+                "FROM (SELECT 1) LEFT JOIN results ON results.key = ?",
+                (team, period, key),
+            )
+        except _ERRORS as exc:
+            if not is_corrupt(exc):
+                raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
+            # The cache is damaged: answer as a miss (paid, metered) rather than refuse.
+            log.error("result cache unreadable (%s): treating as a miss; run "
+                      "`gateway check-store --repair`", exc)
+            return None, await self.used(team, period)
+        row = list(rows)[0]
         used = int(row[7] or 0)
         return (_row_result(row) if row[0] is not None else None), used
 
@@ -199,7 +290,11 @@ class SQLiteStore:
                     await body(w)
                     await w.execute("COMMIT")
                 except BaseException:
-                    await w.execute("ROLLBACK")
+                    # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the
+                    # original error, not "cannot rollback - no transaction is active".
+                    if w.in_transaction:
+                        with contextlib.suppress(*_ERRORS):
+                            await w.execute("ROLLBACK")
                     raise
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc

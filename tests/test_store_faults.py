@@ -1,0 +1,179 @@
+"""Store faults: disk full, locked, corrupt files, Redis down. Spend fails closed; a damaged
+cache never blocks the quota ledger; `gateway check-store` finds and repairs what it can."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.sample_images import make_png
+from tests.conftest import (
+    TEAM_KEYS,
+    GatewayFactory,
+    GatewayProcess,
+    Sim,
+    free_port,
+    gateway_command,
+    objects_form,
+    post_requests,
+    write_config,
+)
+
+SEARCH = TEAM_KEYS["search"]
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite the pages after the header: SQLite will report the file malformed."""
+    data = bytearray(path.read_bytes())
+    for i in range(100, len(data)):
+        data[i] = (data[i] * 7 + 13) & 0xFF
+    path.write_bytes(bytes(data))
+
+
+def checkpoint(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem (tmpfs), to be filled up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_disk_full_fails_closed_with_503_and_no_upstream_call(
+        gateway_factory: GatewayFactory, sim: Sim, small_disk: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    gw = await gateway_factory(storage={"path": str(small_disk / "gateway.db")})
+    image = make_png(1)
+    assert (await post_requests(gw.url, *objects_form(SEARCH, image))).status_code == 200
+    with (small_disk / "filler").open("wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass  # ENOSPC: the disk is full
+    calls = sim.state.calls
+    statuses = [(await post_requests(gw.url, *objects_form(SEARCH, make_png(seed)))).status_code
+                for seed in range(2, 40)]
+    assert set(statuses) == {503}
+    assert sim.state.calls == calls  # nothing forwarded unmetered
+    assert "full" in caplog.text  # the log line says what is wrong
+    hit = await post_requests(gw.url, *objects_form(SEARCH, image))
+    assert hit.status_code == 200  # reads still work: hits are served
+
+
+async def test_locked_ledger_answers_503_after_busy_timeout(gateway_factory: GatewayFactory,
+                                                            sim: Sim, tmp_path: Path) -> None:
+    gw = await gateway_factory(storage={"busy_timeout_ms": 200})
+    other = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        r = await post_requests(gw.url, *objects_form(SEARCH, make_png(1)))
+        assert r.status_code == 503 and sim.state.calls == 0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    again = await post_requests(gw.url, *objects_form(SEARCH, make_png(1)))
+    assert again.status_code == 200
+
+
+async def test_corrupt_cache_is_moved_aside_and_quota_data_survives(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    port = free_port()
+    db = tmp_path / "g.db"
+    config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=db, port=port,
+                          teams={"t": ("team-key", 10)})
+    first = GatewayProcess(config, port, tmp_path / "1.log")
+    processes.append(first)
+    await asyncio.to_thread(first.wait_ready)
+    for seed in range(3):
+        await post_requests(first.url, *objects_form("team-key", make_png(seed)))
+    first.stop()
+    cache = tmp_path / "g-cache.db"
+    checkpoint(cache)
+    corrupt(cache)
+
+    check = subprocess.run([*gateway_command(), "check-store", "--config", str(config)],
+                           capture_output=True, text=True)
+    assert check.returncode == 1 and "DAMAGED" in check.stdout and "cache" in check.stdout
+
+    second = GatewayProcess(config, port, tmp_path / "2.log")
+    processes.append(second)
+    await asyncio.to_thread(second.wait_ready)
+    r = await post_requests(second.url, *objects_form("team-key", make_png(0)))
+    assert r.status_code == 200
+    assert "fwd=miss" in r.headers["Cache-Status"]  # the cache started empty
+    assert r.json()["data"]["quota"] == 6  # 3 charges before + this one: the ledger survived
+    assert "moved to" in second.log_path.read_text()
+    assert list(tmp_path.glob("g-cache.db.corrupt-*"))
+
+
+async def test_corrupt_ledger_refuses_to_start_and_check_store_repairs(
+        tmp_path: Path, sim: Sim) -> None:
+    port = free_port()
+    db = tmp_path / "g.db"
+    config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=db, port=port,
+                          teams={"t": ("team-key", 10)})
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE filler (x BLOB)")
+    conn.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 4000,) for _ in range(50)])
+    conn.commit()
+    conn.close()
+    data = bytearray(db.read_bytes())
+    data[0:16] = b"not a database!!"
+    db.write_bytes(bytes(data))
+
+    env = {"TEST_UPSTREAM_KEY": "k", "PATH": "/usr/bin:/bin"}
+    served = subprocess.run([*gateway_command(), "serve", "--config", str(config)],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert served.returncode == 1
+    assert "check-store" in served.stderr and "ledger" in served.stderr
+    check = subprocess.run([*gateway_command(), "check-store", "--config", str(config)],
+                           capture_output=True, text=True)
+    assert check.returncode == 1 and "ledger" in check.stdout and "DAMAGED" in check.stdout
+    repair = subprocess.run([*gateway_command(), "check-store", "--config", str(config),
+                             "--repair"], capture_output=True, text=True)
+    # A file whose header is gone cannot be copied: the operator is told to restore a backup.
+    assert repair.returncode == 1 and "restore a backup" in repair.stdout
+
+
+def test_check_store_on_a_healthy_store(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "g.toml", sim_url="http://127.0.0.1:9/api/v2/",
+                          db=tmp_path / "g.db", port=1, teams={"t": ("k", 1)})
+    result = subprocess.run([*gateway_command(), "check-store", "--config", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ledger" in result.stdout and ": ok" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["redis"])
+def test_unreachable_redis_refuses_to_start(tmp_path: Path, backend: str) -> None:
+    config = tmp_path / "r.toml"
+    config.write_text(f"""
+[upstream]
+url = "http://127.0.0.1:9/api/v2/"
+api_key_env = "TEST_UPSTREAM_KEY"
+[storage]
+backend = "{backend}"
+redis_url = "redis://127.0.0.1:{free_port()}/0"
+[teams.t]
+keys = ["team-key"]
+quota = 1
+""")
+    result = subprocess.run([*gateway_command(), "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30,
+                            env={"TEST_UPSTREAM_KEY": "k", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "Redis unavailable" in result.stderr
