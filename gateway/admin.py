@@ -319,8 +319,9 @@ footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
 <tbody>
 {rows}
 </tbody>
-<tfoot><tr data-team=""><th scope="row">all teams</th><td class="num">{total_used} / {total_quota} used</td>
-<td class="num">{total_ratio}</td><td class="num">{total_saved}</td></tr></tfoot>
+<tfoot><tr data-team=""><th scope="row">all teams</th>
+<td class="num">{total_used} / {total_quota} used</td><td class="num">{total_ratio}</td>
+<td class="num">{total_saved}</td></tr></tfoot>
 </table>
 <h2>Upstream</h2>
 <dl id="upstream">

@@ -97,6 +97,7 @@ class CacheConfig:
     share_across_teams: bool = True
     coalesce_wait_s: float = 60.0
     stale_if_error_days: float = 7.0
+    memory_mb: float = 64.0      # in-process copy of hot entries: a hit needs no store round trip
 
     @property
     def ttl_s(self) -> float:
@@ -278,12 +279,13 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
 
     c = _Reader(source, "cache.", table("cache"),
                 {"ttl_days", "max_mb", "share_across_teams", "coalesce_wait_s",
-                 "stale_if_error_days"})
+                 "stale_if_error_days", "memory_mb"})
     cache = CacheConfig(
         ttl_days=c.number("ttl_days", 30.0), max_mb=c.number("max_mb", 1024.0),
         share_across_teams=c.get("share_across_teams", bool, True),
         coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
         stale_if_error_days=c.number("stale_if_error_days", 7.0, strict=False),
+        memory_mb=c.number("memory_mb", 64.0, strict=False),
     )
 
     q = _Reader(source, "quota.", table("quota"), {"period"})

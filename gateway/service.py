@@ -19,6 +19,7 @@ from gateway.config import Config, TeamConfig
 from gateway.envelope import data_object, data_prefix, success_body, success_json
 from gateway.errors import BadGateway, GatewayError, GatewayTimeout, Unavailable
 from gateway.form import UploadedFile
+from gateway.hot_cache import HotCache, UsageCache
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
 from gateway.store.base import CachedResult, Hit, Reservation, Store, StoreUnavailable
@@ -27,6 +28,7 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("gateway.service")
 
 CACHE_NAME = "imagerecognize-gateway"
+USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (other processes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,10 @@ class RecognitionService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hits: list[Hit] = []
         self.max_bytes = int(config.cache.max_mb * 1024 * 1024)
+        self.hot = HotCache(int(config.cache.memory_mb * 1024 * 1024))
+        self.usage = UsageCache(USAGE_MAX_AGE_S)
+        self._generation = store.generation
+        self._shared_generation: str | None = None
 
     # -- the request path ------------------------------------------------------------------
     async def recognize(self, call: Call) -> Answer:
@@ -103,7 +109,7 @@ class RecognitionService:
             period = self.ledger.period()
             entry: CachedResult | None = None
             if not d.no_cache:
-                entry, used = await self.store.lookup(key, call.team.name, period)
+                entry, used = await self._lookup(key, call.team.name, period)
                 now = self.ledger.clock()
                 if entry is not None:
                     age = now - entry.created_at
@@ -132,6 +138,28 @@ class RecognitionService:
                 log.warning("upstream failed (%s); serving a stale result", exc.status)
                 return stale
 
+    async def _lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
+        """The entry and the team's charged count: from memory when both are there and
+        fresh, else from the store in one round trip."""
+        if self.store.generation != self._generation:
+            self._drop_hot()
+        entry = self.hot.get(key)
+        if entry is not None:
+            used = self.usage.get(team, period, time.monotonic())
+            if used is None:
+                used = await self.store.used(team, period)
+                self.usage.put(team, period, used, time.monotonic())
+            return entry, used
+        entry, used = await self.store.lookup(key, team, period)
+        self.usage.put(team, period, used, time.monotonic())
+        if entry is not None:
+            self.hot.put(entry)
+        return entry, used
+
+    def _drop_hot(self) -> None:
+        self.hot.clear()
+        self._generation = self.store.generation
+
     def _refuse_if_breaker_open(self) -> None:
         """Refuse before charging anything while the upstream is known to be failing."""
         if self.upstream.breaker.is_open():
@@ -158,7 +186,7 @@ class RecognitionService:
         flight = _Flight()
         self._flights[key] = flight
         try:
-            reservation = await self.ledger.reserve(call.team)
+            reservation = await self._reserve(call.team)
         except BaseException:
             del self._flights[key]
             flight.future.set_exception(_Retry())
@@ -190,7 +218,7 @@ class RecognitionService:
 
     async def _forward(self, call: Call, key: str, scope: str, *, store: bool,
                        cache_status: str) -> Answer:
-        reservation = await self.ledger.reserve(call.team)
+        reservation = await self._reserve(call.team)
         task = asyncio.create_task(self._fetch(call, key, scope, reservation, None, store=store))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -221,6 +249,7 @@ class RecognitionService:
                     # Stored and settled in one transaction, before anyone is answered.
                     await self.store.save_result(result, max_bytes=self.max_bytes,
                                                  settle=reservation)
+                    self.hot.put(result)
                 else:
                     await self.store.settle(reservation)
             except StoreUnavailable as exc:
@@ -240,7 +269,13 @@ class RecognitionService:
             flight.future.set_result(result)
         return result, upstream_s
 
+    async def _reserve(self, team: TeamConfig) -> Reservation:
+        reservation = await self.ledger.reserve(team)
+        self.usage.put(team.name, reservation.period, reservation.used, time.monotonic())
+        return reservation
+
     async def _refund(self, reservation: Reservation) -> None:
+        self.usage.clear()
         try:
             await self.ledger.refund(reservation)
         except StoreUnavailable as exc:
@@ -279,7 +314,16 @@ class RecognitionService:
     _upstream_quota: int | None = None
 
     async def flush(self) -> None:
-        """Write batched hit counters (off the answer's path) and the account quota."""
+        """Write batched hit counters (off the answer's path) and the account quota; drop
+        the in-memory tier when another process purged the store."""
+        try:
+            shared = await self.store.get_meta("cache_generation")
+        except StoreUnavailable:
+            shared = self._shared_generation
+        if shared != self._shared_generation:
+            if self._shared_generation is not None:
+                self._drop_hot()
+            self._shared_generation = shared
         hits, self._hits = self._hits, []
         if hits:
             try:

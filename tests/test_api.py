@@ -342,3 +342,26 @@ async def test_health_endpoints(gateway: Gateway) -> None:
     assert (await asyncio.to_thread(requests.get, gateway.base + "/healthz")).status_code == 200
     ready = await asyncio.to_thread(requests.get, gateway.base + "/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_purges_reach_the_in_memory_tier(gateway: Gateway, sim: Sim, tmp_path) -> None:
+    from gateway.store.sqlite import SQLiteStore
+
+    image = make_png(15)
+    first = await post_requests(gateway.url, *objects_form(SEARCH, image))
+    content_hash = first.headers["X-Content-Hash"]
+    assert "; hit;" in (await post_requests(gateway.url, *objects_form(SEARCH, image))
+                        ).headers["Cache-Status"]
+    # A purge by this process is seen at once.
+    await gateway.state.store.purge(content_hash=content_hash)
+    again = await post_requests(gateway.url, *objects_form(SEARCH, image))
+    assert "fwd=miss" in again.headers["Cache-Status"]
+    # A purge by another process (the admin CLI, another worker) within a flush interval.
+    other = SQLiteStore(str(tmp_path / "gateway.db"))
+    await other.open()
+    assert await other.purge(content_hash=content_hash) == 1
+    await other.close()
+    await asyncio.sleep(1.2)
+    after = await post_requests(gateway.url, *objects_form(SEARCH, image))
+    assert "fwd=miss" in after.headers["Cache-Status"]
+    assert sim.state.calls == 3

@@ -67,6 +67,9 @@ class Hit:
 
 
 class Store(Protocol):
+    generation: int
+    """Bumped by every purge in this process (other processes see ``cache_generation``)."""
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> None: ...

@@ -140,6 +140,7 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = "gw:"):
         self.url = url
         self.prefix = prefix
+        self.generation = 0
         self._redis: aioredis.Redis | None = None
 
     @property
@@ -299,6 +300,9 @@ class RedisStore:
         batch = sorted(candidates)
         for i in range(0, len(batch), 500):
             total += int(await self._call(self._delete(args=[self.prefix, *batch[i:i + 500]])))
+        if total:
+            self.generation += 1
+            await self.set_meta("cache_generation", uuid.uuid4().hex)
         return total
 
     async def get_meta(self, name: str) -> str | None:

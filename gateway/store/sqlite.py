@@ -175,6 +175,7 @@ class SQLiteStore:
                  busy_timeout_ms: int = 5000):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        self.generation = 0
         self.cache_path = cache_path or cache_path_for(path)
         self.synchronous = synchronous
         self._writer: aiosqlite.Connection | None = None
@@ -385,7 +386,11 @@ class SQLiteStore:
         if older_than is not None:
             where.append("created_at < ?")
             args.append(older_than)
-        return await self._write(f"DELETE FROM results WHERE {' AND '.join(where)}", args)
+        removed = await self._write(f"DELETE FROM results WHERE {' AND '.join(where)}", args)
+        if removed:
+            self.generation += 1
+            await self.set_meta("cache_generation", uuid.uuid4().hex)
+        return removed
 
     # -- quota ledger ----------------------------------------------------------------------
     async def reserve(self, team: str, period: str, limit: int, *,
