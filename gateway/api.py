@@ -26,6 +26,7 @@ from gateway.errors import (
     NoData,
     Unavailable,
 )
+from gateway.envelope import CONTENT_TYPE, HEADERS
 from gateway.form import Form, UploadedFile, parse_query, read_form
 from gateway.service import Answer, Call, Directives
 from gateway.state import STATE, GatewayState
@@ -152,4 +153,5 @@ async def _cache_lookup(form: Form, team: TeamConfig, state: GatewayState) -> by
 
 
 def _json(body: bytes, headers: dict[str, str]) -> web.Response:
-    return web.Response(body=body, status=200, content_type="application/json", headers=headers)
+    return web.Response(body=body, status=200, content_type=CONTENT_TYPE, charset="utf-8",
+                        headers={**HEADERS, **headers})

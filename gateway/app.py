@@ -19,6 +19,7 @@ from gateway.admin import add_admin_routes
 from gateway.api import handle_api
 from gateway.config import Config
 from gateway.cors import cors_middleware
+from gateway.envelope import CONTENT_TYPE, HEADERS
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.metrics import Metrics
 from gateway.quota import Clock, QuotaLedger
@@ -56,7 +57,8 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
 
 def _error_response(exc: GatewayError) -> web.Response:
     return web.Response(body=error_envelope(exc.status, exc.message), status=exc.status,
-                        content_type="application/json", headers=exc.headers)
+                        content_type=CONTENT_TYPE, charset="utf-8",
+                        headers={**HEADERS, **exc.headers})
 
 
 def create_app(config: Config, *, registry: CollectorRegistry | None = None,
@@ -116,6 +118,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
         state.metrics.upstream_quota_remaining.set(int(stored))
 
     await _reclaim(state)
+    await state.service.flush()  # also notes the store's cache generation as of now
 
     async def loop() -> None:
         ticks = 0

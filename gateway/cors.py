@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ALLOWED_REQUEST_METHODS = {"GET", "POST"}
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = {"cache-control", "content-type", "x-requested-with", "accept"}
@@ -19,7 +21,7 @@ EXPOSED_HEADERS = ("Cache-Status, X-Content-Hash, Retry-After, RateLimit, RateLi
 MAX_AGE_S = "600"
 
 
-def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def cors_middleware(origins: tuple[str, ...]) -> Middleware:
     allow_any = "*" in origins
     allowed = frozenset(origins)
 
@@ -30,7 +32,8 @@ def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.Str
         origin = request.headers.get("Origin")
         permitted = origin is not None and (allow_any or origin in allowed)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            if not permitted:
+            method = request.headers["Access-Control-Request-Method"].upper()
+            if not permitted or method not in ALLOWED_REQUEST_METHODS:
                 return web.Response(status=403, headers={"Vary": "Origin"})
             asked = request.headers.get("Access-Control-Request-Headers", "")
             headers = [h.strip() for h in asked.split(",") if h.strip()]
@@ -44,10 +47,11 @@ def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.Str
                 "Vary": "Origin",
             })
         response = await handler(request)
+        # Every answer varies by Origin: a shared cache must not hand one origin's to another.
+        response.headers.add("Vary", "Origin")
         if permitted:
             response.headers["Access-Control-Allow-Origin"] = origin or ""
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-            response.headers.add("Vary", "Origin")
         return response
 
     return cors

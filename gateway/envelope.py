@@ -9,6 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# The upstream's answers are not labelled JSON: the seed's own jQuery example calls
+# JSON.parse on what jQuery hands it, which breaks if jQuery has already parsed it as JSON.
+# text/plain keeps that example working (and with nosniff, never renders as a page).
+CONTENT_TYPE = "text/plain"
+HEADERS = {"X-Content-Type-Options": "nosniff"}
+
 _HEAD = b'{"status":200,"message":"Success","data":'
 
 

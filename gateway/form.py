@@ -108,9 +108,11 @@ async def read_form(
 ) -> Form:
     """Read a POST body into text fields and the ``file`` upload. The caller closes the Form.
 
-    Deliberate trade-off of the in-memory path: an unscanned file region is trusted to hold no
-    delimiter, so a body whose text field after the file exceeds ``max_field_bytes`` may be
-    read as if that field belonged to the file, instead of being refused.
+    Deliberate trade-off of the in-memory path: the file's bytes are trusted not to hold the
+    delimiter (RFC 2046 §5.1.1) and are not scanned beyond one text part's length from the end
+    of the file. A body that hides a delimiter further in (a text field after the file longer
+    than ``max_field_bytes``, or a close delimiter followed by more parts) is read as if those
+    bytes belonged to the file, where the streamed path refuses it or stops earlier.
     """
     boundary = _boundary(content_type)
     if content_length is not None:
@@ -121,10 +123,10 @@ async def read_form(
             raise FileTooLarge()
     lim = _Limits(max_file_bytes, max_field_bytes, max_fields, memory_limit, spool_dir)
     if boundary is None:
-        return await _read_urlencoded(stream, content_length, lim)
+        return await _read_streamed(_UrlencodedParser(lim), stream, content_length)
     delim = b"\r\n--" + boundary
     if content_length is None or content_length > memory_limit:
-        return await _read_multipart(stream, content_length, delim, lim)
+        return await _read_streamed(_MultipartParser(delim, lim), stream, content_length)
     body = await _read_body(stream, content_length)
     try:
         if form := _parse_whole(body, delim, lim):
@@ -136,18 +138,20 @@ async def read_form(
     return parser.finish()  # no temp file to clean up: the file is at most the body
 
 
-async def _read_multipart(stream: AsyncByteStream, content_length: int | None, delim: bytes,
-                          lim: _Limits) -> Form:
-    parser = _MultipartParser(delim, lim)
+async def _read_streamed(parser: _MultipartParser | _UrlencodedParser,
+                        stream: AsyncByteStream, content_length: int | None) -> Form:
     received = 0
     try:
-        while not parser.done:  # the epilogue is never read
+        while not parser.done:  # a multipart epilogue is never read
             chunk = await _read_chunk(stream)
-            if not chunk:
-                break
             received += len(chunk)
             if content_length is not None and received > content_length:
                 raise NoData()
+            if not chunk:
+                if not received or (content_length is not None and received != content_length):
+                    raise NoData()  # empty or truncated
+                parser.feed(b"", eof=True)
+                break
             parser.feed(chunk)
             if parser.sink is not None and parser.sink.backlog >= SPOOL_BATCH:
                 await parser.sink.drain()
@@ -330,39 +334,58 @@ class _FileSink:
                 os.unlink(self._path)
 
 
-_START, _PREAMBLE, _HEAD, _FIELD, _FILE = range(5)
+class _Parser:
+    """What the multipart and the urlencoded parsers share: fields, the file, the limits."""
 
-
-class _MultipartParser:
-    """Forward RFC 2046 parser, fed the whole body at once or chunk by chunk."""
-
-    def __init__(self, delim: bytes, lim: _Limits) -> None:
+    def __init__(self, lim: _Limits) -> None:
         self.lim = lim
         self.fields: dict[str, str] = {}
         self.sink: _FileSink | None = None
         self.done = False
-        self.delim = delim  # CRLF--boundary
-        self._buf = b""
-        self._state = _START
-        self._scan = 0  # where the next delimiter search in _buf starts
-        self._offset = 0  # stream offset of _buf[0], for the preamble limit
-        self._name = ""  # the text field being read
-        self._nfields = 0
+        self._count = 0  # text fields, duplicates and ignored "file"s included
 
-    def feed(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+    def _add_field(self, name: str, value: bytes | memoryview) -> None:
+        self._count += 1
+        if self._count > self.lim.max_fields or len(value) > self.lim.max_field_bytes:
+            raise NoData()
+        if name != "file" and name not in self.fields:
+            self.fields[name] = str(value, "utf-8", "replace")
+
+    def finish(self) -> Form:
+        if not self.done or (self.sink is None and not self._count):
+            raise NoData()  # truncated, no closing delimiter, or nothing in it
+        return Form(self.fields, self.sink.result() if self.sink is not None else None)
+
+
+_PREAMBLE, _HEAD, _FIELD, _FILE = range(4)
+
+
+class _MultipartParser(_Parser):
+    """Forward RFC 2046 parser, fed the whole body at once or chunk by chunk."""
+
+    def __init__(self, delim: bytes, lim: _Limits) -> None:
+        super().__init__(lim)
+        self.delim = delim  # CRLF--boundary
+        self._buf = b"\r\n"  # so that a body opening with --boundary needs no special case
+        self._state = _PREAMBLE
+        self._scan = 0  # where the next delimiter search in _buf starts
+        self._offset = -2  # body offset of _buf[0], for the preamble limit
+        self._name = ""  # the text field being read
+
+    def feed(self, data: bytes, eof: bool = False) -> None:
         delim = self.delim
         dl = len(delim)
-        pos, scan, state = 0, self._scan, self._state
+        buf, state = self._buf, self._state
+        if state == _FILE and len(buf) < dl <= len(data) and delim not in buf + data[: dl - 1]:
+            # Mid-file: no delimiter starts in the held-back tail, so skip copying the chunk.
+            assert self.sink is not None
+            self.sink.write(memoryview(buf))
+            self._offset += len(buf)
+            buf, self._scan = b"", 0
+        buf = buf + data if buf else data
+        pos, scan = 0, self._scan
         while not self.done:
-            if state == _START:  # the first boundary may open the body, without a CRLF
-                dash = delim[2:]
-                if len(buf) < len(dash) and dash.startswith(buf):
-                    break
-                state = _PREAMBLE
-                if buf.startswith(dash):
-                    pos, state = len(dash), _HEAD
-            elif state == _PREAMBLE:
+            if state == _PREAMBLE:
                 stop = MAX_PREAMBLE + dl - self._offset
                 i = buf.find(delim, scan, stop)
                 if i < 0:
@@ -384,7 +407,6 @@ class _MultipartParser:
                     self.sink = _FileSink(part, self.lim)
                     state = _FILE
                 else:
-                    self._count_field()
                     self._name, state = part[0], _FIELD
             elif state == _FIELD:
                 stop = pos + self.lim.max_field_bytes + dl
@@ -394,7 +416,7 @@ class _MultipartParser:
                         raise NoData()  # the field is too long
                     scan = max(pos, len(buf) - dl + 1)
                     break
-                self._add_field(self._name, buf, pos, i)
+                self._add_field(self._name, memoryview(buf)[pos:i])
                 pos, state = i + dl, _HEAD
             else:  # _FILE
                 assert self.sink is not None
@@ -411,20 +433,6 @@ class _MultipartParser:
         self._buf = b"" if self.done else buf[pos:]
         self._offset += pos
         self._scan, self._state = scan - pos, state
-
-    def finish(self) -> Form:
-        if not self.done or (self.sink is None and not self._nfields):
-            raise NoData()  # truncated, no closing delimiter, or no part at all
-        return Form(self.fields, self.sink.result() if self.sink is not None else None)
-
-    def _count_field(self) -> None:
-        self._nfields += 1
-        if self._nfields > self.lim.max_fields:
-            raise NoData()
-
-    def _add_field(self, name: str, buf: bytes, start: int, end: int) -> None:
-        if name != "file" and name not in self.fields:
-            self.fields[name] = str(memoryview(buf)[start:end], "utf-8", "replace")
 
 
 def _parse_head(buf: bytes, pos: int, end: int) -> tuple[int, _Part] | None:
@@ -502,73 +510,46 @@ def _unquote(raw: bytes) -> bytes:
     return out
 
 
-async def _read_urlencoded(stream: AsyncByteStream, content_length: int | None,
-                           lim: _Limits) -> Form:
-    """Streamed, so that a percent-encoded file never sits in memory whole."""
-    fields: dict[str, str] = {}
-    sink: _FileSink | None = None
-    in_file = False  # between "file=" and the next "&"
-    buf = b""
-    received = count = 0
-    max_pair = 3 * lim.max_field_bytes + 1024  # encoded bytes of a pending text pair
-    eof = False
-    try:
-        while not eof:
-            chunk = await _read_chunk(stream)
-            eof = not chunk
-            received += len(chunk)
-            if content_length is not None and received > content_length:
-                raise NoData()
-            buf = buf + chunk if buf else chunk
-            pos = 0
-            while True:
-                amp = buf.find(b"&", pos)
-                if in_file:
-                    assert sink is not None
-                    stop = amp if amp >= 0 else len(buf)
-                    if amp < 0 and not eof:  # keep an escape split across chunks
-                        pct = buf.find(b"%", max(pos, stop - 2), stop)
-                        stop = pct if pct >= 0 else stop
-                    sink.write(memoryview(_unquote(buf[pos:stop])))
-                    pos = stop
-                    if amp < 0:
-                        break
-                    pos, in_file = amp + 1, False
-                    continue
-                end = amp if amp >= 0 else len(buf) if eof else -1
+class _UrlencodedParser(_Parser):
+    """Pairs split on "&", fed chunk by chunk, so that a percent-encoded file streams too."""
+
+    def __init__(self, lim: _Limits) -> None:
+        super().__init__(lim)
+        self._buf = b""
+        self._in_file = False  # between "file=" and the next "&"
+
+    def feed(self, data: bytes, eof: bool = False) -> None:
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        while True:
+            amp = buf.find(b"&", pos)
+            end = amp if amp >= 0 else len(buf) if eof else -1  # the current pair's end
+            if self._in_file:
+                assert self.sink is not None
+                stop = len(buf) if end < 0 else end
+                if end < 0:  # an escape split across chunks waits for the next one
+                    pct = buf.find(b"%", max(pos, stop - 2), stop)
+                    stop = pct if pct >= 0 else stop
+                self.sink.write(memoryview(_unquote(buf[pos:stop])))
+                pos = stop
+                if end < 0:
+                    break
+                self._in_file = False
+            else:
                 eq = buf.find(b"=", pos, len(buf) if end < 0 else end)
-                if eq >= 0 and sink is None and _unquote(buf[pos:eq]) == b"file":
-                    sink = _FileSink(("file", None, None), lim)
-                    pos, in_file = eq + 1, True
+                if eq >= 0 and self.sink is None and _unquote(buf[pos:eq]) == b"file":
+                    self.sink = _FileSink(("file", None, None), self.lim)
+                    pos, self._in_file = eq + 1, True
                     continue
                 if end < 0:
-                    if len(buf) - pos > max_pair:
-                        raise NoData()
+                    if len(buf) - pos > 3 * self.lim.max_field_bytes + 1024:
+                        raise NoData()  # a pair too long even percent-encoded
                     break
-                if end > pos:  # "a=1&&b=2" has an empty pair
-                    count += 1
-                    if count > lim.max_fields:
-                        raise NoData()
-                    name = _unquote(buf[pos : eq if eq >= 0 else end])
-                    value = _unquote(buf[eq + 1 : end]) if eq >= 0 else b""
-                    if len(value) > lim.max_field_bytes:
-                        raise NoData()
-                    if name != b"file":
-                        fields.setdefault(name.decode("utf-8", "replace"),
-                                          value.decode("utf-8", "replace"))
-                if amp < 0:
-                    break
-                pos = amp + 1
-            buf = buf[pos:]
-            if sink is not None and sink.backlog >= SPOOL_BATCH:
-                await sink.drain()
-        if received == 0 or (content_length is not None and received != content_length):
-            raise NoData()
-        if sink is None:
-            return Form(fields, None)
-        await sink.drain()
-        return Form(fields, sink.result())
-    except BaseException:
-        if sink is not None:
-            sink.discard()
-        raise
+                if end > pos:  # "a=1&&b=2" holds an empty pair
+                    name, _, value = buf[pos:end].partition(b"=")
+                    self._add_field(str(_unquote(name), "utf-8", "replace"), _unquote(value))
+            if amp < 0:
+                break
+            pos = amp + 1
+        self._buf = buf[pos:]
+        self.done = eof

@@ -28,6 +28,7 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("gateway.service")
 
 CACHE_NAME = "imagerecognize-gateway"
+_UNREAD = "\0unread"  # the store's cache_generation before the first look at it
 USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (other processes)
 
 
@@ -95,7 +96,7 @@ class RecognitionService:
         self.hot = HotCache(int(config.cache.memory_mb * 1024 * 1024))
         self.usage = UsageCache(USAGE_MAX_AGE_S)
         self._generation = store.generation
-        self._shared_generation: str | None = None
+        self._shared_generation: str | None = _UNREAD
 
     # -- the request path ------------------------------------------------------------------
     async def recognize(self, call: Call) -> Answer:
@@ -321,7 +322,7 @@ class RecognitionService:
         except StoreUnavailable:
             shared = self._shared_generation
         if shared != self._shared_generation:
-            if self._shared_generation is not None:
+            if self._shared_generation is not _UNREAD:
                 self._drop_hot()
             self._shared_generation = shared
         hits, self._hits = self._hits, []

@@ -300,7 +300,7 @@ def _abort(request: web.Request) -> None:
 
 async def _trickle(request: web.Request, status: int, body: bytes) -> web.StreamResponse:
     response = web.StreamResponse(status=status)
-    response.content_type = "application/json"
+    response.content_type = "text/plain"
     response.content_length = len(body)
     stopping = request.app[_STOPPING]
     try:
@@ -366,7 +366,7 @@ async def _api(request: web.Request) -> web.StreamResponse:
     if fault == "trickle":
         return await _trickle(request, envelope["status"], _encode(envelope))
     return web.Response(
-        status=envelope["status"], body=_encode(envelope), content_type="application/json"
+        status=envelope["status"], body=_encode(envelope), content_type="text/plain"
     )
 
 

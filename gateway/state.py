@@ -39,7 +39,7 @@ class GatewayState:
         old = self.config
         needs_restart = [name for name, a, b in (
             ("server", old.server, new.server), ("storage", old.storage, new.storage),
-            ("upstream", old.upstream, new.upstream), ("admin", old.admin, new.admin),
+            ("upstream", old.upstream, new.upstream),
         ) if a != b]
         self.config = new
         self.ledger.config = new

@@ -365,7 +365,7 @@ async def test_fault_trickle_delivers_a_whole_uncharged_success(
     monkeypatch.setattr(sim_module, "TRICKLE_INTERVAL_S", 0.001)
     sim.state.fault = "trickle"
     r = await post(sim.url, data=objects_form(max_labels=1), files={"file": PNG})
-    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
     body = r.json()
     assert body["message"] == "Success" and body["data"]["quota"] == QUOTA
     assert body["data"]["objects"] == recognize(PNG, "objects")[:1]

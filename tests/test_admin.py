@@ -1,0 +1,367 @@
+"""The admin HTTP API (/admin/...) and the status page (/status, /status.json)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.admin import render_status
+from gateway.config import AdminConfig, Secret, load_config
+from gateway.sample_images import make_jpeg, make_png
+from tests.conftest import (
+    TEAM_KEYS,
+    UPSTREAM_KEY,
+    Gateway,
+    GatewayFactory,
+    Sim,
+    free_port,
+    make_config,
+    objects_form,
+    post_requests,
+    write_config,
+)
+
+TOKEN = "admin-t0ken-for-tests-only-9f8e7d"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+UNAUTHORIZED = {"status": 401, "status_message": "Admin token missing or invalid", "data": None}
+
+# What play_workload leaves in the ledger: (charged, quota, remaining, hits, coalesced, saved)
+EXPECTED = {
+    "search": (2, 1000, 998, 3, 0, 3),
+    "ads": (1, 1000, 999, 1, 2, 3),
+    "tiny": (3, 3, 0, 1, 0, 1),
+    "(total)": (6, 2003, 1997, 5, 2, 7),
+}
+IMAGES = {name: make_png(700 + i) for i, name in enumerate("ABCDEG")} | {"F": make_jpeg(706)}
+
+
+async def play_workload(gw: Gateway, sim: Sim) -> None:
+    """A known mix: misses, hits, a coalesced burst, a team running out of quota. Leaves six
+    results stored (five objects, one nsfw)."""
+    search, ads, tiny = TEAM_KEYS["search"], TEAM_KEYS["ads"], TEAM_KEYS["tiny"]
+
+    async def send(key: str, image: str, status: int = 200, **extra: str) -> None:
+        r = await post_requests(gw.url, *objects_form(key, IMAGES[image], **extra))
+        assert r.status_code == status, r.text
+
+    for image in "AABBA":                       # search: 2 charged, 3 hits
+        await send(search, image)
+    await send(ads, "A")                        # ads: a hit on search's paid result
+    sim.state.latency_ms = 400                  # ads: 3 at once -> 1 charged, 2 coalesced
+    await asyncio.gather(*(send(ads, "C") for _ in range(3)))
+    sim.state.latency_ms = 0
+    await send(tiny, "D")                       # tiny: 3 charged (its whole quota)...
+    await send(tiny, "E")
+    await send(tiny, "F", type="nsfw", nsfw_min_confidence="50")
+    await send(tiny, "G", 402)                  # ...then 402, not charged
+    await send(tiny, "A")                       # a hit stays free with no quota left
+    await gw.state.service.flush()              # hit counters are written in batches
+
+
+def team_rows(report: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    rows = {t["team"]: t for t in [*report["teams"], report["total"]]}
+    return {name: (t["charged"], t["quota"], t["remaining"], t["cache_hits"], t["coalesced"],
+                   t["calls_saved"]) for name, t in rows.items()}
+
+
+@pytest.fixture
+async def admin_gw(gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) -> Gateway:
+    config = make_config(sim.url, tmp_path / "gateway.db")
+    return await gateway_factory(replace(config, admin=AdminConfig("GW_ADMIN_TOKEN",
+                                                                   Secret(TOKEN))))
+
+
+async def call(client: aiohttp.ClientSession, method: str, url: str,
+               **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async with client.request(method, url, **kwargs) as r:
+        text = await r.text()
+        try:
+            body: Any = json.loads(text)
+        except ValueError:
+            body = text
+        return r.status, body, r
+
+
+ADMIN_ROUTES = [
+    pytest.param("GET", "/admin/usage", id="usage"),
+    pytest.param("GET", "/admin/cache/stats", id="cache-stats"),
+    pytest.param("POST", "/admin/cache/purge", id="cache-purge"),
+    pytest.param("POST", "/admin/reload", id="reload"),
+]
+
+
+# -- admin off --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+async def test_admin_routes_are_404_when_admin_is_off(
+    gateway: Gateway, client: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    status, _, _ = await call(client, method, gateway.base + path, headers=BEARER)
+    assert status == 404
+
+
+async def test_status_page_is_open_when_admin_is_off(
+    gateway: Gateway, client: aiohttp.ClientSession
+) -> None:
+    status, page, r = await call(client, "GET", f"{gateway.base}/status")
+    assert status == 200 and r.content_type == "text/html"
+    assert '<meta http-equiv="refresh" content="10">' in page
+    status, body, _ = await call(client, "GET", f"{gateway.base}/status.json")
+    assert status == 200 and [t["team"] for t in body["teams"]] == ["search", "ads", "tiny"]
+
+
+# -- authentication ---------------------------------------------------------------------------
+BAD_AUTH = [
+    pytest.param({}, id="missing"),
+    pytest.param({"Authorization": "Bearer not-the-token"}, id="wrong"),
+    pytest.param({"Authorization": f"Bearer {TOKEN}x"}, id="longer"),
+    pytest.param({"Authorization": "Bearer "}, id="empty"),
+    pytest.param({"Authorization": TOKEN}, id="no-scheme"),
+    pytest.param({"Authorization": f"Token {TOKEN}"}, id="other-scheme"),
+    pytest.param({"Authorization": "Basic " + base64.b64encode(f"x:{TOKEN}".encode()).decode()},
+                 id="basic-on-api"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+@pytest.mark.parametrize("headers", BAD_AUTH)
+async def test_admin_routes_refuse_a_missing_or_wrong_token(
+    admin_gw: Gateway, client: aiohttp.ClientSession, method: str, path: str,
+    headers: dict[str, str]
+) -> None:
+    status, body, r = await call(client, method, admin_gw.base + path, headers=headers,
+                                 data={"all": "true"})
+    assert status == 401
+    assert body == UNAUTHORIZED
+    assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert TOKEN not in json.dumps(body) and TOKEN not in str(dict(r.headers))
+    assert (await admin_gw.state.store.totals()) == (0, 0)
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+async def test_admin_routes_answer_the_right_token(
+    admin_gw: Gateway, client: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    status, body, _ = await call(client, method, admin_gw.base + path, headers=BEARER,
+                                 data={"hash": "0" * 32})
+    # reload is refused (a test config has no file to re-read), but it was let in
+    assert (status, type(body)) == ((400 if path == "/admin/reload" else 200), dict)
+    assert TOKEN not in json.dumps(body)
+
+
+async def test_status_page_wants_the_token_when_admin_is_on(
+    admin_gw: Gateway, client: aiohttp.ClientSession
+) -> None:
+    for path in ("/status", "/status.json"):
+        status, body, r = await call(client, "GET", admin_gw.base + path)
+        assert status == 401 and body == UNAUTHORIZED
+        assert r.headers.getall("WWW-Authenticate") == ["Bearer", 'Basic realm="gateway status"']
+        wrong = "Basic " + base64.b64encode(b"ops:guess").decode()
+        assert (await call(client, "GET", admin_gw.base + path,
+                           headers={"Authorization": wrong}))[0] == 401
+        assert (await call(client, "GET", admin_gw.base + path, headers=BEARER))[0] == 200
+        basic = "Basic " + base64.b64encode(f"ops:{TOKEN}".encode()).decode()
+        assert (await call(client, "GET", admin_gw.base + path,
+                           headers={"Authorization": basic}))[0] == 200
+
+
+async def test_the_token_is_never_logged(
+    admin_gw: Gateway, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for headers in (BEARER, {"Authorization": f"Bearer {TOKEN}-wrong"}):
+        await call(client, "POST", f"{admin_gw.base}/admin/reload", headers=headers)
+        await call(client, "POST", f"{admin_gw.base}/admin/cache/purge", headers=headers,
+                   data={"all": "true"})
+    assert caplog.records and TOKEN not in caplog.text
+
+
+# -- endpoints --------------------------------------------------------------------------------
+async def test_usage_endpoint_json_and_csv(
+    admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession
+) -> None:
+    await play_workload(admin_gw, sim)
+    month = admin_gw.state.ledger.period()
+    status, report, _ = await call(client, "GET", f"{admin_gw.base}/admin/usage", headers=BEARER)
+    assert status == 200
+    assert (report["period"], report["quota_period"]) == (month, "month")
+    assert team_rows(report) == EXPECTED
+
+    status, again, _ = await call(client, "GET", f"{admin_gw.base}/admin/usage",
+                                  params={"period": month, "format": "json"}, headers=BEARER)
+    assert again == report
+
+    status, text, r = await call(client, "GET", f"{admin_gw.base}/admin/usage",
+                                 params={"format": "csv"}, headers=BEARER)
+    assert status == 200 and r.content_type == "text/csv"
+    assert f'filename="gateway-usage-{month}.csv"' in r.headers["Content-Disposition"]
+    assert text.splitlines() == [
+        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved",
+        f"{month},search,2,1000,998,3,0,3",
+        f"{month},ads,1,1000,999,1,2,3",
+        f"{month},tiny,3,3,0,1,0,1",
+        f"{month},(total),6,2003,1997,5,2,7",
+    ]
+
+
+@pytest.mark.parametrize(("query", "problem"), [
+    pytest.param({"period": "2026-13"}, "use YYYY-MM", id="malformed"),
+    pytest.param({"period": "2026-11-24"}, "finer than", id="day-of-a-month-ledger"),
+    pytest.param({"period": "2026-W48"}, "finer than", id="week-of-a-month-ledger"),
+    pytest.param({"format": "xml"}, "format must be json or csv", id="format"),
+])
+async def test_usage_endpoint_refuses_what_it_cannot_answer(
+    admin_gw: Gateway, client: aiohttp.ClientSession, query: dict[str, str], problem: str
+) -> None:
+    status, body, _ = await call(client, "GET", f"{admin_gw.base}/admin/usage", params=query,
+                                 headers=BEARER)
+    assert status == 400 and body["status"] == 400 and body["data"] is None
+    assert problem in body["status_message"]
+
+
+async def test_cache_stats_endpoint(
+    admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession
+) -> None:
+    await play_workload(admin_gw, sim)
+    status, stats, _ = await call(client, "GET", f"{admin_gw.base}/admin/cache/stats",
+                                  headers=BEARER)
+    assert status == 200
+    entries, size = await admin_gw.state.store.totals()
+    assert (stats["entries"], stats["size_bytes"]) == (entries, size) == (6, size)
+    assert stats["hits"] == 5          # hits on stored results (coalesced rides are not)
+    assert stats["oldest"].endswith("Z")
+    assert [(t["type"], t["entries"]) for t in stats["by_type"]] == [("nsfw", 1), ("objects", 5)]
+    assert sum(t["size_bytes"] for t in stats["by_type"]) == size
+
+
+async def cached_types(gw: Gateway, image: bytes) -> list[str]:
+    r = await post_requests(gw.url, {"apikey": TEAM_KEYS["ads"], "type": "cache"},
+                            {"file": image})
+    assert r.status_code == 200
+    return [result["type"] for result in r.json()["data"]["results"]]
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param({}, id="no-filter"),
+    pytest.param({"all": "no"}, id="all-false"),
+    pytest.param({"all": "true", "type": "objects"}, id="all-with-filter"),
+    pytest.param({"hash": "xyz"}, id="bad-hash"),
+    pytest.param({"type": "cache"}, id="bad-type"),
+    pytest.param({"older_than": "soon"}, id="bad-age"),
+])
+async def test_purge_endpoint_refuses(
+    admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession, fields: dict[str, str]
+) -> None:
+    await post_requests(admin_gw.url, *objects_form(TEAM_KEYS["ads"], IMAGES["A"]))
+    status, body, _ = await call(client, "POST", f"{admin_gw.base}/admin/cache/purge",
+                                 data=fields, headers=BEARER)
+    assert status == 400 and body["status"] == 400 and body["status_message"]
+    assert (await admin_gw.state.store.totals())[0] == 1
+
+
+async def test_purge_endpoint_removes_what_the_filters_name(
+    admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession
+) -> None:
+    await play_workload(admin_gw, sim)
+    url = f"{admin_gw.base}/admin/cache/purge"
+    a = await post_requests(admin_gw.url, *objects_form(TEAM_KEYS["ads"], IMAGES["A"]))
+    content_hash = a.headers["X-Content-Hash"]
+    assert await cached_types(admin_gw, IMAGES["A"]) == ["objects"]
+
+    status, body, _ = await call(client, "POST", url, data={"hash": content_hash.upper()},
+                                 headers=BEARER)                           # a form
+    assert (status, body["removed"]) == (200, 1)
+    assert await cached_types(admin_gw, IMAGES["A"]) == []
+    assert await cached_types(admin_gw, IMAGES["B"]) == ["objects"]
+
+    status, body, _ = await call(client, "POST", url, json={"type": "nsfw"}, headers=BEARER)
+    assert (status, body["removed"]) == (200, 1)                           # JSON
+    assert await cached_types(admin_gw, IMAGES["F"]) == []
+
+    status, body, _ = await call(client, "POST", url, json={"older_than": "1h"}, headers=BEARER)
+    assert (status, body["removed"]) == (200, 0)                           # all are fresh
+    status, body, _ = await call(client, "POST", url, json={"all": True}, headers=BEARER)
+    assert (status, body["removed"]) == (200, 4)
+    assert (await admin_gw.state.store.totals()) == (0, 0)
+
+    # purged means forgotten: the next request pays again
+    r = await post_requests(admin_gw.url, *objects_form(TEAM_KEYS["search"], IMAGES["A"]))
+    assert r.headers["Cache-Status"] == "imagerecognize-gateway; fwd=miss; stored"
+
+
+async def test_reload_endpoint(
+    gateway_factory: GatewayFactory, sim: Sim, client: aiohttp.ClientSession, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("GW_ADMIN_TOKEN", TOKEN)
+    teams = {"search": (TEAM_KEYS["search"], 1000)}
+    admin = '\n[admin]\ntoken_env = "GW_ADMIN_TOKEN"\n'
+    port = free_port()
+    path = write_config(tmp_path / "config.toml", sim_url=sim.url, db=tmp_path / "gateway.db",
+                        port=port, teams=teams, extra=admin)
+    gw = await gateway_factory(load_config(path))
+    ads_form = objects_form(TEAM_KEYS["ads"], IMAGES["A"])
+    assert (await post_requests(gw.url, *ads_form)).status_code == 401
+
+    write_config(path, sim_url=sim.url, db=tmp_path / "gateway.db", port=port,
+                 teams={**teams, "ads": (TEAM_KEYS["ads"], 5)}, extra=admin)
+    status, body, _ = await call(client, "POST", f"{gw.base}/admin/reload", headers=BEARER)
+    assert status == 200 and body["ok"] is True
+    assert body["message"] == f"reloaded {path}: 2 teams"
+    r = await post_requests(gw.url, *ads_form)
+    assert r.status_code == 200 and r.json()["data"]["quota"] == 4
+
+    path.write_text(path.read_text() + "\n[teams.broken]\nquota = 1\n")
+    status, body, _ = await call(client, "POST", f"{gw.base}/admin/reload", headers=BEARER)
+    assert status == 400 and body["ok"] is False
+    assert body["message"] == f"{path}: teams.broken.keys: missing (a list of team keys, plain " \
+                              "or sha256:<hex>)"
+    assert (await post_requests(gw.url, *ads_form)).status_code == 200   # still running
+
+
+# -- status -----------------------------------------------------------------------------------
+async def test_status_json_and_page_show_the_numbers(
+    admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession
+) -> None:
+    await play_workload(admin_gw, sim)
+    status, s, _ = await call(client, "GET", f"{admin_gw.base}/status.json", headers=BEARER)
+    assert status == 200
+    assert s["period"] == admin_gw.state.ledger.period() and s["quota_period"] == "month"
+    assert team_rows(s) == EXPECTED
+    ratios = {t["team"]: t["hit_ratio"] for t in s["teams"]}
+    assert ratios == {"search": 3 / 5, "ads": 3 / 4, "tiny": 1 / 4}
+    entries, size = await admin_gw.state.store.totals()
+    assert s["cache"] == {"entries": entries, "size_bytes": size, "size": f"{size / 1024:.1f} KiB"}
+    assert s["upstream"]["account_quota_remaining"] == sim.state.quota
+    assert s["upstream"]["calls_since_start"] == {"200": 6}
+    assert s["upstream"]["failed_since_start"] == 0
+
+    status, page, _ = await call(client, "GET", f"{admin_gw.base}/status", headers=BEARER)
+    assert status == 200
+    assert "2 / 1000 used, 998 left" in page and "3 / 3 used, 0 left" in page
+    assert "6 / 2003 used" in page and "60.0%" in page and "75.0%" in page
+    assert f"<dd class=\"num\">{sim.state.quota}</dd>" in page
+    assert f"({size} bytes)" in page
+    assert "<script" not in page and "http" not in page.replace('http-equiv', '')
+
+
+def test_status_page_escapes_what_it_shows() -> None:
+    team = {"team": "<img src=x onerror=alert(1)>", "charged": 1, "quota": 2, "remaining": 1,
+            "cache_hits": 0, "coalesced": 0, "calls_saved": 0, "hit_ratio": None}
+    page = render_status({
+        "generated_at": "2026-11-24T00:00:00Z", "period": "2026-11", "quota_period": "month",
+        "teams": [team], "total": team,
+        "cache": {"entries": 0, "size_bytes": 0, "size": "0 B"},
+        "upstream": {"account_quota_remaining": None, "calls_since_start": {},
+                     "failed_since_start": 0},
+    })
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "unknown" in page and "none yet" in page

@@ -1,0 +1,444 @@
+"""The operator commands, run as the installed ``gateway`` command against a live store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway.config import hash_key, load_config
+from gateway.quota import period_key
+from gateway.sample_images import make_png
+from gateway.usage import Period, PeriodError, ledger_keys, parse_age, parse_period
+from tests.conftest import (
+    TEAM_KEYS,
+    UPSTREAM_KEY,
+    Gateway,
+    GatewayFactory,
+    GatewayProcess,
+    Sim,
+    free_port,
+    gateway_command,
+    objects_form,
+    post_requests,
+    write_config,
+)
+from tests.test_admin import EXPECTED, IMAGES, TOKEN, play_workload
+
+TEAMS = {"search": (TEAM_KEYS["search"], 1000), "ads": (TEAM_KEYS["ads"], 1000),
+         "tiny": (TEAM_KEYS["tiny"], 3)}
+ADMIN = '\n[admin]\ntoken_env = "GW_ADMIN_TOKEN"\n'
+NO_UPSTREAM = "http://127.0.0.1:9/api/v2/"   # reload tests make no upstream call
+
+
+def cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "GW_ADMIN_TOKEN"}
+    if token is not None:
+        env["GW_ADMIN_TOKEN"] = token
+    return subprocess.run([*gateway_command(), *args], capture_output=True, text=True,
+                          timeout=60, env=env, check=False)
+
+
+async def acli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI off the event loop, so an in-process gateway keeps answering meanwhile."""
+    return await asyncio.to_thread(cli, *args, token=token)
+
+
+def config_for(tmp_path: Path, sim: Sim | None, *, period: str = "month", extra: str = "",
+               port: int | None = None) -> Path:
+    """A config file on the store the test's gateway uses (``tmp_path / "gateway.db"``)."""
+    url = sim.url if sim is not None else NO_UPSTREAM
+    path = write_config(tmp_path / "config.toml", sim_url=url, db=tmp_path / "gateway.db",
+                        port=port or free_port(), teams=TEAMS, extra=extra)
+    path.write_text(path.read_text().replace('period = "month"', f'period = "{period}"'))
+    return path
+
+
+# -- usage ------------------------------------------------------------------------------------
+async def test_usage_table_csv_and_json_for_a_known_workload(
+    gateway: Gateway, sim: Sim, tmp_path: Path
+) -> None:
+    await play_workload(gateway, sim)
+    config = str(config_for(tmp_path, sim))
+    month = period_key("month", time.time())
+
+    out = await acli("usage", "--config", config, "--format", "csv")
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.splitlines() == [
+        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved",
+        f"{month},search,2,1000,998,3,0,3",
+        f"{month},ads,1,1000,999,1,2,3",
+        f"{month},tiny,3,3,0,1,0,1",
+        f"{month},(total),6,2003,1997,5,2,7",
+    ]
+
+    out = await acli("usage", "--config", config, "--format", "json", "--period", month)
+    report = json.loads(out.stdout)
+    rows = {t["team"]: t for t in [*report["teams"], report["total"]]}
+    assert {name: (t["charged"], t["quota"], t["remaining"], t["cache_hits"], t["coalesced"],
+                   t["calls_saved"]) for name, t in rows.items()} == EXPECTED
+    assert report["ledger_periods"] == [month] and report["note"] is None
+
+    out = await acli("usage", "--config", config)            # table, the current period
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"Usage for {month} (quota per month)"
+    assert lines[1].split() == ["team", "charged", "quota", "remaining", "cache", "hits",
+                                "coalesced", "calls", "saved"]
+    table = [line for line in lines[2:] if not set(line) <= {"-"}]
+    assert [line.split() for line in table] == [
+        ["search", "2", "1000", "998", "3", "0", "3"],
+        ["ads", "1", "1000", "999", "1", "2", "3"],
+        ["tiny", "3", "3", "0", "1", "0", "1"],
+        ["(total)", "6", "2003", "1997", "5", "2", "7"],
+    ]
+    # aligned: every column ends where its heading ends
+    ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", lines[1])]
+    for line in table:
+        assert [m.end() for m in re.finditer(r"\S+", line)][1:] == ends[1:]
+
+
+async def test_usage_sums_day_rows_into_weeks_and_months(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path
+) -> None:
+    now = [0.0]
+    gw = await gateway_factory(quota={"period": "day"}, clock=lambda: now[0])
+
+    async def at(day: str, key: str, seed: int) -> None:
+        now[0] = datetime.fromisoformat(f"{day}T12:00:00+00:00").timestamp()
+        r = await post_requests(gw.url, *objects_form(TEAM_KEYS[key], make_png(seed)))
+        assert r.status_code == 200
+
+    await at("2026-11-03", "search", 1)     # ISO week 45
+    await at("2026-11-03", "search", 1)     # a hit
+    await at("2026-11-08", "search", 2)     # still week 45 (a Sunday)
+    await at("2026-11-20", "search", 3)
+    await at("2026-11-20", "ads", 3)        # a hit
+    await at("2026-12-01", "search", 4)
+    await gw.state.service.flush()
+    config = str(config_for(tmp_path, sim, period="day"))
+
+    async def usage(period: str) -> dict[str, tuple[int, ...]]:
+        out = await acli("usage", "--config", config, "--period", period, "--format", "json")
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        return {t["team"]: (t["charged"], t["quota"], t["cache_hits"])
+                for t in report["teams"]}
+
+    assert await usage("2026-11") == {"search": (3, 30_000, 1), "ads": (0, 30_000, 1),
+                                      "tiny": (0, 90, 0)}
+    assert await usage("2026-W45") == {"search": (2, 7000, 1), "ads": (0, 7000, 0),
+                                       "tiny": (0, 21, 0)}
+    assert await usage("2026-11-20") == {"search": (1, 1000, 0), "ads": (0, 1000, 1),
+                                         "tiny": (0, 3, 0)}
+    assert (await usage("2026-12"))["search"] == (1, 31_000, 0)
+
+    out = await acli("usage", "--config", config, "--period", "2026-11")
+    assert "note: summed over 30 day ledger rows (2026-11-01 .. 2026-11-30)" in out.stdout
+    out = await acli("usage", "--config", config, "--period", "total")
+    assert out.returncode == 2 and "one row per day" in out.stderr
+
+
+@pytest.mark.parametrize(("period", "problem"), [
+    pytest.param("2026-11-24", "is a day, finer than the quota ledger", id="day"),
+    pytest.param("2026-W48", "is a week, finer than the quota ledger", id="week"),
+    pytest.param("2026-13", "use YYYY-MM, YYYY-MM-DD, YYYY-Www", id="no-month-13"),
+    pytest.param("2026-W54", "use YYYY-MM, YYYY-MM-DD, YYYY-Www", id="no-week-54"),
+    pytest.param("last month", "use YYYY-MM", id="words"),
+])
+def test_usage_refuses_a_period_it_cannot_answer(
+    sim: Sim, tmp_path: Path, period: str, problem: str
+) -> None:
+    config = config_for(tmp_path, sim)
+    (tmp_path / "gateway.db").touch()
+    out = cli("usage", "--config", str(config), "--period", period)
+    assert out.returncode == 2 and out.stdout == ""
+    assert problem in out.stderr and out.stderr.startswith("gateway usage: ")
+
+
+def test_usage_says_when_there_is_no_store_or_no_config(sim: Sim, tmp_path: Path) -> None:
+    config = config_for(tmp_path, sim)
+    out = cli("usage", "--config", str(config))
+    assert out.returncode == 1 and f"no store at {tmp_path / 'gateway.db'}" in out.stderr
+    assert not (tmp_path / "gateway.db").exists()          # and did not create one
+    out = cli("usage", "--config", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "file not found" in out.stderr
+
+
+@pytest.mark.parametrize(("asked", "ledger", "keys"), [
+    pytest.param(Period("month", "2026-11"), "month", ("2026-11",), id="same"),
+    pytest.param(Period("week", "2026-W01"), "day",
+                 ("2025-12-29", "2025-12-30", "2025-12-31", "2026-01-01", "2026-01-02",
+                  "2026-01-03", "2026-01-04"), id="week-of-days-across-a-year"),
+    pytest.param(Period("month", "2026-02"), "day",
+                 tuple(f"2026-02-{d:02d}" for d in range(1, 29)), id="february"),
+    # weeks go to the month holding their Thursday: each week is counted in one month
+    pytest.param(Period("month", "2026-11"), "week",
+                 ("2026-W45", "2026-W46", "2026-W47", "2026-W48"), id="november-weeks"),
+    pytest.param(Period("month", "2026-10"), "week",
+                 ("2026-W40", "2026-W41", "2026-W42", "2026-W43", "2026-W44"), id="oct-weeks"),
+    pytest.param(Period("total", "total"), "total", ("total",), id="total"),
+])
+def test_ledger_keys(asked: Period, ledger: str, keys: tuple[str, ...]) -> None:
+    assert ledger_keys(asked, ledger) == keys
+
+
+def test_every_week_lands_in_exactly_one_month() -> None:
+    weeks = [k for month in range(1, 13)
+             for k in ledger_keys(Period("month", f"2026-{month:02d}"), "week")]
+    assert len(weeks) == len(set(weeks)) == 53        # 2026 has 53 ISO weeks
+
+
+@pytest.mark.parametrize(("asked", "ledger"), [
+    ("2026-11-24", "week"), ("2026-11-24", "month"), ("2026-W48", "month"),
+    ("2026-11", "total"), ("total", "day"),
+])
+def test_ledger_keys_refuses(asked: str, ledger: str) -> None:
+    with pytest.raises(PeriodError):
+        ledger_keys(parse_period(asked, ledger=ledger, now=0), ledger)
+
+
+def test_parse_period_current_and_parse_age() -> None:
+    noon = datetime(2026, 11, 24, 12, tzinfo=UTC).timestamp()
+    assert parse_period("current", ledger="week", now=noon) == Period("week", "2026-W48")
+    assert parse_period(" 2026-11 ", ledger="day", now=noon) == Period("month", "2026-11")
+    assert [parse_age(a) for a in ("30d", "12h", "90m", "45s", "2w", "1d12h")] == [
+        30 * 86400, 12 * 3600, 90 * 60, 45, 14 * 86400, 36 * 3600]
+    for bad in ("", "30", "d", "30x", "-1d", "30 days"):
+        with pytest.raises(ValueError):
+            parse_age(bad)
+
+
+# -- cache ------------------------------------------------------------------------------------
+async def test_cache_stats_table_and_json(gateway: Gateway, sim: Sim, tmp_path: Path) -> None:
+    await play_workload(gateway, sim)
+    config = str(config_for(tmp_path, sim))
+    _, size = await gateway.state.store.totals()
+    out = await acli("cache", "stats", "--config", config, "--format", "json")
+    stats = json.loads(out.stdout)
+    assert (stats["entries"], stats["size_bytes"], stats["hits"]) == (6, size, 5)
+    assert [(t["type"], t["entries"]) for t in stats["by_type"]] == [("nsfw", 1), ("objects", 5)]
+
+    out = await acli("cache", "stats", "--config", config)
+    assert out.returncode == 0
+    text = out.stdout
+    assert re.search(r"^entries\s+6$", text, re.M)
+    assert re.search(rf"^size\s+\d+\.\d KiB \({size} bytes\)$", text, re.M)
+    assert re.search(r"^hits\s+5$", text, re.M)
+    assert re.search(r"^oldest entry\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(0m \d+s ago\)$", text,
+                     re.M)
+    assert re.search(r"^nsfw\s+1\s+\d+ B\s+\d+$", text, re.M)
+    assert re.search(r"^objects\s+5\s+\S+ \S+\s+\d+$", text, re.M)
+
+
+async def cached_types(gw: Gateway, image: bytes) -> list[str]:
+    r = await post_requests(gw.url, {"apikey": TEAM_KEYS["ads"], "type": "cache"},
+                            {"file": image})
+    return [result["type"] for result in r.json()["data"]["results"]]
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    pytest.param((), "refusing to purge without a filter", id="no-filter"),
+    pytest.param(("--all", "--type", "nsfw"), "give it alone", id="all-with-filter"),
+    pytest.param(("--hash", "abc"), "32 hex digits", id="bad-hash"),
+    pytest.param(("--older-than", "soon"), "--older-than", id="bad-age"),
+])
+async def test_cache_purge_refuses(
+    gateway: Gateway, sim: Sim, tmp_path: Path, args: tuple[str, ...], problem: str
+) -> None:
+    await post_requests(gateway.url, *objects_form(TEAM_KEYS["ads"], IMAGES["A"]))
+    out = await acli("cache", "purge", "--config", str(config_for(tmp_path, sim)), *args)
+    assert out.returncode == 2 and problem in out.stderr
+    assert (await gateway.state.store.totals())[0] == 1
+
+
+async def test_cache_purge_effects_are_visible_through_type_cache(
+    gateway: Gateway, sim: Sim, tmp_path: Path
+) -> None:
+    await play_workload(gateway, sim)
+    config = str(config_for(tmp_path, sim))
+    a = await post_requests(gateway.url, *objects_form(TEAM_KEYS["ads"], IMAGES["A"]))
+    assert await cached_types(gateway, IMAGES["A"]) == ["objects"]
+
+    out = await acli("cache", "purge", "--config", config, "--hash", a.headers["X-Content-Hash"])
+    assert (out.returncode, out.stdout) == (0, "removed 1 cached result\n")
+    assert await cached_types(gateway, IMAGES["A"]) == []
+    assert await cached_types(gateway, IMAGES["B"]) == ["objects"]
+
+    out = await acli("cache", "purge", "--config", config, "--type", "nsfw")
+    assert out.stdout == "removed 1 cached result\n"
+    out = await acli("cache", "purge", "--config", config, "--older-than", "1h")
+    assert out.stdout == "removed 0 cached results\n"
+    out = await acli("cache", "purge", "--config", config, "--all")
+    assert out.stdout == "removed 4 cached results\n"
+    assert await cached_types(gateway, IMAGES["B"]) == []
+    # the running gateway's in-memory tier notices another process's purge within a flush
+    deadline = time.monotonic() + 5
+    while True:
+        r = await post_requests(gateway.url, *objects_form(TEAM_KEYS["search"], IMAGES["B"]))
+        if r.headers["Cache-Status"] == "imagerecognize-gateway; fwd=miss; stored":
+            break
+        assert time.monotonic() < deadline, "the gateway kept serving a purged result"
+        await asyncio.sleep(0.1)
+
+
+async def test_cache_purge_older_than(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path
+) -> None:
+    now = [time.time() - 40 * 86400]
+    gw = await gateway_factory(clock=lambda: now[0])
+    await post_requests(gw.url, *objects_form(TEAM_KEYS["search"], make_png(1)))   # 40 days ago
+    now[0] = time.time() - 10 * 86400
+    await post_requests(gw.url, *objects_form(TEAM_KEYS["search"], make_png(2)))   # 10 days ago
+    config = str(config_for(tmp_path, sim))
+    out = await acli("cache", "purge", "--config", config, "--older-than", "30d")
+    assert out.stdout == "removed 1 cached result\n"
+    remaining = await gw.state.store.stats()
+    assert remaining.entries == 1 and remaining.oldest is not None
+    assert abs(remaining.oldest - now[0]) < 1
+
+
+# -- keys -------------------------------------------------------------------------------------
+async def test_keys_new_round_trips_through_the_config(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = cli("keys", "new", "data-science")
+    assert out.returncode == 0 and out.stderr == ""
+    lines = out.stdout.splitlines()
+    key = next(line.strip() for line in lines if line.startswith("  "))
+    config_line = lines[-1]
+    assert re.fullmatch(r'keys = \["sha256:[0-9a-f]{64}"\]', config_line)
+    assert config_line == f'keys = ["{hash_key(key)}"]'
+    assert len(key) >= 43 and "[teams.data-science]" in out.stdout
+    assert key not in cli("keys", "new", "data-science").stdout      # fresh every time
+
+    # pasted under [teams.NAME], the key is accepted and the team is known by it
+    path = write_config(tmp_path / "config.toml", sim_url=sim.url, db=tmp_path / "gateway.db",
+                        port=free_port(), teams={})
+    path.write_text(path.read_text() + f"[teams.data-science]\n{config_line}\nquota = 7\n")
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+    gw = await gateway_factory(load_config(path))
+    r = await post_requests(gw.url, *objects_form(key, make_png(5)))
+    assert r.status_code == 200 and r.json()["data"]["quota"] == 6
+    assert key not in path.read_text()
+
+
+@pytest.mark.parametrize("team", ["bad team", "a/b", "x!"])
+def test_keys_new_refuses_a_bad_team_name(team: str) -> None:
+    out = cli("keys", "new", team)
+    assert out.returncode == 2 and out.stdout == "" and "team names" in out.stderr
+
+
+# -- reload -----------------------------------------------------------------------------------
+def start_gateway(tmp_path: Path, processes: list[GatewayProcess],
+                  monkeypatch: pytest.MonkeyPatch, *, workers: int = 1) -> tuple[Path, int]:
+    monkeypatch.setenv("GW_ADMIN_TOKEN", TOKEN)
+    port = free_port()
+    config = config_for(tmp_path, None, extra=ADMIN, port=port)
+    config.write_text(config.read_text().replace("[server]\n", f"[server]\nworkers = {workers}\n"))
+    proc = GatewayProcess(config, port, tmp_path / "gateway.log")
+    processes.append(proc)
+    proc.wait_ready()
+    return config, port
+
+
+def add_team(config: Path, name: str, key: str, quota: int) -> None:
+    config.write_text(config.read_text() + f'\n[teams.{name}]\nkeys = ["{key}"]\nquota = {quota}\n')
+
+
+def accepted(port: int, key: str) -> int:
+    r = requests.post(f"http://127.0.0.1:{port}/api/v2/", timeout=10,
+                      data={"apikey": key, "type": "cache", "hash": "0" * 32})
+    return r.status_code
+
+
+def test_reload_over_http_with_the_admin_token(
+    tmp_path: Path, processes: list[GatewayProcess],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, port = start_gateway(tmp_path, processes, monkeypatch)
+    assert accepted(port, "marketing-key") == 401
+    add_team(config, "marketing", "marketing-key", 10)
+    out = cli("reload", "--config", str(config), token=TOKEN)
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"reloaded {config}: 4 teams\n", "")
+    assert accepted(port, "marketing-key") == 200
+
+    # refused by the gateway (the CLI has no upstream key to compare): answered, exit 1
+    good = config.read_text()
+    add_team(config, "leaky", UPSTREAM_KEY, 1)
+    out = cli("reload", "--config", str(config), token=TOKEN)
+    assert out.returncode == 1
+    assert out.stdout == f"{config}: teams.leaky.keys: the upstream key must never be a team key\n"
+    assert accepted(port, "marketing-key") == 200                    # the old config runs on
+    # a file the CLI can't read is refused before anything is sent
+    config.write_text(good + "\n[teams.broken]\nquota = 1\n")
+    out = cli("reload", "--config", str(config), token=TOKEN)
+    assert out.returncode == 2 and "config error" in out.stderr
+    assert "teams.broken.keys: missing" in out.stderr
+    config.write_text(good)
+
+    out = cli("reload", "--config", str(config), token="not-the-token")
+    assert out.returncode == 1 and "refused the admin token in GW_ADMIN_TOKEN" in out.stderr
+    processes[0].stop()
+    out = cli("reload", "--config", str(config), token=TOKEN)
+    assert out.returncode == 1 and "cannot reach the gateway" in out.stderr
+    assert TOKEN not in processes[0].log_path.read_text()
+
+
+def test_reload_with_sighup(
+    tmp_path: Path, processes: list[GatewayProcess],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, port = start_gateway(tmp_path, processes, monkeypatch)
+    add_team(config, "marketing", "marketing-key", 10)
+    out = cli("reload", "--config", str(config))                     # no token here
+    assert out.returncode == 2 and "set GW_ADMIN_TOKEN" in out.stderr and "--pid" in out.stderr
+
+    pid = processes[0].proc.pid
+    out = cli("reload", "--config", str(config), "--pid", str(pid))
+    assert out.returncode == 0 and out.stdout.startswith(f"sent SIGHUP to {pid}")
+    deadline = time.monotonic() + 10
+    while accepted(port, "marketing-key") != 200:
+        assert time.monotonic() < deadline, "SIGHUP did not reload the config"
+        time.sleep(0.05)
+    assert processes[0].proc.poll() is None
+
+    for pid_arg in ("0", "-1"):
+        out = cli("reload", "--config", str(config), "--pid", pid_arg)
+        assert out.returncode == 2 and "--pid must be" in out.stderr
+    with subprocess.Popen(["sleep", "30"]) as bystander:
+        out = cli("reload", "--config", str(config), "--pid", str(bystander.pid))
+        assert out.returncode == 2 and "is not a gateway" in out.stderr
+        assert bystander.poll() is None
+        bystander.send_signal(signal.SIGTERM)
+
+
+def test_reload_over_http_reaches_every_worker(
+    tmp_path: Path, processes: list[GatewayProcess],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, port = start_gateway(tmp_path, processes, monkeypatch, workers=2)
+    add_team(config, "marketing", "marketing-key", 10)
+    out = cli("reload", "--config", str(config), token=TOKEN)
+    assert out.returncode == 0 and "reload signalled to all 2 workers" in out.stdout
+    deadline = time.monotonic() + 10
+    # every request on a fresh connection: the kernel spreads them over both workers
+    while [accepted(port, "marketing-key") for _ in range(16)] != [200] * 16:
+        assert time.monotonic() < deadline, "a worker kept the old config"
+        time.sleep(0.1)
+
+
+def test_admin_commands_have_help() -> None:
+    for command in (["usage"], ["cache", "stats"], ["cache", "purge"], ["keys", "new"],
+                    ["reload"]):
+        out = cli(*command, "--help")
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: gateway {' '.join(command)}")
