@@ -89,8 +89,9 @@ def token_matches(authorization: str | None, token: Secret, *, basic: bool = Fal
         return False
     if not given or not token:
         return False
-    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(),
-                               hashlib.sha256(token.reveal().encode()).digest())
+    return hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(), hashlib.sha256(token.reveal().encode()).digest()
+    )
 
 
 # -- admin API --------------------------------------------------------------------------------
@@ -104,9 +105,13 @@ async def handle_usage(request: web.Request) -> web.Response:
         return web.json_response(report.as_dict())
     lines = [",".join(str(v) for v in row) for row in report.csv_rows()]
     return web.Response(
-        text="\n".join(lines) + "\n", content_type="text/csv", charset="utf-8",
-        headers={"Content-Disposition":
-                 f'attachment; filename="gateway-usage-{report.period.key}.csv"'})
+        text="\n".join(lines) + "\n",
+        content_type="text/csv",
+        charset="utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="gateway-usage-{report.period.key}.csv"'
+        },
+    )
 
 
 async def _usage(state: GatewayState, period: str) -> UsageReport:
@@ -144,13 +149,27 @@ async def handle_cache_purge(request: web.Request) -> web.Response:
     if filtered and everything:
         raise AdminBadRequest("all=true purges everything: give it alone, without filters")
     if not filtered and not everything:
-        raise AdminBadRequest("refusing to purge without a filter: give hash, type or "
-                              "older_than, or all=true to remove every cached result")
+        raise AdminBadRequest(
+            "refusing to purge without a filter: give hash, type or "
+            "older_than, or all=true to remove every cached result"
+        )
     removed = await state.store.purge(content_hash=content_hash, type_=type_, older_than=cutoff)
-    log.info("admin purge removed %d cached results (hash=%s type=%s older_than=%s)",
-                removed, content_hash, type_, older)
-    return web.json_response({"removed": removed, "hash": content_hash, "type": type_,
-                              "older_than": older, "all": everything})
+    log.info(
+        "admin purge removed %d cached results (hash=%s type=%s older_than=%s)",
+        removed,
+        content_hash,
+        type_,
+        older,
+    )
+    return web.json_response(
+        {
+            "removed": removed,
+            "hash": content_hash,
+            "type": type_,
+            "older_than": older,
+            "all": everything,
+        }
+    )
 
 
 async def _fields(request: web.Request) -> dict[str, str]:
@@ -183,9 +202,13 @@ async def handle_reload(request: web.Request) -> web.Response:
         except ConfigError as exc:
             return web.json_response({"ok": False, "message": str(exc)}, status=400)
         os.kill(parent.pid, signal.SIGHUP)
-        return web.json_response({"ok": True, "message":
-                                  f"{state.config.source} is valid; reload signalled to all "
-                                  f"{state.config.server.workers} workers"})
+        return web.json_response(
+            {
+                "ok": True,
+                "message": f"{state.config.source} is valid; reload signalled to all "
+                f"{state.config.server.workers} workers",
+            }
+        )
     from gateway.server import reload_config  # gateway.server imports gateway.app: not at the top
 
     ok, message = reload_config(request.app)
@@ -205,21 +228,28 @@ async def handle_status(request: web.Request) -> web.Response:
     if denied is not None:
         return denied
     page = render_status(await _status(request.app[STATE]))
-    return web.Response(text=page, content_type="text/html", charset="utf-8",
-                        headers={"Cache-Control": "no-store"})
+    return web.Response(
+        text=page, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-store"}
+    )
 
 
 def _status_denied(request: web.Request) -> web.Response | None:
     """Open while the admin API is off; otherwise the admin token, as Bearer or as the
     password of HTTP Basic (two challenges, so a browser offers a login)."""
     admin = request.app[STATE].config.admin
-    if not admin.enabled or token_matches(request.headers.get("Authorization"), admin.token,
-                                          basic=True):
+    if not admin.enabled or token_matches(
+        request.headers.get("Authorization"), admin.token, basic=True
+    ):
         return None
-    headers = CIMultiDict([("WWW-Authenticate", "Bearer"),
-                           ("WWW-Authenticate", 'Basic realm="gateway status"')])
-    return web.Response(body=error_envelope(401, AdminUnauthorized.message), status=401,
-                        content_type="application/json", headers=headers)
+    headers = CIMultiDict(
+        [("WWW-Authenticate", "Bearer"), ("WWW-Authenticate", 'Basic realm="gateway status"')]
+    )
+    return web.Response(
+        body=error_envelope(401, AdminUnauthorized.message),
+        status=401,
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 async def _status(state: GatewayState) -> dict[str, Any]:
@@ -250,8 +280,11 @@ async def _upstream_health(state: GatewayState) -> dict[str, Any]:
                 status = sample.labels["status"]
                 calls[status] = calls.get(status, 0) + int(sample.value)
     failed = sum(n for status, n in calls.items() if status != "200")
-    return {"account_quota_remaining": quota, "calls_since_start": calls,
-            "failed_since_start": failed}
+    return {
+        "account_quota_remaining": quota,
+        "calls_since_start": calls,
+        "failed_since_start": failed,
+    }
 
 
 def render_status(s: Mapping[str, Any]) -> str:
@@ -261,27 +294,40 @@ def render_status(s: Mapping[str, Any]) -> str:
         quota, used = t["quota"], t["charged"]
         share = min(used / quota, 1.0) if quota else (1.0 if quota == 0 else 0.0)
         level = "full" if share >= 0.9 else "high" if share >= 0.75 else "ok"
-        limit = (f"{used} used, team not configured" if quota is None
-                 else f"{used} / {quota} used, {t['remaining']} left")
+        limit = (
+            f"{used} used, team not configured"
+            if quota is None
+            else f"{used} / {quota} used, {t['remaining']} left"
+        )
         rows.append(
             f'<tr data-team="{e(t["team"])}"><th scope="row">{e(t["team"])}</th>'
             f'<td><div class="bar {level}" role="img" aria-label="{share:.0%} of quota used">'
             f'<span style="width:{share * 100:.1f}%"></span></div>'
             f'<span class="num">{e(limit)}</span></td>'
             f'<td class="num">{_ratio(t["hit_ratio"])}</td>'
-            f'<td class="num">{t["calls_saved"]}</td></tr>')
+            f'<td class="num">{t["calls_saved"]}</td></tr>'
+        )
     up, cache, total = s["upstream"], s["cache"], s["total"]
     calls = ", ".join(f"{e(k)}: {v}" for k, v in sorted(up["calls_since_start"].items()))
     quota_left = up["account_quota_remaining"]
     return _PAGE.format(
-        period=e(s["period"]), quota_period=e(s["quota_period"]), rows="\n".join(rows),
-        total_used=total["charged"], total_quota=total["quota"],
-        total_ratio=_ratio(total["hit_ratio"]), total_saved=total["calls_saved"],
-        calls=calls or "none yet", failed=up["failed_since_start"],
+        period=e(s["period"]),
+        quota_period=e(s["quota_period"]),
+        rows="\n".join(rows),
+        total_used=total["charged"],
+        total_quota=total["quota"],
+        total_ratio=_ratio(total["hit_ratio"]),
+        total_saved=total["calls_saved"],
+        calls=calls or "none yet",
+        failed=up["failed_since_start"],
         called=sum(up["calls_since_start"].values()),
         account="unknown" if quota_left is None else quota_left,
-        entries=cache["entries"], size=e(cache["size"]), size_bytes=cache["size_bytes"],
-        generated=e(s["generated_at"]), json_link="/status.json")
+        entries=cache["entries"],
+        size=e(cache["size"]),
+        size_bytes=cache["size_bytes"],
+        generated=e(s["generated_at"]),
+        json_link="/status.json",
+    )
 
 
 def _ratio(value: float | None) -> str:

@@ -53,48 +53,70 @@ class Failure(Exception):
 def add_admin_commands(sub: Any) -> None:
     """Add the operator commands to ``gateway``'s subparsers (``sub``)."""
     usage = sub.add_parser(
-        "usage", help="per-team upstream calls, quota and calls saved (chargeback)",
+        "usage",
+        help="per-team upstream calls, quota and calls saved (chargeback)",
         description="Per configured team: upstream calls charged, quota, remaining, cache "
-                    "hits, coalesced and calls saved (hits + coalesced), with a total line. "
-                    "A period coarser than quota.period sums the ledger rows inside it.")
+        "hits, coalesced and calls saved (hits + coalesced), with a total line. "
+        "A period coarser than quota.period sums the ledger rows inside it.",
+    )
     _config_arg(usage)
-    usage.add_argument("--period", default="current",
-                       help="YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), total, or current "
-                            "(default: the quota period now)")
-    usage.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                       help="csv is a chargeback file: header, one row per team, a total row")
+    usage.add_argument(
+        "--period",
+        default="current",
+        help="YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), total, or current "
+        "(default: the quota period now)",
+    )
+    usage.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="csv is a chargeback file: header, one row per team, a total row",
+    )
 
-    cache = sub.add_parser("cache", help="inspect or purge the stored results",
-                           description="Inspect or purge the stored results.")
+    cache = sub.add_parser(
+        "cache",
+        help="inspect or purge the stored results",
+        description="Inspect or purge the stored results.",
+    )
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    stats = actions.add_parser("stats", help="entries, bytes, hits, oldest entry, by type",
-                               description="What the cache holds.")
+    stats = actions.add_parser(
+        "stats",
+        help="entries, bytes, hits, oldest entry, by type",
+        description="What the cache holds.",
+    )
     _config_arg(stats)
     stats.add_argument("--format", choices=("table", "json"), default="table")
     purge = actions.add_parser(
-        "purge", help="remove stored results",
+        "purge",
+        help="remove stored results",
         description="Remove stored results matching every filter given. Refuses to run "
-                    "without a filter unless --all is given (alone).")
+        "without a filter unless --all is given (alone).",
+    )
     _config_arg(purge)
     purge.add_argument("--hash", help="the image's X-Content-Hash (32 hex digits)")
     purge.add_argument("--type", choices=ANALYSIS_TYPES, help="one analysis type")
-    purge.add_argument("--older-than", metavar="AGE",
-                       help="stored longer ago than AGE: 30d, 12h, 90m, 2w")
+    purge.add_argument(
+        "--older-than", metavar="AGE", help="stored longer ago than AGE: 30d, 12h, 90m, 2w"
+    )
     purge.add_argument("--all", action="store_true", help="remove every stored result")
 
     keys = sub.add_parser("keys", help="team keys", description="Team keys.")
     key_actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     new = key_actions.add_parser(
-        "new", help="make a fresh random key for a team",
+        "new",
+        help="make a fresh random key for a team",
         description="Print a fresh random team key once, and the config line with its hash. "
-                    "The gateway keeps only the hash; hand the key to the team.")
+        "The gateway keeps only the hash; hand the key to the team.",
+    )
     new.add_argument("team", help="the team's name, as in [teams.NAME]")
 
     reload = sub.add_parser(
-        "reload", help="make a running gateway re-read its config",
+        "reload",
+        help="make a running gateway re-read its config",
         description="With the admin token in the environment (the variable named by [admin] "
-                    "token_env), POST /admin/reload on server.host:port and print the answer; "
-                    "otherwise send SIGHUP to --pid.")
+        "token_env), POST /admin/reload on server.host:port and print the answer; "
+        "otherwise send SIGHUP to --pid.",
+    )
     _config_arg(reload)
     reload.add_argument("--pid", type=int, help="the gateway's process id (SIGHUP)")
     reload.add_argument("--timeout", type=float, default=10.0, help="seconds (HTTP)")
@@ -128,8 +150,10 @@ def _with_store(config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
     storage = config.storage
     if storage.backend == "sqlite" and not Path(storage.path).exists():
         # Opening would create an empty store (and its directory): say what is wrong instead.
-        raise Failure(f"no store at {storage.path} (storage.path in {config.source}); "
-                      "has a gateway run with this config?")
+        raise Failure(
+            f"no store at {storage.path} (storage.path in {config.source}); "
+            "has a gateway run with this config?"
+        )
 
     async def run() -> T:
         store = open_store(storage)
@@ -159,8 +183,10 @@ def _usage(args: argparse.Namespace) -> int:
 
 def usage_table(report: UsageReport) -> str:
     head = ("team", "charged", "quota", "remaining", "cache hits", "coalesced", "calls saved")
-    rows = [(t.team, t.charged, _dash(t.quota), _dash(t.remaining), t.hits, t.coalesced,
-             t.saved) for t in (*report.teams, report.total)]
+    rows = [
+        (t.team, t.charged, _dash(t.quota), _dash(t.remaining), t.hits, t.coalesced, t.saved)
+        for t in (*report.teams, report.total)
+    ]
     title = f"Usage for {report.period.key} (quota per {report.quota_period})"
     lines = [title, *_table(head, rows, footer=True)]
     if report.note:
@@ -174,15 +200,17 @@ def _dash(value: int | None) -> str | int:
     return "-" if value is None else value
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[object]], *,
-           footer: bool = False) -> list[str]:
+def _table(
+    head: Sequence[str], rows: Sequence[Sequence[object]], *, footer: bool = False
+) -> list[str]:
     """Aligned columns: the first left, numbers right; a rule above the footer row."""
     cells = [[str(c) for c in row] for row in (head, *rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
 
     def line(row: list[str]) -> str:
-        out = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
-                                                                      strict=True)]
+        out = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
         return "  ".join(out).rstrip()
 
     lines = [line(r) for r in cells]
@@ -203,12 +231,17 @@ def _cache_stats(args: argparse.Namespace) -> int:
 
 
 def stats_table(stats: CacheStats, *, now: float) -> str:
-    oldest = ("-" if stats.oldest is None
-              else f"{iso_utc(stats.oldest)} ({human_age(now - stats.oldest)} ago)")
-    lines = [f"entries       {stats.entries}",
-             f"size          {human_bytes(stats.size_bytes)} ({stats.size_bytes} bytes)",
-             f"hits          {stats.hits}",
-             f"oldest entry  {oldest}"]
+    oldest = (
+        "-"
+        if stats.oldest is None
+        else f"{iso_utc(stats.oldest)} ({human_age(now - stats.oldest)} ago)"
+    )
+    lines = [
+        f"entries       {stats.entries}",
+        f"size          {human_bytes(stats.size_bytes)} ({stats.size_bytes} bytes)",
+        f"hits          {stats.hits}",
+        f"oldest entry  {oldest}",
+    ]
     if stats.by_type:
         rows = [(t, n, human_bytes(b), b) for t, n, b in stats.by_type]
         lines += ["", "by type:", *_table(("type", "entries", "size", "bytes"), rows)]
@@ -217,8 +250,9 @@ def stats_table(stats: CacheStats, *, now: float) -> str:
 
 def _cache_purge(args: argparse.Namespace) -> int:
     content_hash = args.hash.strip().lower() if args.hash else None
-    if content_hash is not None and (len(content_hash) != 32 or
-                                     set(content_hash) - set("0123456789abcdef")):
+    if content_hash is not None and (
+        len(content_hash) != 32 or set(content_hash) - set("0123456789abcdef")
+    ):
         raise UsageError("--hash must be the 32 hex digits of X-Content-Hash")
     try:
         age = parse_age(args.older_than) if args.older_than else None
@@ -228,12 +262,16 @@ def _cache_purge(args: argparse.Namespace) -> int:
     if args.all and filtered:
         raise UsageError("--all removes every stored result: give it alone, without filters")
     if not filtered and not args.all:
-        raise UsageError("refusing to purge without a filter: give --hash, --type or "
-                         "--older-than, or --all to remove every stored result")
+        raise UsageError(
+            "refusing to purge without a filter: give --hash, --type or "
+            "--older-than, or --all to remove every stored result"
+        )
     config = load_config(args.config, require_api_key=False)
     cutoff = time.time() - age if age is not None else None
-    removed = _with_store(config, lambda store: store.purge(
-        content_hash=content_hash, type_=args.type, older_than=cutoff))
+    removed = _with_store(
+        config,
+        lambda store: store.purge(content_hash=content_hash, type_=args.type, older_than=cutoff),
+    )
     print(f"removed {removed} cached result{'' if removed == 1 else 's'}")
     return 0
 
@@ -243,11 +281,15 @@ def _keys_new(team: str) -> int:
     if not team or not team.replace("_", "").replace("-", "").isalnum():
         raise UsageError(f"team {team!r}: team names use letters, digits, - and _")
     key = secrets.token_urlsafe(32)
-    print(f"New key for team {team} (shown once: hand it to the team now; the gateway "
-          "stores only its hash):\n")
+    print(
+        f"New key for team {team} (shown once: hand it to the team now; the gateway "
+        "stores only its hash):\n"
+    )
     print(f"  {key}\n")
-    print(f"Add this under [teams.{team}] in the config (to rotate, list it beside the old "
-          "key, then remove the old one), and run `gateway reload`:\n")
+    print(
+        f"Add this under [teams.{team}] in the config (to rotate, list it beside the old "
+        "key, then remove the old one), and run `gateway reload`:\n"
+    )
     print(f'keys = ["{hash_key(key)}"]')
     return 0
 
@@ -258,19 +300,26 @@ def _reload(args: argparse.Namespace) -> int:
     if config.admin.enabled:
         return _reload_http(config, args.timeout)
     if args.pid is None:
-        where = (f"set {config.admin.token_env} (named by [admin] token_env) to reload over "
-                 "HTTP" if config.admin.token_env else
-                 "the config has no [admin] token_env for reloading over HTTP")
+        where = (
+            f"set {config.admin.token_env} (named by [admin] token_env) to reload over HTTP"
+            if config.admin.token_env
+            else "the config has no [admin] token_env for reloading over HTTP"
+        )
         raise UsageError(f"{where}, or pass --pid PID to send SIGHUP")
     return _reload_signal(args.pid)
 
 
 def _reload_http(config: Config, timeout: float) -> int:
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.server.host,
-                                                                      config.server.host)
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+        config.server.host, config.server.host
+    )
     url = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}/admin/reload"
-    request = urllib.request.Request(url, data=b"", method="POST", headers={
-        "Authorization": f"Bearer {config.admin.token.reveal()}"})
+    request = urllib.request.Request(
+        url,
+        data=b"",
+        method="POST",
+        headers={"Authorization": f"Bearer {config.admin.token.reveal()}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read()
@@ -282,8 +331,7 @@ def _reload_http(config: Config, timeout: float) -> int:
     if status == 401:
         raise Failure(f"the gateway refused the admin token in {config.admin.token_env}")
     if status == 404:
-        raise Failure(f"{url}: no admin API there (is the gateway's {config.admin.token_env} "
-                      "set?)")
+        raise Failure(f"{url}: no admin API there (is the gateway's {config.admin.token_env} set?)")
     try:
         answer = json.loads(body)
         ok, message = bool(answer["ok"]), str(answer["message"])

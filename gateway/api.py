@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.cache_key import TYPE_PARAMS, analysis_params
 from gateway.config import TeamConfig
+from gateway.envelope import CONTENT_TYPE, HEADERS
 from gateway.errors import (
     GatewayError,
     InvalidFile,
@@ -26,7 +27,6 @@ from gateway.errors import (
     NoData,
     Unavailable,
 )
-from gateway.envelope import CONTENT_TYPE, HEADERS
 from gateway.form import Form, UploadedFile, parse_query, read_form
 from gateway.service import Answer, Call, Directives
 from gateway.state import STATE, GatewayState
@@ -67,8 +67,11 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         directives = Directives.parse(request.headers.get("Cache-Control"))
         answer = await state.service.recognize(Call(team, type_, params, file, directives))
         outcome, status = answer.outcome, 200
-        headers = {"Cache-Status": answer.cache_status, "X-Content-Hash": answer.content_hash,
-                   **limits}
+        headers = {
+            "Cache-Status": answer.cache_status,
+            "X-Content-Hash": answer.content_hash,
+            **limits,
+        }
         if answer.warning is not None:
             headers["Warning"] = answer.warning
         return _json(answer.body, headers)
@@ -87,15 +90,26 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         elapsed = time.perf_counter() - started
         state.metrics.request_duration.labels(type_label, outcome).observe(elapsed)
         if state.config.server.access_log:
-            file = form.file if form is not None else None
-            access_log.info("%s %s %s %s", team_label, type_label, status, outcome, extra={
-                "team": team_label, "type": type_label, "status": status, "cache": outcome,
-                "hash": file.content_hash[:12] if file is not None else None,
-                "bytes": file.size if file is not None else 0,
-                "gateway_ms": round(elapsed * 1000, 2),
-                "upstream_ms": round(answer.upstream_ms, 2)
-                if answer is not None and answer.upstream_ms is not None else None,
-            })
+            upload = form.file if form is not None else None
+            access_log.info(
+                "%s %s %s %s",
+                team_label,
+                type_label,
+                status,
+                outcome,
+                extra={
+                    "team": team_label,
+                    "type": type_label,
+                    "status": status,
+                    "cache": outcome,
+                    "hash": upload.content_hash[:12] if upload is not None else None,
+                    "bytes": upload.size if upload is not None else 0,
+                    "gateway_ms": round(elapsed * 1000, 2),
+                    "upstream_ms": round(answer.upstream_ms, 2)
+                    if answer is not None and answer.upstream_ms is not None
+                    else None,
+                },
+            )
 
 
 async def _read(request: web.Request, state: GatewayState) -> Form:
@@ -103,8 +117,12 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         return Form(fields=parse_query(request.query_string), file=None)
     if request.method != "POST":
         raise NoData()
-    return await read_form(request.headers.get("Content-Type"), request.content_length,
-                           request.content, spool_dir=state.spool_dir)
+    return await read_form(
+        request.headers.get("Content-Type"),
+        request.content_length,
+        request.content,
+        spool_dir=state.spool_dir,
+    )
 
 
 def _authorize(form: Form, state: GatewayState) -> TeamConfig:
@@ -153,5 +171,10 @@ async def _cache_lookup(form: Form, team: TeamConfig, state: GatewayState) -> by
 
 
 def _json(body: bytes, headers: dict[str, str]) -> web.Response:
-    return web.Response(body=body, status=200, content_type=CONTENT_TYPE, charset="utf-8",
-                        headers={**HEADERS, **headers})
+    return web.Response(
+        body=body,
+        status=200,
+        content_type=CONTENT_TYPE,
+        charset="utf-8",
+        headers={**HEADERS, **headers},
+    )

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from gateway.admin import add_admin_routes
@@ -56,24 +57,40 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _error_response(exc: GatewayError) -> web.Response:
-    return web.Response(body=error_envelope(exc.status, exc.message), status=exc.status,
-                        content_type=CONTENT_TYPE, charset="utf-8",
-                        headers={**HEADERS, **exc.headers})
+    return web.Response(
+        body=error_envelope(exc.status, exc.message),
+        status=exc.status,
+        content_type=CONTENT_TYPE,
+        charset="utf-8",
+        headers={**HEADERS, **exc.headers},
+    )
 
 
-def create_app(config: Config, *, registry: CollectorRegistry | None = None,
-               store: Store | None = None, clock: Clock = time.time,
-               spool_dir: str | None = None) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    store: Store | None = None,
+    clock: Clock = time.time,
+    spool_dir: str | None = None,
+) -> web.Application:
     metrics = Metrics(registry)
     metrics.preinitialize(config)
     store = store if store is not None else open_store(config.storage)
     ledger = QuotaLedger(store, config, clock=clock)
     upstream = UpstreamClient(config.upstream, metrics)
     service = RecognitionService(config, store, ledger, upstream, metrics)
-    state = GatewayState(config=config, store=store, metrics=metrics, ledger=ledger,
-                         upstream=upstream, service=service, spool_dir=spool_dir)
+    state = GatewayState(
+        config=config,
+        store=store,
+        metrics=metrics,
+        ledger=ledger,
+        upstream=upstream,
+        service=service,
+        spool_dir=spool_dir,
+    )
 
-    middlewares = [envelope_errors]
+    middlewares: list[Middleware] = [envelope_errors]
     if config.server.cors_origins:
         middlewares.insert(0, cors_middleware(config.server.cors_origins))
     app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 16384})
@@ -147,8 +164,11 @@ async def _reclaim(state: GatewayState) -> None:
         log.warning("housekeeping failed: %s", exc)
         return
     if reclaimed:
-        log.warning("refunded %d quota reservations abandoned by a process that died "
-                    "before its upstream call finished", reclaimed)
+        log.warning(
+            "refunded %d quota reservations abandoned by a process that died "
+            "before its upstream call finished",
+            reclaimed,
+        )
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -177,7 +197,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         # Several workers: every worker's values, summed or most recent per metric.
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         body = generate_latest(registry)
     else:
         body = generate_latest(state.metrics.registry)

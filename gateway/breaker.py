@@ -13,9 +13,13 @@ CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 
 
 class CircuitBreaker:
-    def __init__(self, failures: int, cooldown_s: float,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        failures: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int], None] | None = None,
+    ):
         self.threshold = failures
         self.cooldown_s = cooldown_s
         self.clock = clock
@@ -62,5 +66,6 @@ class CircuitBreaker:
             self._set(OPEN)
 
     def _refusal(self, wait: float) -> Unavailable:
-        return Unavailable("Upstream failing; circuit open",
-                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return Unavailable(
+            "Upstream failing; circuit open", headers={"Retry-After": str(max(1, math.ceil(wait)))}
+        )

@@ -46,8 +46,10 @@ def check_store(config: Config, *, repair: bool) -> int:
         note = "; totals recomputed" if fixed else ""
         print(f"cache {cache}: ok ({_entries(cache)} entries{note})")
     elif not repair:
-        print(f"cache {cache}: DAMAGED: {problem} (run with --repair: it is moved aside and "
-              "recreated empty; quota data is unaffected)")
+        print(
+            f"cache {cache}: DAMAGED: {problem} (run with --repair: it is moved aside and "
+            "recreated empty; quota data is unaffected)"
+        )
         status = 1
     else:
         aside = quarantine(cache)
@@ -88,8 +90,10 @@ def _repair_ledger(path: str, problem: str) -> int:
     os.replace(copy, path)
     os.chmod(path, 0o600)
     prepare_file(path, LEDGER_MIGRATIONS, LEDGER_PROBE)
-    print(f"ledger {path}: was damaged ({problem}); rebuilt from its readable pages, "
-          f"original kept at {aside}")
+    print(
+        f"ledger {path}: was damaged ({problem}); rebuilt from its readable pages, "
+        f"original kept at {aside}"
+    )
     return 0
 
 
@@ -134,8 +138,8 @@ def _fix_totals(path: str) -> bool:
 
 
 async def _check_redis(config: Config) -> int:
-    from gateway.store.redis import RedisStore
     from gateway.store.base import StoreUnavailable
+    from gateway.store.redis import RedisStore
 
     store = RedisStore(config.storage.redis_url, prefix=config.storage.redis_prefix)
     try:

@@ -15,7 +15,8 @@ from gateway.store.base import StoreUnavailable
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gateway", description="Caching, quota-enforcing proxy for the ImageRecognize v2 API")
+        prog="gateway", description="Caching, quota-enforcing proxy for the ImageRecognize v2 API"
+    )
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -31,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cs = sub.add_parser("check-store", help="verify the store; --repair fixes what SQLite can")
     cs.add_argument("--config", default="config.toml")
-    cs.add_argument("--repair", action="store_true",
-                    help="move a damaged cache aside; rebuild a damaged ledger from its pages")
+    cs.add_argument(
+        "--repair",
+        action="store_true",
+        help="move a damaged cache aside; rebuild a damaged ledger from its pages",
+    )
 
     hk = sub.add_parser("hash-key", help="print the sha256: form of a team key for config.toml")
     hk.add_argument("key", nargs="?", help="the key (read from stdin when omitted)")
@@ -59,21 +63,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from gateway.server import serve
 
-            return serve(args.config, host=args.host, port=args.port,
-                         log_format=args.log_format, log_level=args.log_level)
+            return serve(
+                args.config,
+                host=args.host,
+                port=args.port,
+                log_format=args.log_format,
+                log_level=args.log_level,
+            )
         if args.command == "check-config":
             config = load_config(args.config, require_api_key=False)
             if not config.upstream.api_key:
-                print(f"note: {config.upstream.api_key_env} is not set here; "
-                      "`gateway serve` will refuse to start without it", file=sys.stderr)
-            print(f"{args.config}: ok ({len(config.teams)} teams, storage {config.storage.backend}, "
-                  f"quota per {config.quota.period})")
+                print(
+                    f"note: {config.upstream.api_key_env} is not set here; "
+                    "`gateway serve` will refuse to start without it",
+                    file=sys.stderr,
+                )
+            print(
+                f"{args.config}: ok ({len(config.teams)} teams, storage {config.storage.backend}, "
+                f"quota per {config.quota.period})"
+            )
             return 0
         if args.command == "check-store":
             from gateway.check_store import check_store
 
-            return check_store(load_config(args.config, require_api_key=False),
-                               repair=args.repair)
+            return check_store(load_config(args.config, require_api_key=False), repair=args.repair)
         if args.command == "hash-key":
             key = args.key if args.key is not None else sys.stdin.readline().strip()
             if not key:
@@ -84,8 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sim":
             from gateway.sim import serve_sim
 
-            serve_sim(host=args.host, port=args.port, api_key=args.api_key, quota=args.quota,
-                      latency_ms=args.latency_ms)
+            serve_sim(
+                host=args.host,
+                port=args.port,
+                api_key=args.api_key,
+                quota=args.quota,
+                latency_ms=args.latency_ms,
+            )
             return 0
         if args.command == "demo":
             from gateway.demo import run_demo

@@ -83,9 +83,9 @@ class UpstreamConfig:
 class StorageConfig:
     backend: str = "sqlite"
     path: str = "data/gateway.db"
-    cache_path: str = ""          # default: next to path, as <stem>-cache.db
-    synchronous: str = "normal"   # SQLite: "normal" survives a killed process, "full" power loss
-    busy_timeout_ms: int = 5000   # SQLite: how long a write waits for another process's lock
+    cache_path: str = ""  # default: next to path, as <stem>-cache.db
+    synchronous: str = "normal"  # SQLite: "normal" survives a killed process, "full" power loss
+    busy_timeout_ms: int = 5000  # SQLite: how long a write waits for another process's lock
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "gw:"
 
@@ -97,7 +97,7 @@ class CacheConfig:
     share_across_teams: bool = True
     coalesce_wait_s: float = 60.0
     stale_if_error_days: float = 7.0
-    memory_mb: float = 64.0      # in-process copy of hot entries: a hit needs no store round trip
+    memory_mb: float = 64.0  # in-process copy of hot entries: a hit needs no store round trip
 
     @property
     def ttl_s(self) -> float:
@@ -116,7 +116,7 @@ class QuotaConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    token_env: str | None = None       # admin API and /status are off unless this names a set var
+    token_env: str | None = None  # admin API and /status are off unless this names a set var
     token: Secret = field(default_factory=lambda: Secret(""), repr=False)
 
     @property
@@ -171,7 +171,9 @@ class _Reader:
             self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
         return value
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0, strict: bool = True) -> float:
+    def number(
+        self, key: str, default: float, *, minimum: float = 0.0, strict: bool = True
+    ) -> float:
         value = float(self.get(key, (int, float), default))
         if value < minimum or (strict and value == minimum):
             self.fail(key, f"must be {'>' if strict else '>='} {minimum:g}")
@@ -192,13 +194,23 @@ class _Reader:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list", dict: "a table"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None,
-                *, require_api_key: bool = True) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    require_api_key: bool = True,
+) -> Config:
     source = str(path)
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -208,22 +220,41 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(f"{source}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return parse_config(raw, source=source, env=os.environ if env is None else env,
-                        require_api_key=require_api_key)
+    return parse_config(
+        raw, source=source, env=os.environ if env is None else env, require_api_key=require_api_key
+    )
 
 
-def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
-                 env: Mapping[str, str] | None = None, require_api_key: bool = True) -> Config:
+def parse_config(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    require_api_key: bool = True,
+) -> Config:
     env = os.environ if env is None else env
-    top = _Reader(source, "", raw, {"server", "upstream", "storage", "cache", "quota", "admin", "teams"})
+    top = _Reader(
+        source, "", raw, {"server", "upstream", "storage", "cache", "quota", "admin", "teams"}
+    )
 
     def table(name: str) -> Mapping[str, Any]:
         value = top.get(name, dict, {})
         return value  # type: ignore[no-any-return]
 
-    s = _Reader(source, "server.", table("server"),
-                {"host", "port", "workers", "cors_origins", "max_inflight", "drain_timeout_s",
-                 "access_log"})
+    s = _Reader(
+        source,
+        "server.",
+        table("server"),
+        {
+            "host",
+            "port",
+            "workers",
+            "cors_origins",
+            "max_inflight",
+            "drain_timeout_s",
+            "access_log",
+        },
+    )
     port = s.integer("port", 8080, minimum=0)
     if port > 65535:
         s.fail("port", "must be <= 65535")
@@ -237,9 +268,21 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
         access_log=s.get("access_log", bool, True),
     )
 
-    u = _Reader(source, "upstream.", table("upstream"),
-                {"url", "api_key_env", "timeout_s", "max_concurrency", "max_queue", "retries",
-                 "breaker_failures", "breaker_cooldown_s"})
+    u = _Reader(
+        source,
+        "upstream.",
+        table("upstream"),
+        {
+            "url",
+            "api_key_env",
+            "timeout_s",
+            "max_concurrency",
+            "max_queue",
+            "retries",
+            "breaker_failures",
+            "breaker_cooldown_s",
+        },
+    )
     url: str = u.get("url", str, UpstreamConfig.url)
     if not url.startswith(("http://", "https://")):
         u.fail("url", "must be an http:// or https:// URL")
@@ -251,21 +294,37 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
             "(the upstream key comes from the environment, never the file)"
         )
     upstream = UpstreamConfig(
-        url=url, api_key_env=key_env, timeout_s=u.number("timeout_s", 30.0),
-        max_concurrency=u.integer("max_concurrency", 64), max_queue=u.integer("max_queue", 256),
+        url=url,
+        api_key_env=key_env,
+        timeout_s=u.number("timeout_s", 30.0),
+        max_concurrency=u.integer("max_concurrency", 64),
+        max_queue=u.integer("max_queue", 256),
         retries=u.integer("retries", 2, minimum=0),
         breaker_failures=u.integer("breaker_failures", 5),
-        breaker_cooldown_s=u.number("breaker_cooldown_s", 10.0), api_key=Secret(api_key),
+        breaker_cooldown_s=u.number("breaker_cooldown_s", 10.0),
+        api_key=Secret(api_key),
     )
 
-    st = _Reader(source, "storage.", table("storage"),
-                 {"backend", "path", "cache_path", "synchronous", "busy_timeout_ms", "redis_url",
-                  "redis_prefix"})
+    st = _Reader(
+        source,
+        "storage.",
+        table("storage"),
+        {
+            "backend",
+            "path",
+            "cache_path",
+            "synchronous",
+            "busy_timeout_ms",
+            "redis_url",
+            "redis_prefix",
+        },
+    )
     backend: str = st.get("backend", str, "sqlite")
     if backend not in ("sqlite", "redis"):
         st.fail("backend", 'must be "sqlite" or "redis"')
     storage = StorageConfig(
-        backend=backend, path=st.get("path", str, StorageConfig.path),
+        backend=backend,
+        path=st.get("path", str, StorageConfig.path),
         cache_path=st.get("cache_path", str, ""),
         synchronous=st.get("synchronous", str, "normal").lower(),
         busy_timeout_ms=st.integer("busy_timeout_ms", 5000, minimum=0),
@@ -274,14 +333,27 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
     )
     if storage.synchronous not in ("normal", "full"):
         st.fail("synchronous", 'must be "normal" or "full"')
-    if backend == "redis" and not storage.redis_url.startswith(("redis://", "rediss://", "unix://")):
+    if backend == "redis" and not storage.redis_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
         st.fail("redis_url", "must be a redis:// URL")
 
-    c = _Reader(source, "cache.", table("cache"),
-                {"ttl_days", "max_mb", "share_across_teams", "coalesce_wait_s",
-                 "stale_if_error_days", "memory_mb"})
+    c = _Reader(
+        source,
+        "cache.",
+        table("cache"),
+        {
+            "ttl_days",
+            "max_mb",
+            "share_across_teams",
+            "coalesce_wait_s",
+            "stale_if_error_days",
+            "memory_mb",
+        },
+    )
     cache = CacheConfig(
-        ttl_days=c.number("ttl_days", 30.0), max_mb=c.number("max_mb", 1024.0),
+        ttl_days=c.number("ttl_days", 30.0),
+        max_mb=c.number("max_mb", 1024.0),
         share_across_teams=c.get("share_across_teams", bool, True),
         coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
         stale_if_error_days=c.number("stale_if_error_days", 7.0, strict=False),
@@ -295,14 +367,26 @@ def parse_config(raw: Mapping[str, Any], *, source: str = "<config>",
 
     a = _Reader(source, "admin.", table("admin"), {"token_env"})
     token_env: str | None = a.get("token_env", str, None)
-    admin = AdminConfig(token_env=token_env, token=Secret(env.get(token_env, "") if token_env else ""))
+    admin = AdminConfig(
+        token_env=token_env, token=Secret(env.get(token_env, "") if token_env else "")
+    )
 
     teams = _parse_teams(source, table("teams"), upstream.api_key)
-    return Config(server=server, upstream=upstream, storage=storage, cache=cache,
-                  quota=QuotaConfig(period=period), admin=admin, teams=teams, source=source)
+    return Config(
+        server=server,
+        upstream=upstream,
+        storage=storage,
+        cache=cache,
+        quota=QuotaConfig(period=period),
+        admin=admin,
+        teams=teams,
+        source=source,
+    )
 
 
-def _parse_teams(source: str, raw: Mapping[str, Any], upstream_key: Secret) -> tuple[TeamConfig, ...]:
+def _parse_teams(
+    source: str, raw: Mapping[str, Any], upstream_key: Secret
+) -> tuple[TeamConfig, ...]:
     teams: list[TeamConfig] = []
     owner: dict[str, str] = {}
     upstream_hash = hash_key(upstream_key.reveal()) if upstream_key else None
@@ -340,11 +424,16 @@ def _parse_teams(source: str, raw: Mapping[str, Any], upstream_key: Secret) -> t
         types = t.get("types", list, None)
         if types is not None and not all(x in ANALYSIS_TYPES for x in types):
             t.fail("types", f"must list only {', '.join(ANALYSIS_TYPES)}")
-        teams.append(TeamConfig(
-            name=name, key_hashes=frozenset(hashes), quota=t.integer("quota", 0, minimum=0),
-            rate_per_s=float(rate) if rate is not None else None, burst=burst,
-            types=frozenset(types) if types is not None else None,
-        ))
+        teams.append(
+            TeamConfig(
+                name=name,
+                key_hashes=frozenset(hashes),
+                quota=t.integer("quota", 0, minimum=0),
+                rate_per_s=float(rate) if rate is not None else None,
+                burst=burst,
+                types=frozenset(types) if types is not None else None,
+            )
+        )
     return tuple(teams)
 
 

@@ -16,8 +16,7 @@ ALLOWED_REQUEST_METHODS = {"GET", "POST"}
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = {"cache-control", "content-type", "x-requested-with", "accept"}
-EXPOSED_HEADERS = ("Cache-Status, X-Content-Hash, Retry-After, RateLimit, RateLimit-Policy, "
-                   "Warning")
+EXPOSED_HEADERS = "Cache-Status, X-Content-Hash, Retry-After, RateLimit, RateLimit-Policy, Warning"
 MAX_AGE_S = "600"
 
 
@@ -39,13 +38,16 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
             headers = [h.strip() for h in asked.split(",") if h.strip()]
             if any(h.lower() not in ALLOWED_HEADERS for h in headers):
                 return web.Response(status=403, headers={"Vary": "Origin"})
-            return web.Response(status=204, headers={
-                "Access-Control-Allow-Origin": origin or "",
-                "Access-Control-Allow-Methods": ALLOWED_METHODS,
-                "Access-Control-Allow-Headers": ", ".join(headers) or "Content-Type",
-                "Access-Control-Max-Age": MAX_AGE_S,
-                "Vary": "Origin",
-            })
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": origin or "",
+                    "Access-Control-Allow-Methods": ALLOWED_METHODS,
+                    "Access-Control-Allow-Headers": ", ".join(headers) or "Content-Type",
+                    "Access-Control-Max-Age": MAX_AGE_S,
+                    "Vary": "Origin",
+                },
+            )
         response = await handler(request)
         # Every answer varies by Origin: a shared cache must not hand one origin's to another.
         response.headers.add("Vary", "Origin")

@@ -28,16 +28,25 @@ def run_demo(*, requests_per_team: int = 40, images: int = 8) -> int:
 
 
 async def _demo(requests_per_team: int, images: int) -> int:
-    sim_runner, sim_port, sim_state = await start_sim(api_key=UPSTREAM_KEY, quota=5000,
-                                                      latency_ms=40)
+    sim_runner, sim_port, sim_state = await start_sim(
+        api_key=UPSTREAM_KEY, quota=5000, latency_ms=40
+    )
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmp:
-        config = parse_config({
-            "upstream": {"url": f"http://127.0.0.1:{sim_port}/api/v2/",
-                         "api_key_env": "DEMO_UPSTREAM_KEY"},
-            "storage": {"path": str(Path(tmp) / "gateway.db")},
-            "quota": {"period": "month"},
-            "teams": {name: {"keys": [key], "quota": quota} for name, (key, quota) in TEAMS.items()},
-        }, source="<demo>", env={"DEMO_UPSTREAM_KEY": UPSTREAM_KEY})
+        config = parse_config(
+            {
+                "upstream": {
+                    "url": f"http://127.0.0.1:{sim_port}/api/v2/",
+                    "api_key_env": "DEMO_UPSTREAM_KEY",
+                },
+                "storage": {"path": str(Path(tmp) / "gateway.db")},
+                "quota": {"period": "month"},
+                "teams": {
+                    name: {"keys": [key], "quota": quota} for name, (key, quota) in TEAMS.items()
+                },
+            },
+            source="<demo>",
+            env={"DEMO_UPSTREAM_KEY": UPSTREAM_KEY},
+        )
         app = create_app(config, registry=CollectorRegistry())
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -45,8 +54,10 @@ async def _demo(requests_per_team: int, images: int) -> int:
         await site.start()
         port = runner.addresses[0][1]
         url = f"http://127.0.0.1:{port}/api/v2/"
-        print(f"upstream simulator on http://127.0.0.1:{sim_port}/api/v2/, "
-              f"gateway on {url}, store {tmp}/gateway.db")
+        print(
+            f"upstream simulator on http://127.0.0.1:{sim_port}/api/v2/, "
+            f"gateway on {url}, store {tmp}/gateway.db"
+        )
         try:
             rows, elapsed = await _workload(url, requests_per_team, images)
         finally:
@@ -66,8 +77,12 @@ async def _workload(url: str, per_team: int, images: int) -> tuple[dict[str, Cou
         async def one(team: str, image: bytes, n: int) -> None:
             # Multipart, like the seed's Python example; field order and filename vary.
             form = aiohttp.FormData()
-            fields = [("apikey", TEAMS[team][0]), ("type", "objects"),
-                      ("max_labels", "10"), ("min_confidence", "80")]
+            fields = [
+                ("apikey", TEAMS[team][0]),
+                ("type", "objects"),
+                ("max_labels", "10"),
+                ("min_confidence", "80"),
+            ]
             rng.shuffle(fields)
             for name, value in fields:
                 form.add_field(name, value)
@@ -90,31 +105,67 @@ async def _workload(url: str, per_team: int, images: int) -> tuple[dict[str, Cou
         # Waves of concurrent requests: repeats within a wave coalesce, later ones hit.
         jobs = [(team, rng.choice(pool), n) for n in range(per_team) for team in TEAMS]
         for i in range(0, len(jobs), 10):
-            await asyncio.gather(*(one(*job) for job in jobs[i:i + 10]))
+            await asyncio.gather(*(one(*job) for job in jobs[i : i + 10]))
     return rows, time.perf_counter() - started
 
 
 def _print_table(rows: dict[str, Counter[str]], upstream_calls: int, elapsed: float) -> None:
-    header = ("team", "requests", "200", "402", "from store", "coalesced", "charged",
-              "quota", "left")
+    header = (
+        "team",
+        "requests",
+        "200",
+        "402",
+        "from store",
+        "coalesced",
+        "charged",
+        "quota",
+        "left",
+    )
     lines = [header]
     total: Counter[str] = Counter()
     for team, row in rows.items():
         total.update(row)
         quota = TEAMS[team][1]
-        lines.append((team, str(row["requests"]), str(row["200"]), str(row["402"]),
-                      str(row["hits"]), str(row["coalesced"]), str(row["charged"]), str(quota),
-                      str(quota - row["charged"])))
-    lines.append(("total", str(total["requests"]), str(total["200"]), str(total["402"]),
-                  str(total["hits"]), str(total["coalesced"]), str(total["charged"]), "", ""))
+        lines.append(
+            (
+                team,
+                str(row["requests"]),
+                str(row["200"]),
+                str(row["402"]),
+                str(row["hits"]),
+                str(row["coalesced"]),
+                str(row["charged"]),
+                str(quota),
+                str(quota - row["charged"]),
+            )
+        )
+    lines.append(
+        (
+            "total",
+            str(total["requests"]),
+            str(total["200"]),
+            str(total["402"]),
+            str(total["hits"]),
+            str(total["coalesced"]),
+            str(total["charged"]),
+            "",
+            "",
+        )
+    )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print()
     for n, line in enumerate(lines):
-        print("  ".join(cell.rjust(w) if i else cell.ljust(w)
-                        for i, (cell, w) in enumerate(zip(line, widths, strict=True))))
+        print(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
         if n == 0 or n == len(lines) - 2:
             print("  ".join("-" * w for w in widths))
     saved = total["hits"] + total["coalesced"]
-    print(f"\n{total['requests']} requests in {elapsed:.2f}s; upstream called {upstream_calls} "
-          f"times; {saved} upstream calls saved "
-          f"({saved / max(total['requests'], 1):.0%} of requests answered without paying).")
+    print(
+        f"\n{total['requests']} requests in {elapsed:.2f}s; upstream called {upstream_calls} "
+        f"times; {saved} upstream calls saved "
+        f"({saved / max(total['requests'], 1):.0%} of requests answered without paying)."
+    )

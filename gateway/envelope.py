@@ -36,5 +36,8 @@ def data_object(prefix: bytes) -> dict[str, Any]:
 
 
 def success_json(data: dict[str, Any]) -> bytes:
-    return json.dumps({"status": 200, "message": "Success", "data": data},
-                      separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(
+        {"status": 200, "message": "Success", "data": data},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()

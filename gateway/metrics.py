@@ -13,49 +13,109 @@ from gateway.config import ANALYSIS_TYPES, Config
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "none")
 ALL_TYPES = (*ANALYSIS_TYPES, "cache")
 # `_created` series double the series count and no dashboard reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter("gateway_requests", "Requests answered by the gateway",
-                                ("team", "type", "status", "cache"), registry=r)
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered by the gateway",
+            ("team", "type", "status", "cache"),
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Time to answer a request",
-            ("type", "cache"), buckets=LATENCY_BUCKETS, registry=r)
+            "gateway_request_duration_seconds",
+            "Time to answer a request",
+            ("type", "cache"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.upstream_requests = Counter(
-            "gateway_upstream_requests", "Calls made to the upstream API",
-            ("type", "status"), registry=r)
+            "gateway_upstream_requests",
+            "Calls made to the upstream API",
+            ("type", "status"),
+            registry=r,
+        )
         self.upstream_duration = Histogram(
-            "gateway_upstream_request_duration_seconds", "Upstream call latency", ("type",),
-            buckets=LATENCY_BUCKETS, registry=r)
+            "gateway_upstream_request_duration_seconds",
+            "Upstream call latency",
+            ("type",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.calls_saved = Counter(
-            "gateway_upstream_calls_saved", "Upstream calls avoided (cache hits and coalesced)",
-            ("team", "type"), registry=r)
-        self.quota_used = Gauge("gateway_quota_used", "Upstream calls charged this period",
-                                ("team",), registry=r, multiprocess_mode="mostrecent")
-        self.quota_limit = Gauge("gateway_quota_limit", "Team sub-quota per period", ("team",),
-                                 registry=r, multiprocess_mode="mostrecent")
+            "gateway_upstream_calls_saved",
+            "Upstream calls avoided (cache hits and coalesced)",
+            ("team", "type"),
+            registry=r,
+        )
+        self.quota_used = Gauge(
+            "gateway_quota_used",
+            "Upstream calls charged this period",
+            ("team",),
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.quota_limit = Gauge(
+            "gateway_quota_limit",
+            "Team sub-quota per period",
+            ("team",),
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.upstream_quota_remaining = Gauge(
             "gateway_upstream_quota_remaining",
             "The upstream account's remaining quota, from its last answer",
-            registry=r, multiprocess_mode="mostrecent")
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.upstream_quota_remaining.set(float("nan"))  # unknown until the upstream answers
-        self.cache_entries = Gauge("gateway_cache_entries", "Results held in the store",
-                                   registry=r, multiprocess_mode="mostrecent")
-        self.cache_size = Gauge("gateway_cache_size_bytes", "Bytes of results held",
-                                registry=r, multiprocess_mode="mostrecent")
+        self.cache_entries = Gauge(
+            "gateway_cache_entries",
+            "Results held in the store",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.cache_size = Gauge(
+            "gateway_cache_size_bytes",
+            "Bytes of results held",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.upstream_breaker_state = Gauge(
             "gateway_upstream_breaker_state",
             "Upstream circuit breaker: 0 closed, 1 open (refusing at once), 2 half-open (probing)",
-            registry=r, multiprocess_mode="mostrecent")
-        self.inflight = Gauge("gateway_inflight_requests", "Requests being answered",
-                              registry=r, multiprocess_mode="livesum")
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_requests",
+            "Requests being answered",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
     def preinitialize(self, config: Config) -> None:
         """Create the series known at start so they exist at zero."""

@@ -44,8 +44,9 @@ class QuotaLedger:
     async def reserve(self, team: TeamConfig) -> Reservation:
         """Charge one unit now (pending until settled or refunded)."""
         now = self.clock()
-        reservation = await self.store.reserve(team.name, period_key(self.config.quota.period, now),
-                                               team.quota, at=now)
+        reservation = await self.store.reserve(
+            team.name, period_key(self.config.quota.period, now), team.quota, at=now
+        )
         if reservation is None:
             raise QuotaReached()
         return reservation

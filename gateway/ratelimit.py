@@ -45,9 +45,16 @@ class RateLimiter:
         policy = f'"team";q={int(burst)};w={window}'
         if bucket.tokens < 1.0:
             wait = math.ceil((1.0 - bucket.tokens) / rate)
-            raise RateLimited(headers={"Retry-After": str(wait), "RateLimit-Policy": policy,
-                                       "RateLimit": f'"team";r=0;t={wait}'})
+            raise RateLimited(
+                headers={
+                    "Retry-After": str(wait),
+                    "RateLimit-Policy": policy,
+                    "RateLimit": f'"team";r=0;t={wait}',
+                }
+            )
         bucket.tokens -= 1.0
         refill = math.ceil((burst - bucket.tokens) / rate)
-        return {"RateLimit-Policy": policy,
-                "RateLimit": f'"team";r={int(bucket.tokens)};t={refill}'}
+        return {
+            "RateLimit-Policy": policy,
+            "RateLimit": f'"team";r={int(bucket.tokens)};t={refill}',
+        }

@@ -1,4 +1,4 @@
-"""Real, small PNG and JPEG images made from a seed, with the standard library only (demo, bench, tests).
+"""Real, small PNG and JPEG images made from a seed, standard library only (demo, bench, tests).
 
 Different seeds give different bytes (and different pixels), the same seed the same bytes.
 """

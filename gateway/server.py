@@ -39,12 +39,23 @@ def reload_config(app: web.Application) -> tuple[bool, str]:
     return True, message
 
 
-def serve(config_path: str, *, host: str | None = None, port: int | None = None,
-          log_format: str = "text", log_level: str = "INFO") -> int:
+def serve(
+    config_path: str,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    log_format: str = "text",
+    log_level: str = "INFO",
+) -> int:
     config = load_config(config_path)
     setup_logging(log_format, log_level)
-    options = _Options(config_path, host or config.server.host,
-                       config.server.port if port is None else port, log_format, log_level)
+    options = _Options(
+        config_path,
+        host or config.server.host,
+        config.server.port if port is None else port,
+        log_format,
+        log_level,
+    )
     if config.server.workers > 1:
         return _supervise(options, config.server.workers)
     _run_worker(options, reuse_port=False)
@@ -69,11 +80,23 @@ def _run_worker(options: _Options, *, reuse_port: bool) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app)
 
     app.on_startup.append(on_startup)
-    log.info("gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)", options.host,
-             options.port, config.storage.backend, os.getpid())
-    web.run_app(app, host=options.host, port=options.port, print=None, access_log=None,
-                shutdown_timeout=config.server.drain_timeout_s, handle_signals=True,
-                reuse_port=reuse_port)
+    log.info(
+        "gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)",
+        options.host,
+        options.port,
+        config.storage.backend,
+        os.getpid(),
+    )
+    web.run_app(
+        app,
+        host=options.host,
+        port=options.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=config.server.drain_timeout_s,
+        handle_signals=True,
+        reuse_port=reuse_port,
+    )
     log.info("gateway stopped (pid %d)", os.getpid())
 
 
@@ -116,8 +139,9 @@ def _supervise(options: _Options, workers: int) -> int:
         while not stopping:
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stopping:
-                    log.error("worker pid %s exited with %s; starting another", proc.pid,
-                              proc.exitcode)
+                    log.error(
+                        "worker pid %s exited with %s; starting another", proc.pid, proc.exitcode
+                    )
                     _mark_dead(proc.pid)
                     procs[i] = spawn()
             time.sleep(0.2)
@@ -133,7 +157,7 @@ def _mark_dead(pid: int | None) -> None:
         return
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def _use_uvloop() -> None:

@@ -45,8 +45,11 @@ class Directives:
         if not header:
             return _NO_DIRECTIVES
         names = {part.split("=", 1)[0].strip().lower() for part in header.split(",")}
-        return cls(no_cache="no-cache" in names or "max-age=0" in header.replace(" ", ""),
-                   no_store="no-store" in names, only_if_cached="only-if-cached" in names)
+        return cls(
+            no_cache="no-cache" in names or "max-age=0" in header.replace(" ", ""),
+            no_store="no-store" in names,
+            only_if_cached="only-if-cached" in names,
+        )
 
 
 _NO_DIRECTIVES = Directives()
@@ -64,11 +67,11 @@ class Call:
 @dataclass(frozen=True, slots=True)
 class Answer:
     body: bytes
-    outcome: str               # hit | miss | coalesced | none (metric label)
-    cache_status: str          # the Cache-Status header value
+    outcome: str  # hit | miss | coalesced | none (metric label)
+    cache_status: str  # the Cache-Status header value
     content_hash: str
     upstream_ms: float | None = None
-    warning: str | None = None    # RFC 7234 Warning, on a stale answer
+    warning: str | None = None  # RFC 7234 Warning, on a stale answer
 
 
 class _Retry(Exception):
@@ -78,12 +81,19 @@ class _Retry(Exception):
 @dataclass(slots=True)
 class _Flight:
     future: asyncio.Future[CachedResult] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future())
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class RecognitionService:
-    def __init__(self, config: Config, store: Store, ledger: QuotaLedger,
-                 upstream: UpstreamClient, metrics: Metrics):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        ledger: QuotaLedger,
+        upstream: UpstreamClient,
+        metrics: Metrics,
+    ):
         self.config = config
         self.store = store
         self.ledger = ledger
@@ -117,8 +127,12 @@ class RecognitionService:
                     if age < self.config.cache.ttl_s:
                         self._note_hit(key, call, period, now, coalesced=False)
                         ttl = int(self.config.cache.ttl_s - age)
-                        return Answer(success_body(entry.data_prefix, self._left(call.team, used)),
-                                      "hit", f"{CACHE_NAME}; hit; ttl={ttl}", call.file.content_hash)
+                        return Answer(
+                            success_body(entry.data_prefix, self._left(call.team, used)),
+                            "hit",
+                            f"{CACHE_NAME}; hit; ttl={ttl}",
+                            call.file.content_hash,
+                        )
                 if d.only_if_cached:
                     raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
             try:
@@ -166,8 +180,9 @@ class RecognitionService:
         if self.upstream.breaker.is_open():
             self.upstream.breaker.before_call()
 
-    async def _stale(self, entry: CachedResult | None, key: str, call: Call,
-                     period: str) -> Answer | None:
+    async def _stale(
+        self, entry: CachedResult | None, key: str, call: Call, period: str
+    ) -> Answer | None:
         """stale-if-error: an expired entry, within its grace, beats an error."""
         if entry is None:
             return None
@@ -178,10 +193,13 @@ class RecognitionService:
         self._note_hit(key, call, period, now, coalesced=False)
         used = await self.store.used(call.team.name, period)
         ttl = int(self.config.cache.ttl_s - age)
-        return Answer(success_body(entry.data_prefix, self._left(call.team, used)), "hit",
-                      f"{CACHE_NAME}; hit; ttl={ttl}; detail=stale-if-error",
-                      call.file.content_hash,
-                      warning=f'110 {CACHE_NAME} "Response is Stale"')
+        return Answer(
+            success_body(entry.data_prefix, self._left(call.team, used)),
+            "hit",
+            f"{CACHE_NAME}; hit; ttl={ttl}; detail=stale-if-error",
+            call.file.content_hash,
+            warning=f'110 {CACHE_NAME} "Response is Stale"',
+        )
 
     async def _lead(self, call: Call, key: str, scope: str, fwd: str) -> Answer:
         flight = _Flight()
@@ -200,25 +218,38 @@ class RecognitionService:
         task.add_done_callback(self._tasks.discard)
         result, upstream_s = await asyncio.shield(task)
         remaining = self.ledger.remaining_after(call.team, reservation)
-        return Answer(success_body(result.data_prefix, remaining), "miss",
-                      f"{CACHE_NAME}; {fwd}; stored", call.file.content_hash, upstream_s * 1000)
+        return Answer(
+            success_body(result.data_prefix, remaining),
+            "miss",
+            f"{CACHE_NAME}; {fwd}; stored",
+            call.file.content_hash,
+            upstream_s * 1000,
+        )
 
     async def _follow(self, flight: _Flight, key: str, call: Call, scope: str) -> Answer:
         try:
-            result = await asyncio.wait_for(asyncio.shield(flight.future),
-                                            self.config.cache.coalesce_wait_s)
+            result = await asyncio.wait_for(
+                asyncio.shield(flight.future), self.config.cache.coalesce_wait_s
+            )
         except TimeoutError:
-            log.warning("coalesced request waited %.0fs; forwarding on its own",
-                        self.config.cache.coalesce_wait_s)
+            log.warning(
+                "coalesced request waited %.0fs; forwarding on its own",
+                self.config.cache.coalesce_wait_s,
+            )
             return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
         period = self.ledger.period()
         self._note_hit(key, call, period, self.ledger.clock(), coalesced=True)
         remaining = await self.ledger.remaining(call.team)
-        return Answer(success_body(result.data_prefix, remaining), "coalesced",
-                      f"{CACHE_NAME}; hit; detail=coalesced", call.file.content_hash)
+        return Answer(
+            success_body(result.data_prefix, remaining),
+            "coalesced",
+            f"{CACHE_NAME}; hit; detail=coalesced",
+            call.file.content_hash,
+        )
 
-    async def _forward(self, call: Call, key: str, scope: str, *, store: bool,
-                       cache_status: str) -> Answer:
+    async def _forward(
+        self, call: Call, key: str, scope: str, *, store: bool, cache_status: str
+    ) -> Answer:
         reservation = await self._reserve(call.team)
         task = asyncio.create_task(self._fetch(call, key, scope, reservation, None, store=store))
         self._tasks.add(task)
@@ -226,11 +257,24 @@ class RecognitionService:
         result, upstream_s = await asyncio.shield(task)
         remaining = self.ledger.remaining_after(call.team, reservation)
         status = f"{CACHE_NAME}; {cache_status}" + ("; stored" if store else "")
-        return Answer(success_body(result.data_prefix, remaining), "none" if not store else "miss",
-                      status, call.file.content_hash, upstream_s * 1000)
+        return Answer(
+            success_body(result.data_prefix, remaining),
+            "none" if not store else "miss",
+            status,
+            call.file.content_hash,
+            upstream_s * 1000,
+        )
 
-    async def _fetch(self, call: Call, key: str, scope: str, reservation: Reservation,
-                     flight: _Flight | None, *, store: bool) -> tuple[CachedResult, float]:
+    async def _fetch(
+        self,
+        call: Call,
+        key: str,
+        scope: str,
+        reservation: Reservation,
+        flight: _Flight | None,
+        *,
+        store: bool,
+    ) -> tuple[CachedResult, float]:
         try:
             started = time.perf_counter()
             try:
@@ -240,16 +284,22 @@ class RecognitionService:
                 raise
             upstream_s = time.perf_counter() - started
             result = CachedResult(
-                key=key, content_hash=call.file.content_hash, type=call.type,
-                params=params_text(call.params), scope=scope,
-                data_prefix=data_prefix(recognition.data), created_at=self.ledger.clock())
+                key=key,
+                content_hash=call.file.content_hash,
+                type=call.type,
+                params=params_text(call.params),
+                scope=scope,
+                data_prefix=data_prefix(recognition.data),
+                created_at=self.ledger.clock(),
+            )
             if recognition.account_quota is not None:
                 self._upstream_quota = recognition.account_quota
             try:
                 if store:
                     # Stored and settled in one transaction, before anyone is answered.
-                    await self.store.save_result(result, max_bytes=self.max_bytes,
-                                                 settle=reservation)
+                    await self.store.save_result(
+                        result, max_bytes=self.max_bytes, settle=reservation
+                    )
                     self.hot.put(result)
                 else:
                     await self.store.settle(reservation)
@@ -280,8 +330,11 @@ class RecognitionService:
         try:
             await self.ledger.refund(reservation)
         except StoreUnavailable as exc:
-            log.error("could not refund a failed upstream call for team %s (reclaimed later): "
-                      "%s", reservation.team, exc)
+            log.error(
+                "could not refund a failed upstream call for team %s (reclaimed later): %s",
+                reservation.team,
+                exc,
+            )
 
     def _left(self, team: TeamConfig, used: int) -> int:
         return max(team.quota - used, 0)
@@ -299,16 +352,23 @@ class RecognitionService:
             if now - entry.created_at >= self.config.cache.ttl_s:
                 continue
             params = dict(p.split("=", 1) for p in entry.params.split("&") if p)
-            results.append({
-                "type": entry.type,
-                "params": {k: int(v) for k, v in params.items()},
-                "data": data_object(entry.data_prefix),
-                "cached_at": datetime.fromtimestamp(entry.created_at, UTC)
-                .isoformat(timespec="seconds").replace("+00:00", "Z"),
-            })
-        data: dict[str, Any] = {"error": 0 if results else "no cached results", "type": "cache",
-                                "hash": content_hash, "results": results,
-                                "quota": await self.ledger.remaining(team)}
+            results.append(
+                {
+                    "type": entry.type,
+                    "params": {k: int(v) for k, v in params.items()},
+                    "data": data_object(entry.data_prefix),
+                    "cached_at": datetime.fromtimestamp(entry.created_at, UTC)
+                    .isoformat(timespec="seconds")
+                    .replace("+00:00", "Z"),
+                }
+            )
+        data: dict[str, Any] = {
+            "error": 0 if results else "no cached results",
+            "type": "cache",
+            "hash": content_hash,
+            "results": results,
+            "quota": await self.ledger.remaining(team),
+        }
         return success_json(data)
 
     # -- background ------------------------------------------------------------------------

@@ -37,10 +37,15 @@ class GatewayState:
         change at once, without dropping a request. Returns the changed keys that only a
         restart applies."""
         old = self.config
-        needs_restart = [name for name, a, b in (
-            ("server", old.server, new.server), ("storage", old.storage, new.storage),
-            ("upstream", old.upstream, new.upstream),
-        ) if a != b]
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("server", old.server, new.server),
+                ("storage", old.storage, new.storage),
+                ("upstream", old.upstream, new.upstream),
+            )
+            if a != b
+        ]
         self.config = new
         self.ledger.config = new
         self.service.config = new

@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import UpstreamConfig
 from gateway.breaker import CircuitBreaker
+from gateway.config import UpstreamConfig
 from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
 from gateway.form import UploadedFile
 from gateway.metrics import Metrics
@@ -30,8 +30,13 @@ log = logging.getLogger("gateway.upstream")
 # Upstream errors caused by the client's image or parameters are relayed as they are; the
 # gateway validated the request, so these are rare (e.g. a PNG with a valid signature but a
 # broken body). Errors about the request itself or the key are the gateway's fault.
-RELAYED = {412: "Invalid file", 413: "Image size too large", 415: "Invalid file format",
-           420: "Invalid type", 430: None}
+RELAYED = {
+    412: "Invalid file",
+    413: "Image size too large",
+    415: "Invalid file format",
+    420: "Invalid type",
+    430: None,
+}
 
 
 class UpstreamError(GatewayError):
@@ -55,8 +60,11 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._queued = 0
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s,
-                                      on_change=metrics.upstream_breaker_state.set)
+        self.breaker = CircuitBreaker(
+            config.breaker_failures,
+            config.breaker_cooldown_s,
+            on_change=metrics.upstream_breaker_state.set,
+        )
         self.last_status: str | None = None
 
     async def start(self) -> None:
@@ -72,14 +80,16 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    async def recognize(self, type_: str, params: Mapping[str, int],
-                        file: UploadedFile) -> Recognition:
+    async def recognize(
+        self, type_: str, params: Mapping[str, int], file: UploadedFile
+    ) -> Recognition:
         if self._session is None:
             raise BadGateway("Upstream client not started")
         if self._queued >= self.config.max_queue:
             # Shed load rather than hold unbounded waiters (and their uploads) in memory.
-            raise Unavailable("Gateway overloaded: upstream queue full",
-                              headers={"Retry-After": "1"})
+            raise Unavailable(
+                "Gateway overloaded: upstream queue full", headers={"Retry-After": "1"}
+            )
         self._queued += 1
         try:
             await self._slots.acquire()
@@ -91,8 +101,7 @@ class UpstreamClient:
         finally:
             self._slots.release()
 
-    async def _call(self, type_: str, params: Mapping[str, int],
-                    file: UploadedFile) -> Recognition:
+    async def _call(self, type_: str, params: Mapping[str, int], file: UploadedFile) -> Recognition:
         assert self._session is not None
         deadline = time.monotonic() + self.config.timeout_s
         started = time.perf_counter()
@@ -105,8 +114,8 @@ class UpstreamClient:
                 with _form(self.config, type_, params, file) as form:
                     try:
                         async with self._session.post(
-                                self.config.url, data=form,
-                                timeout=aiohttp.ClientTimeout(total=left)) as response:
+                            self.config.url, data=form, timeout=aiohttp.ClientTimeout(total=left)
+                        ) as response:
                             raw = await response.read()
                             http_status = response.status
                     except aiohttp.ClientConnectorError as exc:
@@ -172,16 +181,20 @@ class UpstreamClient:
                 message = RELAYED[status] or "Invalid parameter"
             raise UpstreamError(status, message)
         if status in (400, 401):
-            log.error("upstream refused the gateway's API key (upstream status %s): "
-                      "check the variable named by upstream.api_key_env", status)
+            log.error(
+                "upstream refused the gateway's API key (upstream status %s): "
+                "check the variable named by upstream.api_key_env",
+                status,
+            )
             raise BadGateway("Upstream refused the gateway's credentials")
         log.warning("upstream answered envelope status %s", status)
         raise BadGateway(f"Upstream answered status {status}")
 
 
 @contextlib.contextmanager
-def _form(config: UpstreamConfig, type_: str, params: Mapping[str, int],
-          file: UploadedFile) -> Iterator[aiohttp.FormData]:
+def _form(
+    config: UpstreamConfig, type_: str, params: Mapping[str, int], file: UploadedFile
+) -> Iterator[aiohttp.FormData]:
     """A fresh multipart body per attempt (aiohttp sends a FormData once)."""
     form = aiohttp.FormData(quote_fields=False)
     form.add_field("apikey", config.api_key.reveal())
@@ -191,8 +204,12 @@ def _form(config: UpstreamConfig, type_: str, params: Mapping[str, int],
     filename = file.filename or ("image.png" if file.head.startswith(b"\x89PNG") else "image.jpg")
     content_type = file.content_type or "application/octet-stream"
     if file.path is None:
-        form.add_field("file", file.data if file.data is not None else b"", filename=filename,
-                       content_type=content_type)
+        form.add_field(
+            "file",
+            file.data if file.data is not None else b"",
+            filename=filename,
+            content_type=content_type,
+        )
         yield form
         return
     with open(file.path, "rb") as handle:  # streamed from the spool file, never held whole

@@ -20,9 +20,17 @@ from gateway.config import Config
 from gateway.quota import period_key
 from gateway.store.base import CacheStats, Store
 
-TOTAL_LABEL = "(total)"   # not a valid team name, so it can't collide with one
-CSV_HEADER = ("period", "team", "charged", "quota", "remaining", "cache_hits", "coalesced",
-              "calls_saved")
+TOTAL_LABEL = "(total)"  # not a valid team name, so it can't collide with one
+CSV_HEADER = (
+    "period",
+    "team",
+    "charged",
+    "quota",
+    "remaining",
+    "cache_hits",
+    "coalesced",
+    "calls_saved",
+)
 _GRAIN = {"day": 0, "week": 1, "month": 2, "total": 3}
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _WEEK = re.compile(r"(\d{4})-W(\d{2})")
@@ -37,8 +45,8 @@ class PeriodError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Period:
-    kind: str   # day | week | month | total
-    key: str    # "2026-11-24", "2026-W48", "2026-11", "total"
+    kind: str  # day | week | month | total
+    key: str  # "2026-11-24", "2026-W48", "2026-11", "total"
 
 
 def parse_period(text: str, *, ledger: str, now: float) -> Period:
@@ -60,8 +68,9 @@ def parse_period(text: str, *, ledger: str, now: float) -> Period:
             return Period("month", text)
     except ValueError:
         pass
-    raise PeriodError(f"period {text!r}: use YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), "
-                      "total or current")
+    raise PeriodError(
+        f"period {text!r}: use YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), total or current"
+    )
 
 
 def ledger_keys(asked: Period, ledger: str) -> tuple[str, ...]:
@@ -72,8 +81,10 @@ def ledger_keys(asked: Period, ledger: str) -> tuple[str, ...]:
     if asked.kind == "total":
         raise PeriodError(f"period total: {hint}; ask for a day, week or month")
     if _GRAIN[asked.kind] < _GRAIN[ledger] or (asked.kind, ledger) == ("week", "month"):
-        raise PeriodError(f"period {asked.key} is a {asked.kind}, finer than {hint}, which "
-                          f"cannot be split; ask for a {ledger} or a longer period")
+        raise PeriodError(
+            f"period {asked.key} is a {asked.kind}, finer than {hint}, which "
+            f"cannot be split; ask for a {ledger} or a longer period"
+        )
     if asked.kind == "week":
         year, week = (int(p) for p in asked.key.split("-W"))
         return tuple(date.fromisocalendar(year, week, d).isoformat() for d in range(1, 8))
@@ -89,7 +100,7 @@ def ledger_keys(asked: Period, ledger: str) -> tuple[str, ...]:
 class TeamLine:
     team: str
     charged: int
-    quota: int | None        # None: the team is in the ledger but no longer configured
+    quota: int | None  # None: the team is in the ledger but no longer configured
     remaining: int | None
     hits: int
     coalesced: int
@@ -105,9 +116,15 @@ class TeamLine:
         return self.saved / served if served else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"team": self.team, "charged": self.charged, "quota": self.quota,
-                "remaining": self.remaining, "cache_hits": self.hits,
-                "coalesced": self.coalesced, "calls_saved": self.saved}
+        return {
+            "team": self.team,
+            "charged": self.charged,
+            "quota": self.quota,
+            "remaining": self.remaining,
+            "cache_hits": self.hits,
+            "coalesced": self.coalesced,
+            "calls_saved": self.saved,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,31 +137,52 @@ class UsageReport:
     @property
     def total(self) -> TeamLine:
         return TeamLine(
-            TOTAL_LABEL, sum(t.charged for t in self.teams),
-            sum(t.quota or 0 for t in self.teams), sum(t.remaining or 0 for t in self.teams),
-            sum(t.hits for t in self.teams), sum(t.coalesced for t in self.teams))
+            TOTAL_LABEL,
+            sum(t.charged for t in self.teams),
+            sum(t.quota or 0 for t in self.teams),
+            sum(t.remaining or 0 for t in self.teams),
+            sum(t.hits for t in self.teams),
+            sum(t.coalesced for t in self.teams),
+        )
 
     @property
     def note(self) -> str | None:
         n = len(self.ledger_periods)
         if n == 1:
             return None
-        return (f"summed over {n} {self.quota_period} ledger rows "
-                f"({self.ledger_periods[0]} .. {self.ledger_periods[-1]}); quota is the "
-                f"per-{self.quota_period} quota times {n}")
+        return (
+            f"summed over {n} {self.quota_period} ledger rows "
+            f"({self.ledger_periods[0]} .. {self.ledger_periods[-1]}); quota is the "
+            f"per-{self.quota_period} quota times {n}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"period": self.period.key, "period_kind": self.period.kind,
-                "quota_period": self.quota_period, "ledger_periods": list(self.ledger_periods),
-                "teams": [t.as_dict() for t in self.teams], "total": self.total.as_dict(),
-                "note": self.note}
+        return {
+            "period": self.period.key,
+            "period_kind": self.period.kind,
+            "quota_period": self.quota_period,
+            "ledger_periods": list(self.ledger_periods),
+            "teams": [t.as_dict() for t in self.teams],
+            "total": self.total.as_dict(),
+            "note": self.note,
+        }
 
     def csv_rows(self) -> list[tuple[str | int, ...]]:
         """The chargeback file: header, one row per team, the total row."""
         rows: list[tuple[str | int, ...]] = [CSV_HEADER]
         for t in (*self.teams, self.total):
-            rows.append((self.period.key, t.team, t.charged, _blank(t.quota),
-                         _blank(t.remaining), t.hits, t.coalesced, t.saved))
+            rows.append(
+                (
+                    self.period.key,
+                    t.team,
+                    t.charged,
+                    _blank(t.quota),
+                    _blank(t.remaining),
+                    t.hits,
+                    t.coalesced,
+                    t.saved,
+                )
+            )
         return rows
 
 
@@ -165,8 +203,7 @@ async def compute_usage(store: Store, config: Config, asked: Period) -> UsageRep
     for team in config.teams:
         charged, hits, coalesced = sums.pop(team.name, [0, 0, 0])
         quota = team.quota * len(keys)
-        lines.append(TeamLine(team.name, charged, quota, max(quota - charged, 0), hits,
-                              coalesced))
+        lines.append(TeamLine(team.name, charged, quota, max(quota - charged, 0), hits, coalesced))
     # Charges of teams since removed from the config still belong in a chargeback.
     for name in sorted(sums):
         charged, hits, coalesced = sums[name]
@@ -207,8 +244,10 @@ def human_age(seconds: float) -> str:
 
 def stats_dict(stats: CacheStats) -> dict[str, Any]:
     return {
-        "entries": stats.entries, "size_bytes": stats.size_bytes,
-        "size": human_bytes(stats.size_bytes), "hits": stats.hits,
+        "entries": stats.entries,
+        "size_bytes": stats.size_bytes,
+        "size": human_bytes(stats.size_bytes),
+        "hits": stats.hits,
         "oldest": iso_utc(stats.oldest) if stats.oldest is not None else None,
         "by_type": [{"type": t, "entries": n, "size_bytes": b} for t, n, b in stats.by_type],
     }

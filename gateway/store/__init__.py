@@ -17,8 +17,16 @@ from gateway.store.base import (
 if TYPE_CHECKING:
     from gateway.config import StorageConfig
 
-__all__ = ["CacheStats", "CachedResult", "Hit", "Reservation", "Store", "StoreUnavailable",
-           "TeamUsage", "open_store"]
+__all__ = [
+    "CacheStats",
+    "CachedResult",
+    "Hit",
+    "Reservation",
+    "Store",
+    "StoreUnavailable",
+    "TeamUsage",
+    "open_store",
+]
 
 
 def open_store(config: StorageConfig) -> Store:
@@ -29,5 +37,9 @@ def open_store(config: StorageConfig) -> Store:
         return RedisStore(config.redis_url, prefix=config.redis_prefix)
     from gateway.store.sqlite import SQLiteStore
 
-    return SQLiteStore(config.path, cache_path=config.cache_path or None,
-                       synchronous=config.synchronous, busy_timeout_ms=config.busy_timeout_ms)
+    return SQLiteStore(
+        config.path,
+        cache_path=config.cache_path or None,
+        synchronous=config.synchronous,
+        busy_timeout_ms=config.busy_timeout_ms,
+    )

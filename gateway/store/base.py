@@ -16,9 +16,9 @@ class CachedResult:
     key: str
     content_hash: str
     type: str
-    params: str          # canonical parameter text, e.g. "max_labels=10&min_confidence=80"
-    scope: str           # "" when shared across teams, else the owning team
-    data_prefix: bytes   # the upstream's data object, re-encoded to end in '"quota":' (splice)
+    params: str  # canonical parameter text, e.g. "max_labels=10&min_confidence=80"
+    scope: str  # "" when shared across teams, else the owning team
+    data_prefix: bytes  # the upstream's data object, re-encoded to end in '"quota":' (splice)
     created_at: float
 
     @property
@@ -31,7 +31,7 @@ class CacheStats:
     entries: int
     size_bytes: int
     oldest: float | None = None
-    by_type: tuple[tuple[str, int, int], ...] = ()   # (type, entries, bytes)
+    by_type: tuple[tuple[str, int, int], ...] = ()  # (type, entries, bytes)
     hits: int = 0
 
 
@@ -39,9 +39,9 @@ class CacheStats:
 class TeamUsage:
     team: str
     period: str
-    charged: int      # upstream calls charged to the team
-    hits: int         # answered from the store
-    coalesced: int    # rode on another request's upstream call
+    charged: int  # upstream calls charged to the team
+    hits: int  # answered from the store
+    coalesced: int  # rode on another request's upstream call
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class Reservation:
     id: str
     team: str
     period: str
-    used: int      # the team's charged count, this unit included
+    used: int  # the team's charged count, this unit included
     at: float
 
 
@@ -77,16 +77,16 @@ class Store(Protocol):
     async def lookup(self, key: str, team: str, period: str) -> tuple[CachedResult | None, int]:
         """The entry for ``key`` (or None) and the team's charged count, in one round trip."""
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int,
-                          settle: Reservation | None = None) -> None:
+    async def save_result(
+        self, result: CachedResult, *, max_bytes: int, settle: Reservation | None = None
+    ) -> None:
         """Commit ``result`` (replacing any entry with its key) and settle ``settle`` in one
         transaction before returning; evict least recently hit entries while the store holds
         more than ``max_bytes``."""
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]: ...
 
-    async def reserve(self, team: str, period: str, limit: int, *,
-                      at: float) -> Reservation | None:
+    async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
         """Atomically charge one unit if the team is under ``limit`` (pending until settled
         or refunded), or None when that would exceed the limit."""
 
@@ -97,6 +97,7 @@ class Store(Protocol):
 
     async def reclaim(self, older_than: float) -> int:
         """Refund pending reservations made before ``older_than`` (their process died)."""
+
     async def used(self, team: str, period: str) -> int: ...
     async def record_hits(self, hits: list[Hit]) -> None: ...
     async def usage(self, period: str) -> list[TeamUsage]: ...
@@ -104,7 +105,13 @@ class Store(Protocol):
 
     async def totals(self) -> tuple[int, int]:
         """(entries, bytes) held, cheap enough for every scrape."""
-    async def purge(self, *, content_hash: str | None = None, type_: str | None = None,
-                    older_than: float | None = None) -> int: ...
+
+    async def purge(
+        self,
+        *,
+        content_hash: str | None = None,
+        type_: str | None = None,
+        older_than: float | None = None,
+    ) -> int: ...
     async def get_meta(self, name: str) -> str | None: ...
     async def set_meta(self, name: str, value: str) -> None: ...

@@ -156,8 +156,7 @@ class RedisStore:
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
 
     async def open(self) -> None:
-        self._redis = aioredis.Redis.from_url(self.url, socket_timeout=5,
-                                              socket_connect_timeout=5)
+        self._redis = aioredis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
         self._save = self._redis.register_script(_SAVE)
         self._delete = self._redis.register_script(_DELETE)
         self._reserve = self._redis.register_script(_RESERVE)
@@ -186,22 +185,48 @@ class RedisStore:
         if values[0] is None:
             return None
         content_hash, type_, params, scope, data, created_at = values
-        assert type_ is not None and params is not None and scope is not None
+        assert (
+            content_hash is not None
+            and type_ is not None
+            and params is not None
+            and scope is not None
+        )
         assert data is not None and created_at is not None
-        return CachedResult(key=key, content_hash=content_hash.decode(), type=type_.decode(),
-                            params=params.decode(), scope=scope.decode(), data_prefix=data,
-                            created_at=float(created_at))
+        return CachedResult(
+            key=key,
+            content_hash=content_hash.decode(),
+            type=type_.decode(),
+            params=params.decode(),
+            scope=scope.decode(),
+            data_prefix=data,
+            created_at=float(created_at),
+        )
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int,
-                          settle: Reservation | None = None) -> None:
-        await self._call(self._save(args=[
-            self.prefix, result.key, result.content_hash, result.type, result.params,
-            result.scope, result.data_prefix, result.size, repr(result.created_at), max_bytes,
-            settle.id if settle is not None else ""]))
+    async def save_result(
+        self, result: CachedResult, *, max_bytes: int, settle: Reservation | None = None
+    ) -> None:
+        await self._call(
+            self._save(
+                args=[
+                    self.prefix,
+                    result.key,
+                    result.content_hash,
+                    result.type,
+                    result.params,
+                    result.scope,
+                    result.data_prefix,
+                    result.size,
+                    repr(result.created_at),
+                    max_bytes,
+                    settle.id if settle is not None else "",
+                ]
+            )
+        )
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
-        keys = sorted(k.decode() for k in await self._call(
-            self._r.smembers(self._k("h:", content_hash))))
+        keys = sorted(
+            k.decode() for k in await self._call(self._r.smembers(self._k("h:", content_hash)))
+        )
         results = [await self._one(k) for k in keys]
         found = [r for r in results if r is not None and r.scope == scope]
         return sorted(found, key=lambda r: (r.type, r.params))
@@ -209,14 +234,18 @@ class RedisStore:
     async def _one(self, key: str) -> CachedResult | None:
         return self._result(key, await self._call(self._r.hmget(self._k("r:", key), _FIELDS)))
 
-    async def reserve(self, team: str, period: str, limit: int, *,
-                      at: float) -> Reservation | None:
+    async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
         if limit <= 0:
             return None
         rid = uuid.uuid4().hex
-        used = int(await self._call(self._reserve(
-            keys=[self._k("used:", period), self._k("resv"), self._k("resv_at")],
-            args=[team, limit, rid, f"{team}|{period}", repr(at)])))
+        used = int(
+            await self._call(
+                self._reserve(
+                    keys=[self._k("used:", period), self._k("resv"), self._k("resv_at")],
+                    args=[team, limit, rid, f"{team}|{period}", repr(at)],
+                )
+            )
+        )
         return None if used < 0 else Reservation(rid, team, period, used, at)
 
     async def settle(self, reservation: Reservation) -> None:
@@ -229,8 +258,9 @@ class RedisStore:
         return int(await self._call(self._refund(args=[self.prefix, reservation.id]))) > 0
 
     async def reclaim(self, older_than: float) -> int:
-        stale = await self._call(self._r.zrangebyscore(self._k("resv_at"), "-inf",
-                                                       f"({older_than!r}"))
+        stale = await self._call(
+            self._r.zrangebyscore(self._k("resv_at"), "-inf", f"({older_than!r}")
+        )
         if not stale:
             return 0
         return int(await self._call(self._refund(args=[self.prefix, *stale])))
@@ -257,9 +287,16 @@ class RedisStore:
             pipe.hgetall(self._k(kind, period))
         used, hits, coalesced = await self._call(pipe.execute())
         teams = sorted({k.decode() for k in (*used, *hits, *coalesced)})
-        return [TeamUsage(team=t, period=period, charged=int(used.get(t.encode(), 0)),
-                          hits=int(hits.get(t.encode(), 0)),
-                          coalesced=int(coalesced.get(t.encode(), 0))) for t in teams]
+        return [
+            TeamUsage(
+                team=t,
+                period=period,
+                charged=int(used.get(t.encode(), 0)),
+                hits=int(hits.get(t.encode(), 0)),
+                coalesced=int(coalesced.get(t.encode(), 0)),
+            )
+            for t in teams
+        ]
 
     async def totals(self) -> tuple[int, int]:
         entries, size = await self._call(self._r.hmget(self._k("totals"), ["entries", "bytes"]))
@@ -271,18 +308,30 @@ class RedisStore:
         hits = int(await self._call(self._r.hget(self._k("hitcount"), "all")) or 0)
         by_type = []
         async for name in self._r.scan_iter(match=self._k("t:*"), count=1000):
-            type_ = name.decode()[len(self._k("t:")):]
+            type_ = name.decode()[len(self._k("t:")) :]
             keys = [k.decode() for k in await self._call(self._r.smembers(name))]
-            sizes = [int(s) for s in [await self._call(self._r.hget(self._k("r:", k), "size"))
-                                      for k in keys] if s is not None]
+            sizes = [
+                int(s)
+                for s in [await self._call(self._r.hget(self._k("r:", k), "size")) for k in keys]
+                if s is not None
+            ]
             if sizes:
                 by_type.append((type_, len(sizes), sum(sizes)))
-        return CacheStats(entries=entries, size_bytes=size,
-                          oldest=float(oldest[0][1]) if oldest else None,
-                          by_type=tuple(sorted(by_type)), hits=hits)
+        return CacheStats(
+            entries=entries,
+            size_bytes=size,
+            oldest=float(oldest[0][1]) if oldest else None,
+            by_type=tuple(sorted(by_type)),
+            hits=hits,
+        )
 
-    async def purge(self, *, content_hash: str | None = None, type_: str | None = None,
-                    older_than: float | None = None) -> int:
+    async def purge(
+        self,
+        *,
+        content_hash: str | None = None,
+        type_: str | None = None,
+        older_than: float | None = None,
+    ) -> int:
         r = self._r
         candidates: set[bytes] | None = None
         if content_hash is not None:
@@ -291,15 +340,16 @@ class RedisStore:
             of_type = set(await self._call(r.smembers(self._k("t:", type_))))
             candidates = of_type if candidates is None else candidates & of_type
         if older_than is not None:
-            old = set(await self._call(r.zrangebyscore(self._k("created"), "-inf",
-                                                       f"({older_than!r}")))
+            old = set(
+                await self._call(r.zrangebyscore(self._k("created"), "-inf", f"({older_than!r}"))
+            )
             candidates = old if candidates is None else candidates & old
         if candidates is None:
             candidates = set(await self._call(r.zrange(self._k("created"), 0, -1)))
         total = 0
         batch = sorted(candidates)
         for i in range(0, len(batch), 500):
-            total += int(await self._call(self._delete(args=[self.prefix, *batch[i:i + 500]])))
+            total += int(await self._call(self._delete(args=[self.prefix, *batch[i : i + 500]])))
         if total:
             self.generation += 1
             await self.set_meta("cache_generation", uuid.uuid4().hex)

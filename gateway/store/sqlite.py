@@ -40,7 +40,9 @@ log = logging.getLogger("gateway.store")
 Migrations = tuple[tuple[str, str], ...]
 
 LEDGER_MIGRATIONS: Migrations = (
-    ("quota ledger and meta", """
+    (
+        "quota ledger and meta",
+        """
         CREATE TABLE quota_usage (
             team      TEXT NOT NULL,
             period    TEXT NOT NULL,
@@ -50,8 +52,11 @@ LEDGER_MIGRATIONS: Migrations = (
             PRIMARY KEY (team, period)
         );
         CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """),
-    ("pending reservations", """
+    """,
+    ),
+    (
+        "pending reservations",
+        """
         CREATE TABLE reservations (
             id         TEXT PRIMARY KEY,
             team       TEXT NOT NULL,
@@ -59,11 +64,14 @@ LEDGER_MIGRATIONS: Migrations = (
             created_at REAL NOT NULL
         );
         CREATE INDEX reservations_by_age ON reservations(created_at);
-    """),
+    """,
+    ),
 )
 
 CACHE_MIGRATIONS: Migrations = (
-    ("results with totals kept by triggers", """
+    (
+        "results with totals kept by triggers",
+        """
         CREATE TABLE results (
             key          TEXT PRIMARY KEY,
             content_hash TEXT NOT NULL,
@@ -94,7 +102,8 @@ CACHE_MIGRATIONS: Migrations = (
         CREATE TRIGGER results_upd AFTER UPDATE OF size ON results BEGIN
             UPDATE cache_totals SET bytes = bytes - OLD.size + NEW.size;
         END;
-    """),
+    """,
+    ),
 )
 
 _ERRORS = (sqlite3.Error, OSError, ValueError)
@@ -114,9 +123,15 @@ def cache_path_for(path: str) -> str:
 
 def _row_result(row: sqlite3.Row | tuple[object, ...]) -> CachedResult:
     key, content_hash, type_, params, scope, data, created_at = row[:7]
-    return CachedResult(key=str(key), content_hash=str(content_hash), type=str(type_),
-                        params=str(params), scope=str(scope), data_prefix=bytes(data),  # type: ignore[arg-type]
-                        created_at=float(created_at))  # type: ignore[arg-type]
+    return CachedResult(
+        key=str(key),
+        content_hash=str(content_hash),
+        type=str(type_),
+        params=str(params),
+        scope=str(scope),
+        data_prefix=bytes(data),  # type: ignore[arg-type]
+        created_at=float(created_at),  # type: ignore[arg-type]
+    )
 
 
 _RESULT_COLUMNS = "key, content_hash, type, params, scope, data, created_at"
@@ -165,14 +180,22 @@ def quarantine(path: str) -> str:
     return aside
 
 
-CACHE_PROBE = "SELECT entries, bytes FROM cache_totals JOIN (SELECT key FROM results " \
-              "ORDER BY last_hit_at LIMIT 1) ON 1"
+CACHE_PROBE = (
+    "SELECT entries, bytes FROM cache_totals JOIN (SELECT key FROM results "
+    "ORDER BY last_hit_at LIMIT 1) ON 1"
+)
 LEDGER_PROBE = "SELECT COUNT(*) FROM quota_usage"
 
 
 class SQLiteStore:
-    def __init__(self, path: str, *, cache_path: str | None = None, synchronous: str = "NORMAL",
-                 busy_timeout_ms: int = 5000):
+    def __init__(
+        self,
+        path: str,
+        *,
+        cache_path: str | None = None,
+        synchronous: str = "NORMAL",
+        busy_timeout_ms: int = 5000,
+    ):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self.generation = 0
@@ -192,18 +215,25 @@ class SQLiteStore:
             raise StoreUnavailable(
                 f"quota ledger {self.path} is unusable ({exc}); refusing to start without it: "
                 "run `gateway check-store --config ...` (restore from backup if it cannot "
-                "repair it)") from exc
+                "repair it)"
+            ) from exc
         try:
             await asyncio.to_thread(prepare_file, self.cache_path, CACHE_MIGRATIONS, CACHE_PROBE)
         except sqlite3.DatabaseError as exc:
             if not is_corrupt(exc):
                 raise StoreUnavailable(f"cannot open cache {self.cache_path}: {exc}") from exc
             aside = await asyncio.to_thread(quarantine, self.cache_path)
-            log.error("result cache %s is corrupt (%s): moved to %s, starting with an empty "
-                      "cache; quota data is unaffected", self.cache_path, exc, aside)
+            log.error(
+                "result cache %s is corrupt (%s): moved to %s, starting with an empty "
+                "cache; quota data is unaffected",
+                self.cache_path,
+                exc,
+                aside,
+            )
             try:
-                await asyncio.to_thread(prepare_file, self.cache_path, CACHE_MIGRATIONS,
-                                        CACHE_PROBE)
+                await asyncio.to_thread(
+                    prepare_file, self.cache_path, CACHE_MIGRATIONS, CACHE_PROBE
+                )
             except _ERRORS as again:
                 raise StoreUnavailable(f"cannot create cache {self.cache_path}: {again}") from again
         except _ERRORS as exc:
@@ -274,10 +304,13 @@ class SQLiteStore:
             if not is_corrupt(exc):
                 raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
             # The cache is damaged: answer as a miss (paid, metered) rather than refuse.
-            log.error("result cache unreadable (%s): treating as a miss; run "
-                      "`gateway check-store --repair`", exc)
+            log.error(
+                "result cache unreadable (%s): treating as a miss; run "
+                "`gateway check-store --repair`",
+                exc,
+            )
             return None, await self.used(team, period)
-        row = list(rows)[0]
+        row = next(iter(rows))
         used = int(row[7] or 0)
         return (_row_result(row) if row[0] is not None else None), used
 
@@ -300,8 +333,9 @@ class SQLiteStore:
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
 
-    async def save_result(self, result: CachedResult, *, max_bytes: int,
-                          settle: Reservation | None = None) -> None:
+    async def save_result(
+        self, result: CachedResult, *, max_bytes: int, settle: Reservation | None = None
+    ) -> None:
         async def body(w: aiosqlite.Connection) -> None:
             if settle is not None:
                 await w.execute("DELETE FROM reservations WHERE id = ?", (settle.id,))
@@ -310,10 +344,19 @@ class SQLiteStore:
                 "created_at, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, size = excluded.size, "
                 "created_at = excluded.created_at, last_hit_at = excluded.last_hit_at",
-                (result.key, result.content_hash, result.type, result.params, result.scope,
-                 result.data_prefix, result.size, result.created_at, result.created_at),
+                (
+                    result.key,
+                    result.content_hash,
+                    result.type,
+                    result.params,
+                    result.scope,
+                    result.data_prefix,
+                    result.size,
+                    result.created_at,
+                    result.created_at,
+                ),
             )
-            (total,) = (await w.execute_fetchall("SELECT bytes FROM cache_totals"))[0]
+            (total,) = next(iter(await w.execute_fetchall("SELECT bytes FROM cache_totals")))
             if total > max_bytes:
                 await self._evict(w, int(total) - max_bytes, keep=result.key)
 
@@ -337,7 +380,9 @@ class SQLiteStore:
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
         rows = await self._read(
             f"SELECT {_RESULT_COLUMNS} FROM results WHERE content_hash = ? AND scope = ? "
-            "ORDER BY type, params", (content_hash, scope))
+            "ORDER BY type, params",
+            (content_hash, scope),
+        )
         return [_row_result(r) for r in rows]
 
     async def record_hits(self, hits: list[Hit]) -> None:
@@ -348,12 +393,14 @@ class SQLiteStore:
             await w.executemany(
                 "UPDATE results SET hit_count = hit_count + 1, "
                 "last_hit_at = MAX(last_hit_at, ?) WHERE key = ?",
-                [(h.at, h.key) for h in hits if not h.coalesced])
+                [(h.at, h.key) for h in hits if not h.coalesced],
+            )
             await w.executemany(
                 "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
                 "coalesced = coalesced + excluded.coalesced",
-                [(h.team, h.period, int(not h.coalesced), int(h.coalesced)) for h in hits])
+                [(h.team, h.period, int(not h.coalesced), int(h.coalesced)) for h in hits],
+            )
 
         await self._transaction(body)
 
@@ -361,22 +408,31 @@ class SQLiteStore:
         totals = await self._read("SELECT entries, bytes FROM cache_totals")
         extra = await self._read("SELECT MIN(created_at), COALESCE(SUM(hit_count), 0) FROM results")
         by_type = await self._read(
-            "SELECT type, COUNT(*), COALESCE(SUM(size), 0) FROM results "
-            "GROUP BY type ORDER BY type")
+            "SELECT type, COUNT(*), COALESCE(SUM(size), 0) FROM results GROUP BY type ORDER BY type"
+        )
         entries, size = totals[0]
         oldest, hits = extra[0]
-        return CacheStats(entries=int(entries), size_bytes=int(size),
-                          oldest=float(oldest) if oldest is not None else None,
-                          by_type=tuple((str(t), int(n), int(b)) for t, n, b in by_type),
-                          hits=int(hits))
+        return CacheStats(
+            entries=int(entries),
+            size_bytes=int(size),
+            oldest=float(oldest) if oldest is not None else None,
+            by_type=tuple((str(t), int(n), int(b)) for t, n, b in by_type),
+            hits=int(hits),
+        )
 
     async def totals(self) -> tuple[int, int]:
         rows = await self._read("SELECT entries, bytes FROM cache_totals")
         return int(rows[0][0]), int(rows[0][1])
 
-    async def purge(self, *, content_hash: str | None = None, type_: str | None = None,
-                    older_than: float | None = None) -> int:
-        where, args = ["1"], []
+    async def purge(
+        self,
+        *,
+        content_hash: str | None = None,
+        type_: str | None = None,
+        older_than: float | None = None,
+    ) -> int:
+        where: list[str] = ["1"]
+        args: list[object] = []
         if content_hash is not None:
             where.append("content_hash = ?")
             args.append(content_hash)
@@ -393,8 +449,7 @@ class SQLiteStore:
         return removed
 
     # -- quota ledger ----------------------------------------------------------------------
-    async def reserve(self, team: str, period: str, limit: int, *,
-                      at: float) -> Reservation | None:
+    async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
         if limit <= 0:
             return None
         reservation: Reservation | None = None
@@ -406,12 +461,15 @@ class SQLiteStore:
             rows = await w.execute_fetchall(
                 "INSERT INTO quota_usage (team, period, used) VALUES (?, ?, 1) "
                 "ON CONFLICT(team, period) DO UPDATE SET used = used + 1 WHERE used < ? "
-                "RETURNING used", (team, period, limit))
+                "RETURNING used",
+                (team, period, limit),
+            )
             if rows:
                 rid = uuid.uuid4().hex
-                await w.execute("INSERT INTO reservations VALUES (?, ?, ?, ?)",
-                                (rid, team, period, at))
-                reservation = Reservation(rid, team, period, int(list(rows)[0][0]), at)
+                await w.execute(
+                    "INSERT INTO reservations VALUES (?, ?, ?, ?)", (rid, team, period, at)
+                )
+                reservation = Reservation(rid, team, period, int(next(iter(rows))[0]), at)
 
         await self._transaction(body)
         return reservation
@@ -427,9 +485,11 @@ class SQLiteStore:
             cursor = await w.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
             if cursor.rowcount:
                 refunded = True
-                await w.execute("UPDATE quota_usage SET used = used - 1 "
-                                "WHERE team = ? AND period = ? AND used > 0",
-                                (reservation.team, reservation.period))
+                await w.execute(
+                    "UPDATE quota_usage SET used = used - 1 "
+                    "WHERE team = ? AND period = ? AND used > 0",
+                    (reservation.team, reservation.period),
+                )
 
         await self._transaction(body)
         return refunded
@@ -441,25 +501,35 @@ class SQLiteStore:
             nonlocal count
             rows = await w.execute_fetchall(
                 "DELETE FROM reservations WHERE created_at < ? RETURNING team, period",
-                (older_than,))
+                (older_than,),
+            )
             for team, period in rows:
                 count += 1
-                await w.execute("UPDATE quota_usage SET used = used - 1 "
-                                "WHERE team = ? AND period = ? AND used > 0", (team, period))
+                await w.execute(
+                    "UPDATE quota_usage SET used = used - 1 "
+                    "WHERE team = ? AND period = ? AND used > 0",
+                    (team, period),
+                )
 
         await self._transaction(body)
         return count
 
     async def used(self, team: str, period: str) -> int:
-        rows = await self._read("SELECT used FROM quota_usage WHERE team = ? AND period = ?",
-                                (team, period))
+        rows = await self._read(
+            "SELECT used FROM quota_usage WHERE team = ? AND period = ?", (team, period)
+        )
         return int(rows[0][0]) if rows else 0
 
     async def usage(self, period: str) -> list[TeamUsage]:
-        rows = await self._read("SELECT team, period, used, hits, coalesced FROM quota_usage "
-                                "WHERE period = ? ORDER BY team", (period,))
-        return [TeamUsage(team=str(t), period=str(p), charged=int(u), hits=int(h),
-                          coalesced=int(c)) for t, p, u, h, c in rows]
+        rows = await self._read(
+            "SELECT team, period, used, hits, coalesced FROM quota_usage "
+            "WHERE period = ? ORDER BY team",
+            (period,),
+        )
+        return [
+            TeamUsage(team=str(t), period=str(p), charged=int(u), hits=int(h), coalesced=int(c))
+            for t, p, u, h, c in rows
+        ]
 
     # -- meta ------------------------------------------------------------------------------
     async def get_meta(self, name: str) -> str | None:
@@ -467,8 +537,11 @@ class SQLiteStore:
         return str(rows[0][0]) if rows else None
 
     async def set_meta(self, name: str, value: str) -> None:
-        await self._write("INSERT INTO meta (name, value) VALUES (?, ?) "
-                          "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+        await self._write(
+            "INSERT INTO meta (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
 
 
 def _statements(sql: str) -> list[str]:
