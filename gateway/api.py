@@ -6,6 +6,7 @@ upstream's own envelope, before any upstream call and without charging quota.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -25,6 +26,7 @@ from gateway.errors import (
     KeyInvalid,
     KeyMissing,
     NoData,
+    RequestTimeout,
     Unavailable,
 )
 from gateway.form import Form, UploadedFile, parse_query, read_form
@@ -117,12 +119,17 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         return Form(fields=parse_query(request.query_string), file=None)
     if request.method != "POST":
         raise NoData()
-    return await read_form(
-        request.headers.get("Content-Type"),
-        request.content_length,
-        request.content,
-        spool_dir=state.spool_dir,
-    )
+    try:
+        # A client trickling its body must not hold a slot (and a spool file) for ever.
+        async with asyncio.timeout(state.config.server.body_timeout_s):
+            return await read_form(
+                request.headers.get("Content-Type"),
+                request.content_length,
+                request.content,
+                spool_dir=state.spool_dir,
+            )
+    except TimeoutError:
+        raise RequestTimeout() from None
 
 
 def _authorize(form: Form, state: GatewayState) -> TeamConfig:

@@ -93,7 +93,14 @@ def create_app(
     middlewares: list[Middleware] = [envelope_errors]
     if config.server.cors_origins:
         middlewares.insert(0, cors_middleware(config.server.cors_origins))
-    app = web.Application(middlewares=middlewares, handler_args={"max_field_size": 16384})
+    app = web.Application(
+        middlewares=middlewares,
+        handler_args={
+            "max_field_size": 16384,  # one header line
+            "max_headers": 100,
+            "keepalive_timeout": config.server.keepalive_timeout_s,
+        },
+    )
     app[STATE] = state
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_store_ctx)

@@ -64,6 +64,8 @@ class ServerConfig:
     max_inflight: int = 1024
     drain_timeout_s: float = 30.0
     access_log: bool = True
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,8 @@ def parse_config(
             "max_inflight",
             "drain_timeout_s",
             "access_log",
+            "body_timeout_s",
+            "keepalive_timeout_s",
         },
     )
     port = s.integer("port", 8080, minimum=0)
@@ -266,6 +270,8 @@ def parse_config(
         max_inflight=s.integer("max_inflight", 1024),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
         access_log=s.get("access_log", bool, True),
+        body_timeout_s=s.number("body_timeout_s", 60.0),
+        keepalive_timeout_s=s.number("keepalive_timeout_s", 75.0),
     )
 
     u = _Reader(

@@ -74,6 +74,10 @@ class InvalidParameter(GatewayError):
 
 
 # Codes only the gateway can have.
+class RequestTimeout(GatewayError):
+    status, message = 408, "Request body not received in time"
+
+
 class RateLimited(GatewayError):
     status, message = 429, "Rate limit exceeded"
 
