@@ -32,7 +32,9 @@ def analysis_params(type_: str, fields: Mapping[str, str]) -> dict[str, int]:
         text = raw.strip()
         if not text.isascii() or not text.isdigit():
             raise InvalidParameter(name, _range_text(low, high))
-        value = int(text)
+        digits = text.lstrip("0") or "0"
+        # int() refuses past 4,300 digits; more digits than the maximum has is out of range.
+        value = int(digits) if len(digits) <= len(str(high)) else high + 1
         if not low <= value <= high:
             raise InvalidParameter(name, _range_text(low, high))
         params[name] = value
