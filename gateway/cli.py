@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="simulator + gateway + a short workload, then a table")
     demo.add_argument("--requests", type=int, default=40, help="requests per team")
-    demo.add_argument("--images", type=int, default=8, help="distinct images in the workload")
+    demo.add_argument("--images", type=int, default=14, help="distinct images in the workload")
     add_admin_commands(sub)
     return parser
 

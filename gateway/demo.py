@@ -20,10 +20,10 @@ from gateway.sample_images import make_jpeg, make_png
 from gateway.sim import start_sim
 
 UPSTREAM_KEY = "demo-upstream-key"
-TEAMS = {"search": ("search-demo-key", 25), "ads": ("ads-demo-key", 10)}
+TEAMS = {"search": ("search-demo-key", 25), "ads": ("ads-demo-key", 4)}
 
 
-def run_demo(*, requests_per_team: int = 40, images: int = 8) -> int:
+def run_demo(*, requests_per_team: int = 40, images: int = 14) -> int:
     return asyncio.run(_demo(requests_per_team, images))
 
 
@@ -88,7 +88,7 @@ async def _workload(url: str, per_team: int, images: int) -> tuple[dict[str, Cou
                 form.add_field(name, value)
             form.add_field("file", image, filename=f"upload-{n}.img")
             async with session.post(url, data=form) as response:
-                body = await response.json()
+                body = await response.json(content_type=None)
                 row = rows[team]
                 row["requests"] += 1
                 row[str(response.status)] += 1

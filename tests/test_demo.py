@@ -1,0 +1,30 @@
+"""`gateway demo`, README's first command, as a newcomer runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from tests.conftest import gateway_command
+
+
+def test_demo_plays_a_workload_and_prints_what_it_saved() -> None:
+    result = subprocess.run([*gateway_command(), "demo"], capture_output=True, text=True,
+                            timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("search", "ads", "total")}
+    assert set(rows) == {"search", "ads", "total"}
+    header = ["team", "requests", "200", "402", "from", "store", "coalesced", "charged",
+              "quota", "left"]
+    assert header[0] in out and "from store" in out
+    total = rows["total"]
+    requests, ok, over, hits, coalesced, charged = map(int, total[1:7])
+    assert requests == 80 and ok + over == requests
+    # Each team is charged at most its quota; the rest came from the store or coalesced.
+    for team, quota in (("search", 25), ("ads", 4)):
+        assert int(rows[team][6]) <= quota
+    assert hits + coalesced + charged == ok
+    calls = int(re.search(r"upstream called (\d+) times", out).group(1))  # type: ignore[union-attr]
+    assert calls == charged
