@@ -94,11 +94,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if state.config.server.access_log:
             upload = form.file if form is not None else None
             access_log.info(
-                "%s %s %s %s",
-                team_label,
-                type_label,
-                status,
-                outcome,
+                "request",
                 extra={
                     "team": team_label,
                     "type": type_label,
