@@ -112,7 +112,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
 
 async def _read(request: web.Request, state: GatewayState) -> Form:
     if request.method == "GET":
-        return Form(fields=parse_query(request.query_string), file=None)
+        return Form(fields=parse_query(request.rel_url.raw_query_string), file=None)
     if request.method != "POST":
         raise NoData()
     try:

@@ -41,9 +41,7 @@ _Part = tuple[str, str | None, str | None]  # name, filename, content type
 _CLOSE: tuple[int, _Part] = (-1, ("", None, None))  # _parse_head's answer for `--boundary--`
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _BLANK_LINE = re.compile(rb"\n\r?\n")
-# Shortcuts for the common shapes; anything else takes the general path, with the same result.
-_SIMPLE_CONTENT_TYPE = re.compile(
-    r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,./:=?-]{1,70})", re.I)
+# A shortcut for the common shape; anything else takes the general path, with the same result.
 _SIMPLE_HEAD = re.compile(
     rb'\r?\ncontent-disposition: form-data; name="([^"\\\r\n]*)"'
     rb'(?:; filename="([^"\\\r\n]*)")?(?:\r?\ncontent-type:([^\r\n]*))?', re.I)
@@ -121,20 +119,20 @@ async def read_form(
         # Percent-encoding takes up to three bytes per content byte.
         if content_length > max_file_bytes * (1 if boundary else 3) + LENGTH_SLACK:
             raise FileTooLarge()
+    if boundary is not None and content_length is not None and content_length <= memory_limit:
+        body = await _read_body(stream, content_length)
+        try:
+            if form := _parse_whole(body, boundary, max_file_bytes, max_field_bytes, max_fields):
+                return form
+        except NoData:
+            pass  # the forward parser will say what is wrong, and it might be nothing
     lim = _Limits(max_file_bytes, max_field_bytes, max_fields, memory_limit, spool_dir)
     if boundary is None:
         return await _read_streamed(_UrlencodedParser(lim), stream, content_length)
-    delim = b"\r\n--" + boundary
+    parser = _MultipartParser(boundary, lim)
     if content_length is None or content_length > memory_limit:
-        return await _read_streamed(_MultipartParser(delim, lim), stream, content_length)
-    body = await _read_body(stream, content_length)
-    try:
-        if form := _parse_whole(body, delim, lim):
-            return form
-    except NoData:
-        pass  # the forward parser will say what is wrong, and it might be nothing
-    parser = _MultipartParser(delim, lim)
-    parser.feed(body)
+        return await _read_streamed(parser, stream, content_length)
+    parser.feed(body)  # the fast path declined: the same bytes, forward
     return parser.finish()  # no temp file to clean up: the file is at most the body
 
 
@@ -142,7 +140,7 @@ async def _read_streamed(parser: _MultipartParser | _UrlencodedParser,
                         stream: AsyncByteStream, content_length: int | None) -> Form:
     received = 0
     try:
-        while not parser.done:  # a multipart epilogue is never read
+        while not parser.done:
             chunk = await _read_chunk(stream)
             received += len(chunk)
             if content_length is not None and received > content_length:
@@ -155,6 +153,18 @@ async def _read_streamed(parser: _MultipartParser | _UrlencodedParser,
             parser.feed(chunk)
             if parser.sink is not None and parser.sink.backlog >= SPOOL_BATCH:
                 await parser.sink.drain()
+        # A multipart epilogue is not parsed, but the message must still arrive whole
+        # (RFC 9112 6.3): cut short of its Content-Length, or chunked without its last chunk,
+        # it is an aborted upload, not a request to forward and charge.
+        epilogue = 0
+        while chunk := await _read_chunk(stream):
+            received += len(chunk)
+            epilogue += len(chunk)
+            if (content_length is None and epilogue > LENGTH_SLACK) or (
+                    content_length is not None and received > content_length):
+                raise NoData()
+        if content_length is not None and received != content_length:
+            raise NoData()
         if parser.sink is not None:
             await parser.sink.drain()
         return parser.finish()
@@ -174,8 +184,10 @@ def parse_query(query_string: str) -> dict[str, str]:
 
 def _boundary(content_type: str | None) -> bytes | None:
     """The multipart boundary, or None for urlencoded; NoData for anything else."""
-    if content_type and (m := _SIMPLE_CONTENT_TYPE.fullmatch(content_type)):
-        return m[1].encode("ascii")
+    if content_type and content_type.startswith("multipart/form-data; boundary="):
+        boundary = content_type[30:]  # the common shape, e.g. ----WebKitFormBoundaryAbC123
+        if len(boundary) <= 70 and boundary.isascii() and boundary.strip("-").isalnum():
+            return boundary.encode()
     mtype, _, rest = (content_type or "").partition(";")
     mtype = mtype.strip().lower()
     if mtype == "application/x-www-form-urlencoded":
@@ -222,9 +234,11 @@ async def _read_body(stream: AsyncByteStream, content_length: int) -> bytes:
     return b"".join(chunks)  # no copy when it came in one chunk
 
 
-def _parse_whole(body: bytes, delim: bytes, lim: _Limits) -> Form | None:
+def _parse_whole(body: bytes, boundary: bytes, max_file: int, max_field: int,
+                 max_fields: int) -> Form | None:
     """The fast path for a body read whole (see the module doc). None: not the simple case."""
-    dl, max_field, max_fields = len(delim), lim.max_field_bytes, lim.max_fields
+    delim = b"\r\n--" + boundary
+    dl = len(delim)
     if not body.startswith(delim[2:]):
         return None  # a preamble
     fields: dict[str, str] = {}
@@ -261,7 +275,7 @@ def _parse_whole(body: bytes, delim: bytes, lim: _Limits) -> Form | None:
         trailing.append((tpart[0], stop + 4, end))
         end = i
     # No delimiter in the window before `end`, so it ends the file (see read_form).
-    if end - start > lim.max_file_bytes:
+    if end - start > max_file:
         raise FileTooLarge()
     for name, a, b in reversed(trailing):
         if name != "file" and name not in fields:
@@ -276,7 +290,7 @@ class _FileSink:
     """Hashes the file's bytes as they come; holds them in memory, past memory_limit on disk."""
 
     def __init__(self, part: _Part, lim: _Limits) -> None:
-        self.name, self.filename, self.content_type = part
+        _, self.filename, self.content_type = part
         self.lim = lim
         self.size = 0
         self.head = b""
@@ -363,9 +377,9 @@ _PREAMBLE, _HEAD, _FIELD, _FILE = range(4)
 class _MultipartParser(_Parser):
     """Forward RFC 2046 parser, fed the whole body at once or chunk by chunk."""
 
-    def __init__(self, delim: bytes, lim: _Limits) -> None:
+    def __init__(self, boundary: bytes, lim: _Limits) -> None:
         super().__init__(lim)
-        self.delim = delim  # CRLF--boundary
+        self.delim = b"\r\n--" + boundary
         self._buf = b"\r\n"  # so that a body opening with --boundary needs no special case
         self._state = _PREAMBLE
         self._scan = 0  # where the next delimiter search in _buf starts
@@ -380,7 +394,6 @@ class _MultipartParser(_Parser):
             # Mid-file: no delimiter starts in the held-back tail, so skip copying the chunk.
             assert self.sink is not None
             self.sink.write(memoryview(buf))
-            self._offset += len(buf)
             buf, self._scan = b"", 0
         buf = buf + data if buf else data
         pos, scan = 0, self._scan
