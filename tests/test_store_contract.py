@@ -156,3 +156,12 @@ async def test_meta(store: Store) -> None:
     await store.set_meta("upstream_quota", "42")
     await store.set_meta("upstream_quota", "41")
     assert await store.get_meta("upstream_quota") == "41"
+
+
+async def test_sqlite_files_are_private(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "data" / "gateway.db"))
+    await store.open()
+    await store.reserve("t", "p", 5, at=time.time())
+    await store.close()
+    for name in ("gateway.db", "gateway-cache.db"):
+        assert (tmp_path / "data" / name).stat().st_mode & 0o777 == 0o600, name
