@@ -50,7 +50,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         state.metrics.requests.labels(team_label, type_label, "503", outcome).inc()
         raise Unavailable("Gateway overloaded" if not state.draining else "Gateway draining")
     state.inflight += 1
-    state.metrics.inflight.inc()
+    state.metrics.inflight_delta(1)
     form: Form | None = None
     answer: Answer | None = None
     try:
@@ -87,10 +87,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if form is not None:
             form.close()
         state.inflight -= 1
-        state.metrics.inflight.dec()
-        state.metrics.requests.labels(team_label, type_label, str(status), outcome).inc()
+        state.metrics.inflight_delta(-1)
         elapsed = time.perf_counter() - started
-        state.metrics.request_duration.labels(type_label, outcome).observe(elapsed)
+        state.metrics.count_request(team_label, type_label, status, outcome, elapsed)
         if state.config.server.access_log:
             upload = form.file if form is not None else None
             access_log.info(
@@ -115,6 +114,13 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         return Form(fields=parse_query(request.rel_url.raw_query_string), file=None)
     if request.method != "POST":
         raise NoData()
+    if request.content.is_eof():  # the whole body is already here: nothing to wait for
+        return await read_form(
+            request.headers.get("Content-Type"),
+            request.content_length,
+            request.content,
+            spool_dir=state.spool_dir,
+        )
     try:
         # A client trickling its body must not hold a slot (and a spool file) for ever.
         async with asyncio.timeout(state.config.server.body_timeout_s):

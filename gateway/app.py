@@ -102,6 +102,7 @@ def create_app(
         },
     )
     app[STATE] = state
+    metrics.track_inflight(lambda: state.inflight)
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

@@ -6,6 +6,10 @@ stay bounded: teams come from config, types from the API's fixed list.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from gateway.config import ANALYSIS_TYPES, Config
@@ -110,12 +114,44 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        self._saved_children: dict[tuple[str, str], Any] = {}
         self.inflight = Gauge(
             "gateway_inflight_requests",
             "Requests being answered",
             registry=r,
             multiprocess_mode="livesum",
         )
+
+    def count_request(self, team: str, type_: str, status: int, cache: str,
+                      seconds: float) -> None:
+        """One answered request (children cached: ``labels()`` costs more than ``inc()``)."""
+        key = (team, type_, status, cache)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(team, type_, str(status), cache),
+                self.request_duration.labels(type_, cache),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_saved(self, team: str, type_: str) -> None:
+        child = self._saved_children.get((team, type_))
+        if child is None:
+            child = self._saved_children[(team, type_)] = self.calls_saved.labels(team, type_)
+        child.inc()
+
+    def track_inflight(self, current: Callable[[], float]) -> None:
+        """One process: read the in-flight count when scraped (nothing per request).
+        Several workers: each adds and removes its own (``livesum``), see ``inflight_delta``."""
+        if not self.multiprocess:
+            self.inflight.set_function(current)
+
+    def inflight_delta(self, delta: int) -> None:
+        if self.multiprocess:
+            self.inflight.inc(delta)
 
     def preinitialize(self, config: Config) -> None:
         """Create the series known at start so they exist at zero."""

@@ -37,9 +37,20 @@ class QuotaLedger:
         self.store = store
         self.config = config
         self.clock = clock
+        self._period_second = -1
+        self._period_kind = ""
+        self._period_key = ""
 
     def period(self) -> str:
-        return period_key(self.config.quota.period, self.clock())
+        # Formatting a date costs more than the rest of a cache hit: once a second is enough
+        # (a period boundary is a whole second).
+        now = self.clock()
+        second = int(now)
+        if second != self._period_second or self.config.quota.period != self._period_kind:
+            self._period_kind = self.config.quota.period
+            self._period_second = second
+            self._period_key = period_key(self._period_kind, now)
+        return self._period_key
 
     async def reserve(self, team: TeamConfig) -> Reservation:
         """Charge one unit now (pending until settled or refunded)."""

@@ -341,7 +341,7 @@ class RecognitionService:
 
     def _note_hit(self, key: str, call: Call, period: str, now: float, *, coalesced: bool) -> None:
         self._hits.append(Hit(key, call.team.name, period, now, coalesced))
-        self.metrics.calls_saved.labels(call.team.name, call.type).inc()
+        self.metrics.count_saved(call.team.name, call.type)
 
     # -- type=cache ------------------------------------------------------------------------
     async def cached_results(self, team: TeamConfig, content_hash: str) -> bytes:

@@ -66,6 +66,26 @@ class Hit:
     coalesced: bool = False
 
 
+@dataclass(slots=True)
+class HitSummary:
+    """A batch of hits folded into one row per entry and one per team and period."""
+
+    per_key: dict[str, tuple[int, float]]                 # key -> (hits, last hit time)
+    per_team: dict[tuple[str, str], tuple[int, int]]     # (team, period) -> (hits, coalesced)
+
+    @classmethod
+    def of(cls, hits: list[Hit]) -> HitSummary:
+        per_key: dict[str, tuple[int, float]] = {}
+        per_team: dict[tuple[str, str], tuple[int, int]] = {}
+        for h in hits:
+            if not h.coalesced:
+                n, at = per_key.get(h.key, (0, 0.0))
+                per_key[h.key] = (n + 1, max(at, h.at))
+            direct, coalesced = per_team.get((h.team, h.period), (0, 0))
+            per_team[(h.team, h.period)] = (direct + (not h.coalesced), coalesced + h.coalesced)
+        return cls(per_key, per_team)
+
+
 class Store(Protocol):
     generation: int
     """Bumped by every purge in this process (other processes see ``cache_generation``)."""

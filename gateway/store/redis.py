@@ -27,6 +27,7 @@ from gateway.store.base import (
     CachedResult,
     CacheStats,
     Hit,
+    HitSummary,
     Reservation,
     StoreUnavailable,
     TeamUsage,
@@ -271,14 +272,16 @@ class RedisStore:
     async def record_hits(self, hits: list[Hit]) -> None:
         if not hits:
             return
+        summary = HitSummary.of(hits)
         pipe = self._r.pipeline(transaction=False)
-        for h in hits:
-            if h.coalesced:
-                pipe.hincrby(self._k("coalesced:", h.period), h.team, 1)
-            else:
-                pipe.hincrby(self._k("hits:", h.period), h.team, 1)
-                pipe.zadd(self._k("lru"), {h.key: h.at}, xx=True, gt=True)
-                pipe.hincrby(self._k("hitcount"), "all", 1)
+        for (team, period), (direct, coalesced) in summary.per_team.items():
+            if direct:
+                pipe.hincrby(self._k("hits:", period), team, direct)
+            if coalesced:
+                pipe.hincrby(self._k("coalesced:", period), team, coalesced)
+        for key, (n, at) in summary.per_key.items():
+            pipe.zadd(self._k("lru"), {key: at}, xx=True, gt=True)
+            pipe.hincrby(self._k("hitcount"), "all", n)
         await self._call(pipe.execute())
 
     async def usage(self, period: str) -> list[TeamUsage]:

@@ -30,6 +30,7 @@ from gateway.store.base import (
     CachedResult,
     CacheStats,
     Hit,
+    HitSummary,
     Reservation,
     StoreUnavailable,
     TeamUsage,
@@ -389,17 +390,19 @@ class SQLiteStore:
         if not hits:
             return
 
+        summary = HitSummary.of(hits)
+
         async def body(w: aiosqlite.Connection) -> None:
             await w.executemany(
-                "UPDATE results SET hit_count = hit_count + 1, "
+                "UPDATE results SET hit_count = hit_count + ?, "
                 "last_hit_at = MAX(last_hit_at, ?) WHERE key = ?",
-                [(h.at, h.key) for h in hits if not h.coalesced],
+                [(n, at, key) for key, (n, at) in summary.per_key.items()],
             )
             await w.executemany(
                 "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
                 "coalesced = coalesced + excluded.coalesced",
-                [(h.team, h.period, int(not h.coalesced), int(h.coalesced)) for h in hits],
+                [(t, p, n, c) for (t, p), (n, c) in summary.per_team.items()],
             )
 
         await self._transaction(body)
