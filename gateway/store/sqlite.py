@@ -7,22 +7,25 @@ started afresh (and a cache unreadable at run time degrades to misses), while a 
 ledger refuses to start (``gateway check-store`` says what to do).
 
 WAL, ``busy_timeout``, ``BEGIN IMMEDIATE`` for multi-statement writes, named ordered
-migrations per file tracked in ``PRAGMA user_version``. One connection writes (one write at a
-time), another reads, so lookups are never queued behind writes. Cache totals (entries,
+migrations per file tracked in ``PRAGMA user_version``. One connection writes, in its own
+thread, a whole transaction per hop (``_Writer``); another (aiosqlite) reads, so lookups are
+never queued behind writes. Cache totals (entries,
 bytes) are kept by triggers in the same transaction as the change, exact across processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -37,6 +40,7 @@ from gateway.store.base import (
 )
 
 log = logging.getLogger("gateway.store")
+T = TypeVar("T")
 
 Migrations = tuple[tuple[str, str], ...]
 
@@ -202,11 +206,8 @@ class SQLiteStore:
         self.generation = 0
         self.cache_path = cache_path or cache_path_for(path)
         self.synchronous = synchronous
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: _Writer | None = None
         self._reader: aiosqlite.Connection | None = None
-        # One writer connection, one write at a time: a statement sent while another
-        # coroutine's transaction is open would join (or break) that transaction.
-        self._write_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -240,7 +241,8 @@ class SQLiteStore:
         except _ERRORS as exc:
             raise StoreUnavailable(f"cannot open cache {self.cache_path}: {exc}") from exc
         try:
-            self._writer = await self._connect()
+            self._writer = _Writer(self._connect_sync)
+            await self._writer.start()
             self._reader = await self._connect()
         except _ERRORS as exc:
             await self.close()
@@ -254,13 +256,20 @@ class SQLiteStore:
         await conn.execute(f"PRAGMA cache.synchronous = {self.synchronous}")
         return conn
 
+    def _connect_sync(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("ATTACH DATABASE ? AS cache", (self.cache_path,))
+        conn.execute(f"PRAGMA cache.synchronous = {self.synchronous}")
+        return conn
+
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                try:
-                    await conn.close()
-                except _ERRORS:
-                    pass
+        if self._reader is not None:
+            with contextlib.suppress(*_ERRORS):
+                await self._reader.close()
+        if self._writer is not None:
+            await self._writer.close()
         self._reader = self._writer = None
 
     @property
@@ -270,7 +279,7 @@ class SQLiteStore:
         return self._reader
 
     @property
-    def _w(self) -> aiosqlite.Connection:
+    def _w(self) -> _Writer:
         if self._writer is None:
             raise StoreUnavailable("store is closed")
         return self._writer
@@ -282,12 +291,8 @@ class SQLiteStore:
             raise StoreUnavailable(f"SQLite read failed: {exc}") from exc
 
     async def _write(self, sql: str, args: Iterable[object] = ()) -> int:
-        try:
-            async with self._write_lock:
-                cursor = await self._w.execute(sql, tuple(args))
-                return cursor.rowcount
-        except _ERRORS as exc:
-            raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
+        params = tuple(args)
+        return await self._transaction(lambda c: c.execute(sql, params).rowcount)
 
     async def ping(self) -> None:
         await self._read("SELECT 1")
@@ -315,32 +320,21 @@ class SQLiteStore:
         used = int(row[7] or 0)
         return (_row_result(row) if row[0] is not None else None), used
 
-    async def _transaction(self, body: Callable[[aiosqlite.Connection], Awaitable[None]]) -> None:
-        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction on the writer connection."""
-        w = self._w
+    async def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction in the writer's thread: one
+        hop to the thread and back, however many statements."""
         try:
-            async with self._write_lock:
-                await w.execute("BEGIN IMMEDIATE")
-                try:
-                    await body(w)
-                    await w.execute("COMMIT")
-                except BaseException:
-                    # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the
-                    # original error, not "cannot rollback - no transaction is active".
-                    if w.in_transaction:
-                        with contextlib.suppress(*_ERRORS):
-                            await w.execute("ROLLBACK")
-                    raise
+            return await self._w.run(body)
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
 
     async def save_result(
         self, result: CachedResult, *, max_bytes: int, settle: Reservation | None = None
     ) -> None:
-        async def body(w: aiosqlite.Connection) -> None:
+        def body(w: sqlite3.Connection) -> None:
             if settle is not None:
-                await w.execute("DELETE FROM reservations WHERE id = ?", (settle.id,))
-            await w.execute(
+                w.execute("DELETE FROM reservations WHERE id = ?", (settle.id,))
+            w.execute(
                 "INSERT INTO results (key, content_hash, type, params, scope, data, size, "
                 "created_at, last_hit_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(key) DO UPDATE SET data = excluded.data, size = excluded.size, "
@@ -357,16 +351,17 @@ class SQLiteStore:
                     result.created_at,
                 ),
             )
-            (total,) = next(iter(await w.execute_fetchall("SELECT bytes FROM cache_totals")))
+            (total,) = next(iter(_fetchall(w, "SELECT bytes FROM cache_totals")))
             if total > max_bytes:
-                await self._evict(w, int(total) - max_bytes, keep=result.key)
+                self._evict(w, int(total) - max_bytes, keep=result.key)
 
         await self._transaction(body)
 
     @staticmethod
-    async def _evict(w: aiosqlite.Connection, excess: int, *, keep: str) -> None:
+    def _evict(w: sqlite3.Connection, excess: int, *, keep: str) -> None:
         """Delete least recently hit entries until ``excess`` bytes are freed."""
-        rows = await w.execute_fetchall(
+        rows = _fetchall(
+            w,
             "SELECT key, size FROM results WHERE key != ? ORDER BY last_hit_at LIMIT 1000",
             (keep,),
         )
@@ -376,7 +371,7 @@ class SQLiteStore:
                 break
             doomed.append(key)
             excess -= size
-        await w.executemany("DELETE FROM results WHERE key = ?", [(k,) for k in doomed])
+        w.executemany("DELETE FROM results WHERE key = ?", [(k,) for k in doomed])
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
         rows = await self._read(
@@ -392,13 +387,13 @@ class SQLiteStore:
 
         summary = HitSummary.of(hits)
 
-        async def body(w: aiosqlite.Connection) -> None:
-            await w.executemany(
+        def body(w: sqlite3.Connection) -> None:
+            w.executemany(
                 "UPDATE results SET hit_count = hit_count + ?, "
                 "last_hit_at = MAX(last_hit_at, ?) WHERE key = ?",
                 [(n, at, key) for key, (n, at) in summary.per_key.items()],
             )
-            await w.executemany(
+            w.executemany(
                 "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
                 "coalesced = coalesced + excluded.coalesced",
@@ -455,67 +450,57 @@ class SQLiteStore:
     async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
         if limit <= 0:
             return None
-        reservation: Reservation | None = None
 
-        async def body(w: aiosqlite.Connection) -> None:
-            nonlocal reservation
+        def body(w: sqlite3.Connection) -> Reservation | None:
             # One statement decides admission: atomic under SQLite's write lock, across
             # connections and processes sharing the file.
-            rows = await w.execute_fetchall(
+            rows = _fetchall(
+                w,
                 "INSERT INTO quota_usage (team, period, used) VALUES (?, ?, 1) "
                 "ON CONFLICT(team, period) DO UPDATE SET used = used + 1 WHERE used < ? "
                 "RETURNING used",
                 (team, period, limit),
             )
-            if rows:
-                rid = uuid.uuid4().hex
-                await w.execute(
-                    "INSERT INTO reservations VALUES (?, ?, ?, ?)", (rid, team, period, at)
-                )
-                reservation = Reservation(rid, team, period, int(next(iter(rows))[0]), at)
+            if not rows:
+                return None
+            rid = uuid.uuid4().hex
+            w.execute("INSERT INTO reservations VALUES (?, ?, ?, ?)", (rid, team, period, at))
+            return Reservation(rid, team, period, int(rows[0][0]), at)
 
-        await self._transaction(body)
-        return reservation
+        return await self._transaction(body)
 
     async def settle(self, reservation: Reservation) -> None:
         await self._write("DELETE FROM reservations WHERE id = ?", (reservation.id,))
 
     async def refund(self, reservation: Reservation) -> bool:
-        refunded = False
+        def body(w: sqlite3.Connection) -> bool:
+            cursor = w.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            if not cursor.rowcount:
+                return False  # settled or reclaimed already: nothing to give back
+            w.execute(
+                "UPDATE quota_usage SET used = used - 1 WHERE team = ? AND period = ? AND used > 0",
+                (reservation.team, reservation.period),
+            )
+            return True
 
-        async def body(w: aiosqlite.Connection) -> None:
-            nonlocal refunded
-            cursor = await w.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
-            if cursor.rowcount:
-                refunded = True
-                await w.execute(
-                    "UPDATE quota_usage SET used = used - 1 "
-                    "WHERE team = ? AND period = ? AND used > 0",
-                    (reservation.team, reservation.period),
-                )
-
-        await self._transaction(body)
-        return refunded
+        return await self._transaction(body)
 
     async def reclaim(self, older_than: float) -> int:
-        count = 0
-
-        async def body(w: aiosqlite.Connection) -> None:
-            nonlocal count
-            rows = await w.execute_fetchall(
+        def body(w: sqlite3.Connection) -> int:
+            rows = _fetchall(
+                w,
                 "DELETE FROM reservations WHERE created_at < ? RETURNING team, period",
                 (older_than,),
             )
             for team, period in rows:
-                count += 1
-                await w.execute(
+                w.execute(
                     "UPDATE quota_usage SET used = used - 1 "
                     "WHERE team = ? AND period = ? AND used > 0",
                     (team, period),
                 )
+            return len(rows)
 
-        await self._transaction(body)
-        return count
+        return await self._transaction(body)
 
     async def used(self, team: str, period: str) -> int:
         rows = await self._read(
@@ -545,6 +530,54 @@ class SQLiteStore:
             "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
+
+
+def _fetchall(conn: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
+    return conn.execute(sql, args).fetchall()
+
+
+class _Writer:
+    """The one writing connection, in its own thread: each call runs a whole transaction
+    there (datasette's shape: one writer fed by a queue, readers separate)."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]):
+        self._connect = connect
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._conn: sqlite3.Connection | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._conn = await loop.run_in_executor(self._pool, self._connect)
+
+    async def run(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._transact, body)
+
+    def _transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise sqlite3.ProgrammingError("store is closed")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn)
+            conn.execute("COMMIT")
+            return result
+        except BaseException:
+            # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the original
+            # error, not "cannot rollback - no transaction is active".
+            if conn.in_transaction:
+                with contextlib.suppress(*_ERRORS):
+                    conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        with contextlib.suppress(*_ERRORS):
+            await asyncio.get_running_loop().run_in_executor(self._pool, shut)
+        self._pool.shutdown(wait=False)
 
 
 def _statements(sql: str) -> list[str]:
