@@ -126,13 +126,7 @@ class RecognitionService:
                     age = now - entry.created_at
                     if age < self.config.cache.ttl_s:
                         self._note_hit(key, call, period, now, coalesced=False)
-                        ttl = int(self.config.cache.ttl_s - age)
-                        return Answer(
-                            success_body(entry.data_prefix, self._left(call.team, used)),
-                            "hit",
-                            f"{CACHE_NAME}; hit; ttl={ttl}",
-                            call.file.content_hash,
-                        )
+                        return self._hit(entry, call, used, age)
                 if d.only_if_cached:
                     raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
             try:
@@ -192,13 +186,19 @@ class RecognitionService:
             return None
         self._note_hit(key, call, period, now, coalesced=False)
         used = await self.store.used(call.team.name, period)
+        return self._hit(entry, call, used, age, stale=True)
+
+    def _hit(
+        self, entry: CachedResult, call: Call, used: int, age: float, *, stale: bool = False
+    ) -> Answer:
+        """An answer from the store: free, ``ttl`` negative once past freshness (RFC 9211)."""
         ttl = int(self.config.cache.ttl_s - age)
         return Answer(
             success_body(entry.data_prefix, self._left(call.team, used)),
             "hit",
-            f"{CACHE_NAME}; hit; ttl={ttl}; detail=stale-if-error",
+            f"{CACHE_NAME}; hit; ttl={ttl}" + ("; detail=stale-if-error" if stale else ""),
             call.file.content_hash,
-            warning=f'110 {CACHE_NAME} "Response is Stale"',
+            warning=f'110 {CACHE_NAME} "Response is Stale"' if stale else None,
         )
 
     async def _lead(self, call: Call, key: str, scope: str, fwd: str) -> Answer:

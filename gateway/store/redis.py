@@ -37,7 +37,24 @@ _FIELDS = ("content_hash", "type", "params", "scope", "data", "created_at")
 
 # KEYS: none (prefix in ARGV[1]); ARGV: prefix, key, hash, type, params, scope, data, size,
 # created_at, max_bytes, reservation id to settle (or "")
-_SAVE = """
+# Removes one entry and everything that indexes it; returns the bytes it freed (0 if absent).
+_DROP = """
+local function drop(p, victim)
+  local vkey = p .. 'r:' .. victim
+  local v = redis.call('HMGET', vkey, 'size', 'content_hash', 'type')
+  redis.call('ZREM', p .. 'lru', victim)
+  redis.call('ZREM', p .. 'created', victim)
+  if not v[1] then return 0 end
+  redis.call('HINCRBY', p .. 'totals', 'entries', -1)
+  redis.call('HINCRBY', p .. 'totals', 'bytes', -tonumber(v[1]))
+  redis.call('SREM', p .. 'h:' .. v[2], victim)
+  redis.call('SREM', p .. 't:' .. v[3], victim)
+  redis.call('DEL', vkey)
+  return tonumber(v[1])
+end
+"""
+
+_SAVE = _DROP + """
 local p, key = ARGV[1], ARGV[2]
 local rkey = p .. 'r:' .. key
 local size = tonumber(ARGV[8])
@@ -64,18 +81,7 @@ while excess > 0 do
   local progressed = false
   for _, victim in ipairs(victims) do
     if victim ~= key and excess > 0 then
-      local vkey = p .. 'r:' .. victim
-      local v = redis.call('HMGET', vkey, 'size', 'content_hash', 'type')
-      if v[1] then
-        redis.call('HINCRBY', p .. 'totals', 'entries', -1)
-        redis.call('HINCRBY', p .. 'totals', 'bytes', -tonumber(v[1]))
-        redis.call('SREM', p .. 'h:' .. v[2], victim)
-        redis.call('SREM', p .. 't:' .. v[3], victim)
-        redis.call('DEL', vkey)
-        excess = excess - tonumber(v[1])
-      end
-      redis.call('ZREM', p .. 'lru', victim)
-      redis.call('ZREM', p .. 'created', victim)
+      excess = excess - drop(p, victim)
       progressed = true
     end
   end
@@ -84,23 +90,10 @@ end
 return 1
 """
 
-_DELETE = """
-local p = ARGV[1]
+_DELETE = _DROP + """
 local n = 0
 for i = 2, #ARGV do
-  local victim = ARGV[i]
-  local vkey = p .. 'r:' .. victim
-  local v = redis.call('HMGET', vkey, 'size', 'content_hash', 'type')
-  if v[1] then
-    redis.call('HINCRBY', p .. 'totals', 'entries', -1)
-    redis.call('HINCRBY', p .. 'totals', 'bytes', -tonumber(v[1]))
-    redis.call('SREM', p .. 'h:' .. v[2], victim)
-    redis.call('SREM', p .. 't:' .. v[3], victim)
-    redis.call('DEL', vkey)
-    n = n + 1
-  end
-  redis.call('ZREM', p .. 'lru', victim)
-  redis.call('ZREM', p .. 'created', victim)
+  if drop(ARGV[1], ARGV[i]) > 0 then n = n + 1 end
 end
 return n
 """
