@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import random
+import re
+import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -111,10 +113,13 @@ class UpstreamClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
-                with _form(self.config, type_, params, file) as form:
+                with _form(self.config, type_, params, file) as (form, headers):
                     try:
                         async with self._session.post(
-                            self.config.url, data=form, timeout=aiohttp.ClientTimeout(total=left)
+                            self.config.url,
+                            data=form,
+                            headers=headers,
+                            timeout=aiohttp.ClientTimeout(total=left),
                         ) as response:
                             raw = await response.read()
                             http_status = response.status
@@ -191,30 +196,55 @@ class UpstreamClient:
         raise BadGateway(f"Upstream answered status {status}")
 
 
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
+
+
+def _multipart_bytes(
+    fields: list[tuple[str, str]], filename: str, content_type: str, data: bytes
+) -> tuple[bytes, dict[str, str]]:
+    """The whole multipart body as one bytes object: one socket write, and none of
+    aiohttp.FormData's per-part machinery (~0.5 ms a request for a 10 KB upload)."""
+    while True:  # 128 random bits; checked anyway, a boundary must not occur in the content
+        boundary = secrets.token_hex(16)
+        if boundary.encode() not in data:
+            break
+    quoted = (
+        filename.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    )
+    if not _MEDIA_TYPE.fullmatch(content_type):
+        content_type = "application/octet-stream"
+    head = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields
+    )
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    )
+    body = b"".join((head.encode(), data, f"\r\n--{boundary}--\r\n".encode()))
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
 @contextlib.contextmanager
 def _form(
     config: UpstreamConfig, type_: str, params: Mapping[str, int], file: UploadedFile
-) -> Iterator[aiohttp.FormData]:
+) -> Iterator[tuple[bytes | aiohttp.FormData, dict[str, str] | None]]:
     """A fresh multipart body per attempt (aiohttp sends a FormData once)."""
-    form = aiohttp.FormData(quote_fields=False)
-    form.add_field("apikey", config.api_key.reveal())
-    form.add_field("type", type_)
-    for name, value in params.items():
-        form.add_field(name, str(value))
+    fields = [("apikey", config.api_key.reveal()), ("type", type_)]
+    fields += [(name, str(value)) for name, value in params.items()]
     filename = file.filename or ("image.png" if file.head.startswith(b"\x89PNG") else "image.jpg")
     content_type = file.content_type or "application/octet-stream"
     if file.path is None:
-        form.add_field(
-            "file",
-            file.data if file.data is not None else b"",
-            filename=filename,
-            content_type=content_type,
-        )
-        yield form
+        # bytes(), not the memoryview: `in` on a memoryview compares element by element
+        data = bytes(file.data) if file.data is not None else b""
+        yield _multipart_bytes(fields, filename, content_type, data)
         return
+    form = aiohttp.FormData(quote_fields=False)
+    for name, value in fields:
+        form.add_field(name, value)
     with open(file.path, "rb") as handle:  # streamed from the spool file, never held whole
         form.add_field("file", handle, filename=filename, content_type=content_type)
-        yield form
+        yield form, None
 
 
 async def _backoff(attempt: int, deadline: float) -> None:
