@@ -1,0 +1,47 @@
+"""The floor: a bare aiohttp app whose handler only reads the body and answers a small JSON.
+
+    python bench/floor.py --port 8099
+
+It runs like ``gateway serve`` does (``web.run_app``, uvloop when installed, no access log),
+so the ratio gateway/floor measures what the gateway adds to reading an upload, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from aiohttp import web
+
+BODY = b'{"status":200,"message":"Success","data":{"error":0,"quota":0}}'
+
+
+async def handle(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=BODY, content_type="application/json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="SO_REUSEPORT, to run several floor processes on one port")
+    args = parser.parse_args()
+    if not args.no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # Large enough for the 5 MB (and 50 MB) bodies: request.read() refuses past it.
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
+                reuse_port=args.reuse_port or None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmark command runs end to end (`bench/run.py --quick`): every scenario, real
+processes, wrk. It judges no speed (that is BENCHMARKS.md's business), only that the bench
+works and its correctness checks hold (no non-2xx answer, hits are hits, one upstream call
+for a storm of identical uploads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "bench" / "run.py"
+
+
+def scenario_titles() -> list[str]:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    titles = list(module.SCENARIOS.values())
+    assert len(titles) == 6
+    return titles
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed; the benchmark needs it: apt-get install wrk")
+    titles = scenario_titles()
+    report = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--output", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    markdown = report.read_text()
+    for title in titles:
+        assert f"== {title} ==" in proc.stdout, f"no {title!r} table in:\n{output[-6000:]}"
+        assert f"### {title}" in markdown
+    assert "PROBLEM" not in proc.stdout
+    assert "Python" in markdown and "aiohttp" in markdown  # the machine section
