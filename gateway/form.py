@@ -44,7 +44,9 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")
 # A shortcut for the common shape; anything else takes the general path, with the same result.
 _SIMPLE_HEAD = re.compile(
     rb'\r?\ncontent-disposition: form-data; name="([^"\\\r\n]*)"'
-    rb'(?:; filename="([^"\\\r\n]*)")?(?:\r?\ncontent-type:([^\r\n]*))?', re.I)
+    rb'(?:; filename="([^"\\\r\n]*)")?(?:\r?\ncontent-type:([^\r\n]*))?',
+    re.I,
+)
 
 
 class AsyncByteStream(Protocol):
@@ -136,8 +138,11 @@ async def read_form(
     return parser.finish()  # no temp file to clean up: the file is at most the body
 
 
-async def _read_streamed(parser: _MultipartParser | _UrlencodedParser,
-                        stream: AsyncByteStream, content_length: int | None) -> Form:
+async def _read_streamed(
+    parser: _MultipartParser | _UrlencodedParser,
+    stream: AsyncByteStream,
+    content_length: int | None,
+) -> Form:
     received = 0
     try:
         while not parser.done:
@@ -161,7 +166,8 @@ async def _read_streamed(parser: _MultipartParser | _UrlencodedParser,
             received += len(chunk)
             epilogue += len(chunk)
             if (content_length is None and epilogue > LENGTH_SLACK) or (
-                    content_length is not None and received > content_length):
+                content_length is not None and received > content_length
+            ):
                 raise NoData()
         if content_length is not None and received != content_length:
             raise NoData()
@@ -234,8 +240,9 @@ async def _read_body(stream: AsyncByteStream, content_length: int) -> bytes:
     return b"".join(chunks)  # no copy when it came in one chunk
 
 
-def _parse_whole(body: bytes, boundary: bytes, max_file: int, max_field: int,
-                 max_fields: int) -> Form | None:
+def _parse_whole(
+    body: bytes, boundary: bytes, max_file: int, max_field: int, max_fields: int
+) -> Form | None:
     """The fast path for a body read whole (see the module doc). None: not the simple case."""
     delim = b"\r\n--" + boundary
     dl = len(delim)
@@ -281,9 +288,17 @@ def _parse_whole(body: bytes, boundary: bytes, max_file: int, max_field: int,
         if name != "file" and name not in fields:
             fields[name] = body[a:b].decode("utf-8", "replace")
     content = memoryview(body)[start:end]
-    return Form(fields, UploadedFile(xxhash.xxh3_128_hexdigest(content), end - start,
-                                     body[start : min(end, start + HEAD_BYTES)], part[1], part[2],
-                                     content))
+    return Form(
+        fields,
+        UploadedFile(
+            xxhash.xxh3_128_hexdigest(content),
+            end - start,
+            body[start : min(end, start + HEAD_BYTES)],
+            part[1],
+            part[2],
+            content,
+        ),
+    )
 
 
 class _FileSink:
@@ -337,8 +352,15 @@ class _FileSink:
             self._file.close()
         mem = self._mem if self._mem is not None or self._path is not None else b""
         data = memoryview(mem) if isinstance(mem, bytearray) else mem
-        return UploadedFile(self._hasher.hexdigest(), self.size, self.head, self.filename,
-                            self.content_type, data=data, path=self._path)
+        return UploadedFile(
+            self._hasher.hexdigest(),
+            self.size,
+            self.head,
+            self.filename,
+            self.content_type,
+            data=data,
+            path=self._path,
+        )
 
     def discard(self) -> None:
         if self._file is not None:
@@ -477,9 +499,11 @@ def _parse_block(block: bytes) -> _Part | None:
     """Padding and header lines, up to the blank line; None if a blank line comes earlier."""
     if m := _SIMPLE_HEAD.fullmatch(block):  # what browsers and most clients send
         name, filename, content_type = m.groups()
-        return (name.decode("utf-8", "replace"),
-                None if filename is None else filename.decode("utf-8", "replace"),
-                content_type.strip().decode("utf-8", "replace") or None if content_type else None)
+        return (
+            name.decode("utf-8", "replace"),
+            None if filename is None else filename.decode("utf-8", "replace"),
+            content_type.strip().decode("utf-8", "replace") or None if content_type else None,
+        )
     padding, *lines = block.split(b"\n")
     if padding.strip(b" \t\r"):
         raise NoData()  # text after the boundary

@@ -124,8 +124,7 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
-    def count_request(self, team: str, type_: str, status: int, cache: str,
-                      seconds: float) -> None:
+    def count_request(self, team: str, type_: str, status: int, cache: str, seconds: float) -> None:
         """One answered request (children cached: ``labels()`` costs more than ``inc()``)."""
         key = (team, type_, status, cache)
         children = self._request_children.get(key)

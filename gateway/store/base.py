@@ -70,8 +70,8 @@ class Hit:
 class HitSummary:
     """A batch of hits folded into one row per entry and one per team and period."""
 
-    per_key: dict[str, tuple[int, float]]                 # key -> (hits, last hit time)
-    per_team: dict[tuple[str, str], tuple[int, int]]     # (team, period) -> (hits, coalesced)
+    per_key: dict[str, tuple[int, float]]  # key -> (hits, last hit time)
+    per_team: dict[tuple[str, str], tuple[int, int]]  # (team, period) -> (hits, coalesced)
 
     @classmethod
     def of(cls, hits: list[Hit]) -> HitSummary:

@@ -54,7 +54,9 @@ local function drop(p, victim)
 end
 """
 
-_SAVE = _DROP + """
+_SAVE = (
+    _DROP
+    + """
 local p, key = ARGV[1], ARGV[2]
 local rkey = p .. 'r:' .. key
 local size = tonumber(ARGV[8])
@@ -89,14 +91,18 @@ while excess > 0 do
 end
 return 1
 """
+)
 
-_DELETE = _DROP + """
+_DELETE = (
+    _DROP
+    + """
 local n = 0
 for i = 2, #ARGV do
   if drop(ARGV[1], ARGV[i]) > 0 then n = n + 1 end
 end
 return n
 """
+)
 
 # KEYS: used:<period>, resv, resv_at; ARGV: team, limit, id, payload, at
 _RESERVE = """
