@@ -268,11 +268,17 @@ def _cache_purge(args: argparse.Namespace) -> int:
         )
     config = load_config(args.config, require_api_key=False)
     cutoff = time.time() - age if age is not None else None
+    started = time.monotonic()
+    if sys.stderr.isatty():  # one DELETE: on a large store it can take a while
+        print("purging (one transaction; a running gateway keeps serving)...", file=sys.stderr)
     removed = _with_store(
         config,
         lambda store: store.purge(content_hash=content_hash, type_=args.type, older_than=cutoff),
     )
-    print(f"removed {removed} cached result{'' if removed == 1 else 's'}")
+    print(
+        f"removed {removed} cached result{'' if removed == 1 else 's'} "
+        f"in {time.monotonic() - started:.1f}s"
+    )
     return 0
 
 
