@@ -107,6 +107,7 @@ class RecognitionService:
         self.usage = UsageCache(USAGE_MAX_AGE_S)
         self._generation = store.generation
         self._shared_generation: str | None = _UNREAD
+        self._upstream_quota: int | None = None  # latest account quota, written by flush()
 
     # -- the request path ------------------------------------------------------------------
     async def recognize(self, call: Call) -> Answer:
@@ -372,8 +373,6 @@ class RecognitionService:
         return success_json(data)
 
     # -- background ------------------------------------------------------------------------
-    _upstream_quota: int | None = None
-
     async def flush(self) -> None:
         """Write batched hit counters (off the answer's path) and the account quota; drop
         the in-memory tier when another process purged the store."""

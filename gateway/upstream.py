@@ -67,7 +67,6 @@ class UpstreamClient:
             config.breaker_cooldown_s,
             on_change=metrics.upstream_breaker_state.set,
         )
-        self.last_status: str | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -157,7 +156,6 @@ class UpstreamClient:
             self.breaker.success()
             return result
         finally:
-            self.last_status = status_label
             self.metrics.upstream_requests.labels(type_, status_label).inc()
             self.metrics.upstream_duration.labels(type_).observe(time.perf_counter() - started)
 
