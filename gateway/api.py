@@ -47,7 +47,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     team_label, type_label, outcome, status = "unknown", "invalid", "none", 500
     if state.inflight >= state.config.server.max_inflight or state.draining:
-        state.metrics.requests.labels(team_label, type_label, "503", outcome).inc()
+        state.metrics.count_request(team_label, type_label, 503, outcome, 0.0)
         raise Unavailable("Gateway overloaded" if not state.draining else "Gateway draining")
     state.inflight += 1
     state.metrics.inflight_delta(1)
@@ -114,22 +114,18 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         return Form(fields=parse_query(request.rel_url.raw_query_string), file=None)
     if request.method != "POST":
         raise NoData()
-    if request.content.is_eof():  # the whole body is already here: nothing to wait for
-        return await read_form(
-            request.headers.get("Content-Type"),
-            request.content_length,
-            request.content,
-            spool_dir=state.spool_dir,
-        )
+    reading = read_form(
+        request.headers.get("Content-Type"),
+        request.content_length,
+        request.content,
+        spool_dir=state.spool_dir,
+    )
+    if request.content.is_eof():  # the whole body is already here: no timer to arm
+        return await reading
     try:
         # A client trickling its body must not hold a slot (and a spool file) for ever.
         async with asyncio.timeout(state.config.server.body_timeout_s):
-            return await read_form(
-                request.headers.get("Content-Type"),
-                request.content_length,
-                request.content,
-                spool_dir=state.spool_dir,
-            )
+            return await reading
     except TimeoutError:
         raise RequestTimeout() from None
 

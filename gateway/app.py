@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -142,7 +141,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
     if stored is not None and stored.isdigit():
         state.metrics.upstream_quota_remaining.set(int(stored))
 
-    await _reclaim(state)
+    await _housekeeping(state)
     await state.service.flush()  # also notes the store's cache generation as of now
 
     async def loop() -> None:
@@ -152,18 +151,17 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
             await state.service.flush()
             ticks += 1
             if ticks % int(RECLAIM_INTERVAL_S / FLUSH_INTERVAL_S) == 0:
-                await _reclaim(state)
+                await _housekeeping(state)
 
     task = asyncio.create_task(loop())
     yield
-    state.draining = True
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await state.service.drain()
 
 
-async def _reclaim(state: GatewayState) -> None:
+async def _housekeeping(state: GatewayState) -> None:
     """Housekeeping: refund abandoned reservations, drop entries past stale-if-error."""
     try:
         reclaimed = await state.ledger.reclaim()
@@ -202,7 +200,7 @@ async def handle_readyz(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await refresh_store_gauges(state)
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if state.metrics.multiprocess:
         # Several workers: every worker's values, summed or most recent per metric.
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

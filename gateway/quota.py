@@ -62,9 +62,6 @@ class QuotaLedger:
             raise QuotaReached()
         return reservation
 
-    def remaining_after(self, team: TeamConfig, reservation: Reservation) -> int:
-        return max(team.quota - reservation.used, 0)
-
     async def refund(self, reservation: Reservation) -> None:
         await self.store.refund(reservation)
 
@@ -74,5 +71,7 @@ class QuotaLedger:
         horizon = max(4 * self.config.upstream.timeout_s, 300.0)
         return await self.store.reclaim(self.clock() - horizon)
 
-    async def remaining(self, team: TeamConfig) -> int:
-        return max(team.quota - await self.store.used(team.name, self.period()), 0)
+    @staticmethod
+    def left(team: TeamConfig, used: int) -> int:
+        """What a team may still spend this period, given what it has been charged."""
+        return max(team.quota - used, 0)

@@ -17,7 +17,7 @@ from typing import Any
 from gateway.cache_key import cache_key, params_text
 from gateway.config import Config, TeamConfig
 from gateway.envelope import data_object, data_prefix, success_body, success_json
-from gateway.errors import BadGateway, GatewayError, GatewayTimeout, Unavailable
+from gateway.errors import BadGateway, GatewayTimeout, Unavailable
 from gateway.form import UploadedFile
 from gateway.hot_cache import HotCache, UsageCache
 from gateway.metrics import Metrics
@@ -155,16 +155,21 @@ class RecognitionService:
             self._drop_hot()
         entry = self.hot.get(key)
         if entry is not None:
-            used = self.usage.get(team, period, time.monotonic())
-            if used is None:
-                used = await self.store.used(team, period)
-                self.usage.put(team, period, used, time.monotonic())
-            return entry, used
+            return entry, await self._used(team, period)
         entry, used = await self.store.lookup(key, team, period)
         self.usage.put(team, period, used, time.monotonic())
         if entry is not None:
             self.hot.put(entry)
         return entry, used
+
+    async def _used(self, team: str, period: str) -> int:
+        """The team's charged count for the ``quota`` of a free answer: at most
+        ``USAGE_MAX_AGE_S`` old, so hits rarely wait for the store."""
+        used = self.usage.get(team, period, time.monotonic())
+        if used is None:
+            used = await self.store.used(team, period)
+            self.usage.put(team, period, used, time.monotonic())
+        return used
 
     def _drop_hot(self) -> None:
         self.hot.clear()
@@ -186,7 +191,7 @@ class RecognitionService:
         if age >= self.config.cache.keep_s:
             return None
         self._note_hit(key, call, period, now, coalesced=False)
-        used = await self.store.used(call.team.name, period)
+        used = await self._used(call.team.name, period)
         return self._hit(entry, call, used, age, stale=True)
 
     def _hit(
@@ -195,7 +200,7 @@ class RecognitionService:
         """An answer from the store: free, ``ttl`` negative once past freshness (RFC 9211)."""
         ttl = int(self.config.cache.ttl_s - age)
         return Answer(
-            success_body(entry.data_prefix, self._left(call.team, used)),
+            success_body(entry.data_prefix, self.ledger.left(call.team, used)),
             "hit",
             f"{CACHE_NAME}; hit; ttl={ttl}" + ("; detail=stale-if-error" if stale else ""),
             call.file.content_hash,
@@ -212,20 +217,7 @@ class RecognitionService:
             flight.future.set_exception(_Retry())
             flight.future.exception()  # retrieved: followers may be none
             raise
-        # The upstream call runs as its own task: the leader's client hanging up must not
-        # cancel it for the followers.
-        task = asyncio.create_task(self._fetch(call, key, scope, reservation, flight, store=True))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        result, upstream_s = await asyncio.shield(task)
-        remaining = self.ledger.remaining_after(call.team, reservation)
-        return Answer(
-            success_body(result.data_prefix, remaining),
-            "miss",
-            f"{CACHE_NAME}; {fwd}; stored",
-            call.file.content_hash,
-            upstream_s * 1000,
-        )
+        return await self._call_upstream(call, key, scope, reservation, flight, store=True, fwd=fwd)
 
     async def _follow(self, flight: _Flight, key: str, call: Call, scope: str) -> Answer:
         try:
@@ -240,9 +232,9 @@ class RecognitionService:
             return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
         period = self.ledger.period()
         self._note_hit(key, call, period, self.ledger.clock(), coalesced=True)
-        remaining = await self.ledger.remaining(call.team)
+        used = await self._used(call.team.name, period)
         return Answer(
-            success_body(result.data_prefix, remaining),
+            success_body(result.data_prefix, self.ledger.left(call.team, used)),
             "coalesced",
             f"{CACHE_NAME}; hit; detail=coalesced",
             call.file.content_hash,
@@ -252,16 +244,31 @@ class RecognitionService:
         self, call: Call, key: str, scope: str, *, store: bool, cache_status: str
     ) -> Answer:
         reservation = await self._reserve(call.team)
-        task = asyncio.create_task(self._fetch(call, key, scope, reservation, None, store=store))
+        return await self._call_upstream(
+            call, key, scope, reservation, None, store=store, fwd=cache_status
+        )
+
+    async def _call_upstream(
+        self,
+        call: Call,
+        key: str,
+        scope: str,
+        reservation: Reservation,
+        flight: _Flight | None,
+        *,
+        store: bool,
+        fwd: str,
+    ) -> Answer:
+        # The upstream call runs as its own task: a client hanging up must not cancel it for
+        # the followers, nor lose a result that was paid for.
+        task = asyncio.create_task(self._fetch(call, key, scope, reservation, flight, store=store))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         result, upstream_s = await asyncio.shield(task)
-        remaining = self.ledger.remaining_after(call.team, reservation)
-        status = f"{CACHE_NAME}; {cache_status}" + ("; stored" if store else "")
         return Answer(
-            success_body(result.data_prefix, remaining),
-            "none" if not store else "miss",
-            status,
+            success_body(result.data_prefix, self.ledger.left(call.team, reservation.used)),
+            "miss" if store else "none",
+            f"{CACHE_NAME}; {fwd}" + ("; stored" if store else ""),
             call.file.content_hash,
             upstream_s * 1000,
         )
@@ -337,9 +344,6 @@ class RecognitionService:
                 exc,
             )
 
-    def _left(self, team: TeamConfig, used: int) -> int:
-        return max(team.quota - used, 0)
-
     def _note_hit(self, key: str, call: Call, period: str, now: float, *, coalesced: bool) -> None:
         self._hits.append(Hit(key, call.team.name, period, now, coalesced))
         self.metrics.count_saved(call.team.name, call.type)
@@ -368,7 +372,7 @@ class RecognitionService:
             "type": "cache",
             "hash": content_hash,
             "results": results,
-            "quota": await self.ledger.remaining(team),
+            "quota": self.ledger.left(team, await self._used(team.name, self.ledger.period())),
         }
         return success_json(data)
 
@@ -405,4 +409,4 @@ class RecognitionService:
         await self.flush()
 
 
-__all__ = ["Answer", "Call", "Directives", "GatewayError", "RecognitionService"]
+__all__ = ["Answer", "Call", "Directives", "RecognitionService"]
