@@ -283,8 +283,15 @@ class SQLiteStore:
 
     async def _checkpoints(self) -> None:
         """PASSIVE checkpoints of both files every CHECKPOINT_INTERVAL_S, on a connection of
-        their own in a worker thread: writers are not blocked, requests do not wait."""
+        their own in a thread of their own: writers are not blocked, requests do not wait.
+
+        The connection is opened, used and closed only in that one thread, in order: a
+        cancelled await does not stop a checkpoint already running there, and closing the
+        connection from another thread while it runs crashes the process (SIGSEGV, seen in
+        CI when close() cancelled this task mid-checkpoint)."""
         conn: sqlite3.Connection | None = None
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        loop = asyncio.get_running_loop()
 
         def checkpoint() -> None:
             nonlocal conn
@@ -295,16 +302,24 @@ class SQLiteStore:
             conn.execute("PRAGMA main.wal_checkpoint(PASSIVE)").fetchall()
             conn.execute("PRAGMA cache.wal_checkpoint(PASSIVE)").fetchall()
 
+        def shut() -> None:
+            nonlocal conn
+            if conn is not None:
+                conn.close()
+                conn = None
+
         try:
             while True:
                 await asyncio.sleep(CHECKPOINT_INTERVAL_S)
                 try:
-                    await asyncio.to_thread(checkpoint)
+                    await loop.run_in_executor(pool, checkpoint)
                 except _ERRORS as exc:  # busy, or the disk: the next round tries again
                     log.debug("WAL checkpoint skipped: %s", exc)
         finally:
-            if conn is not None:
-                conn.close()
+            # Queued behind any checkpoint still running in that thread (one worker, FIFO).
+            with contextlib.suppress(*_ERRORS):
+                await asyncio.shield(loop.run_in_executor(pool, shut))
+            pool.shutdown(wait=False)
 
     def _connect_inline(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
