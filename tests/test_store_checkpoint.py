@@ -1,4 +1,6 @@
-import subprocess, sys, textwrap
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 
@@ -25,7 +27,8 @@ def test_closing_the_store_mid_checkpoint_does_not_crash_the_process(tmp_path: P
         asyncio.run(main())
         print("ok")
     """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "ok"
