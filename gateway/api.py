@@ -38,6 +38,7 @@ access_log = logging.getLogger("gateway.access")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_IHDR = b"\x00\x00\x00\x0dIHDR"
 HASH_RE = re.compile(r"[0-9a-f]{32}")
 TYPES = (*TYPE_PARAMS, "cache")
 
@@ -55,6 +56,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     answer: Answer | None = None
     try:
         form = await _read(request, state)
+        if request.method == "GET" and form.fields.get("type") != "cache":
+            raise NoData()  # upstream: GET only with type=cache, checked before the key
         team = _authorize(form, state)
         team_label = team.name
         limits = state.limiter.check(team)
@@ -147,8 +150,6 @@ def _type(form: Form, method: str, team: TeamConfig) -> str:
     type_ = form.fields.get("type", "")
     if type_ not in TYPES:
         raise InvalidType()
-    if method == "GET" and type_ != "cache":
-        raise NoData()
     if team.types is not None and type_ != "cache" and type_ not in team.types:
         raise InvalidType(f"Invalid type: {type_} is not enabled for this team")
     return type_
@@ -158,7 +159,15 @@ def _image(form: Form) -> UploadedFile:
     file = form.file
     if file is None or file.size == 0:
         raise InvalidFile()
-    if not (file.head.startswith(PNG_MAGIC) or file.head.startswith(JPEG_MAGIC)):
+    head = file.head
+    if head.startswith(PNG_MAGIC):
+        # As upstream: the signature must be followed by a whole 13-byte IHDR chunk.
+        if file.size < 33 or head[8:16] != PNG_IHDR:
+            raise InvalidFile()
+    elif head.startswith(JPEG_MAGIC):
+        if file.size < 4:
+            raise InvalidFile()
+    else:
         raise InvalidFormat()
     return file
 

@@ -27,9 +27,7 @@ def analysis_params(type_: str, fields: Mapping[str, str]) -> dict[str, int]:
     params: dict[str, int] = {}
     for name, low, high in TYPE_PARAMS[type_]:
         raw = fields.get(name)
-        if raw is None or not raw.strip():
-            raise InvalidParameter(name, "missing")
-        text = raw.strip()
+        text = (raw or "").strip()
         if not text.isascii() or not text.isdigit():
             raise InvalidParameter(name, _range_text(low, high))
         digits = text.lstrip("0") or "0"
@@ -42,9 +40,11 @@ def analysis_params(type_: str, fields: Mapping[str, str]) -> dict[str, int]:
 
 
 def _range_text(low: int, high: int) -> str:
+    # The simulator's wording (gateway/sim.py), after the seed's table: "int > 0",
+    # "0 <= int <= 100". A missing parameter gets the same message, as upstream.
     if high == 2**31 - 1:
-        return f"must be an integer >= {low}"
-    return f"must be an integer from {low} to {high}"
+        return f"must be an integer > {low - 1}"
+    return f"must be an integer between {low} and {high}"
 
 
 def params_text(params: Mapping[str, int]) -> str:

@@ -114,6 +114,9 @@ class RecognitionService:
         scope = "" if self.config.cache.share_across_teams else call.team.name
         key = cache_key(call.file.content_hash, call.type, call.params, scope)
         d = call.directives
+        if d.only_if_cached and (d.no_cache or d.no_store):
+            # Neither may be answered from the store, and only-if-cached forbids forwarding.
+            raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
         if d.no_store:
             self._refuse_if_breaker_open()
             return await self._forward(call, key, scope, store=False, cache_status="fwd=request")

@@ -188,6 +188,54 @@ async def test_url_without_trailing_slash_is_served(gateway: Gateway) -> None:
     assert r.status_code == 200
 
 
+# The same bad request, once to the simulator (the upstream, with the account key) and once
+# to the gateway (with a team key): the gateway must answer it as upstream would, byte for
+# byte, without asking upstream. (method, fields, file; "KEY" is replaced by each side's key.)
+PARITY = [
+    pytest.param("GET", {"apikey": "KEY", "type": "objects"}, None, id="get-objects"),
+    pytest.param("GET", {"type": "objects"}, None, id="get-objects-no-key"),
+    pytest.param("GET", {"apikey": "wrong", "type": "objects"}, None, id="get-objects-bad-key"),
+    pytest.param("GET", {"apikey": "KEY"}, None, id="get-no-type"),
+    pytest.param("POST", {"apikey": "KEY", "type": "objects"}, "png", id="max-labels-missing"),
+    pytest.param("POST", {"apikey": "KEY", "type": "objects", "max_labels": "0",
+                          "min_confidence": "5"}, "png", id="max-labels-zero"),
+    pytest.param("POST", {"apikey": "KEY", "type": "objects", "max_labels": "3"}, "png",
+                 id="min-confidence-missing"),
+    pytest.param("POST", {"apikey": "KEY", "type": "objects", "max_labels": "3",
+                          "min_confidence": "101"}, "png", id="min-confidence-101"),
+    pytest.param("POST", {"apikey": "KEY", "type": "nsfw", "nsfw_min_confidence": "x"}, "png",
+                 id="nsfw-text"),
+    pytest.param("POST", {"apikey": "KEY", "type": "celebrities"},
+                 b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00", id="png-signature-only"),
+    pytest.param("POST", {"apikey": "KEY", "type": "celebrities"},
+                 b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, id="png-without-ihdr"),
+    pytest.param("POST", {"apikey": "KEY", "type": "celebrities"}, b"\xff\xd8\xff",
+                 id="jpeg-3-bytes"),
+    pytest.param("POST", {"apikey": "KEY", "type": "celebrities"}, b"GIF89a", id="gif"),
+]
+
+
+@pytest.mark.parametrize(("method", "fields", "file"), PARITY)
+async def test_bad_input_gets_the_same_answer_as_upstream_gives(
+        gateway: Gateway, sim: Sim, method: str, fields: dict[str, str],
+        file: bytes | str | None) -> None:
+    image = make_png(40) if file == "png" else file
+
+    def send(url: str, key: str) -> requests.Response:
+        data = {k: key if v == "KEY" else v for k, v in fields.items()}
+        if method == "GET":
+            return requests.get(url, params=data, timeout=10)
+        return requests.post(url, data=data, files={"file": image}, timeout=10)
+
+    direct = await asyncio.to_thread(send, sim.url, UPSTREAM_KEY)
+    calls = sim.state.calls
+    via = await asyncio.to_thread(send, gateway.url, SEARCH)
+    assert direct.json()["status"] != 200
+    assert (via.status_code, via.text) == (direct.status_code, direct.text)
+    assert sim.state.calls == calls  # answered by the gateway itself
+    assert await used(gateway, "search") == 0
+
+
 async def test_get_is_only_for_type_cache(gateway: Gateway, sim: Sim) -> None:
     r = await asyncio.to_thread(requests.get, gateway.url,
                                 params={"apikey": SEARCH, "type": "objects"}, timeout=10)
@@ -322,6 +370,12 @@ async def test_cache_control_directives(gateway: Gateway, sim: Sim) -> None:
     cached = await post_requests(gateway.url, *objects_form(SEARCH, image),
                                  headers={"Cache-Control": "only-if-cached"})
     assert cached.status_code == 200 and "; hit;" in cached.headers["Cache-Status"]
+    # only-if-cached with a directive that forbids answering from the store: nothing may be
+    # served and nothing forwarded (RFC 9111 5.2.1.7), even though the entry is there.
+    for both in ("no-cache, only-if-cached", "only-if-cached, no-store"):
+        r = await post_requests(gateway.url, *objects_form(SEARCH, image),
+                                headers={"Cache-Control": both})
+        assert r.status_code == 504 and r.json()["status"] == 504
     assert sim.state.calls == 3
     assert await used(gateway, "search") == 3
 
