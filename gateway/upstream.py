@@ -103,10 +103,13 @@ class UpstreamClient:
             self._slots.release()
 
     async def _call(self, type_: str, params: Mapping[str, int], file: UploadedFile) -> Recognition:
+        """One upstream call: one or more attempts, each counted in
+        ``gateway_upstream_requests_total`` with its own outcome (a retried attempt was a
+        request the upstream saw, or at least one the gateway made)."""
         assert self._session is not None
         deadline = time.monotonic() + self.config.timeout_s
         started = time.perf_counter()
-        status_label = "error"
+        counted = self.metrics.upstream_requests
         try:
             for attempt in range(self.config.retries + 1):
                 left = deadline - time.monotonic()
@@ -124,25 +127,31 @@ class UpstreamClient:
                             http_status = response.status
                     except aiohttp.ClientConnectorError as exc:
                         # The connection never opened: nothing was sent, nothing billed.
+                        counted.labels(type_, "error").inc()
                         if attempt < self.config.retries:
                             await _backoff(attempt, deadline)
                             continue
                         log.warning("upstream unreachable: %s", type(exc).__name__)
                         raise BadGateway() from None
                 envelope = _parse_envelope(raw)
+                if envelope is not None:
+                    label = str(envelope["status"])
+                else:  # an HTTP error page keeps its status; anything else is garbage
+                    label = str(http_status) if http_status >= 400 else "error"
+                counted.labels(type_, label).inc()
                 if envelope is None and http_status == 503 and attempt < self.config.retries:
                     # Refused before processing (not the API's envelope): safe to try again.
                     await _backoff(attempt, deadline)
                     continue
-                status_label = str(envelope["status"]) if envelope else str(http_status)
                 break
             result = self._interpret(envelope, http_status)
         except TimeoutError:
-            status_label = "timeout"
+            counted.labels(type_, "timeout").inc()
             self.breaker.failure()
             raise GatewayTimeout() from None
         except aiohttp.ClientError as exc:
             # Sent, maybe billed: never retried blindly.
+            counted.labels(type_, "error").inc()
             log.warning("upstream connection failed: %s", type(exc).__name__)
             self.breaker.failure()
             raise BadGateway() from None
@@ -156,7 +165,6 @@ class UpstreamClient:
             self.breaker.success()
             return result
         finally:
-            self.metrics.upstream_requests.labels(type_, status_label).inc()
             self.metrics.upstream_duration.labels(type_).observe(time.perf_counter() - started)
 
     def _interpret(self, envelope: dict[str, Any] | None, http_status: int) -> Recognition:

@@ -24,12 +24,24 @@ async def charged(gw: Gateway) -> int:
     return await gw.state.store.used("search", gw.state.ledger.period())
 
 
+def upstream_counts(gw: Gateway) -> dict[str, float]:
+    """gateway_upstream_requests_total by status, the objects type, nonzero only."""
+    out: dict[str, float] = {}
+    for metric in gw.state.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "gateway_upstream_requests_total" and sample.value:
+                if sample.labels["type"] == "objects":
+                    out[sample.labels["status"]] = sample.value
+    return out
+
+
 async def test_a_503_before_processing_is_retried_once_and_charged_once(
         gateway: Gateway, sim: Sim) -> None:
     sim.state.fault, sim.state.fault_count = "503", 1
     r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(1)))
     assert r.status_code == 200
     assert sim.state.calls == 2 and await charged(gateway) == 1
+    assert upstream_counts(gateway) == {"503": 1, "200": 1}  # every attempt counted
 
 
 async def test_a_persistent_503_gives_502_after_bounded_retries(gateway: Gateway,
@@ -38,6 +50,7 @@ async def test_a_persistent_503_gives_502_after_bounded_retries(gateway: Gateway
     r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(2)))
     assert r.status_code == 502
     assert sim.state.calls == 3 and await charged(gateway) == 0
+    assert upstream_counts(gateway) == {"503": 3}
 
 
 async def test_a_sent_request_that_fails_is_never_retried(gateway: Gateway, sim: Sim) -> None:
@@ -48,6 +61,8 @@ async def test_a_sent_request_that_fails_is_never_retried(gateway: Gateway, sim:
         assert r.status_code == 502
         assert sim.state.calls == calls + 1, fault
     assert await charged(gateway) == 0
+    # A non-envelope 200 (garbage) is an error, not a success; a reset is an error.
+    assert upstream_counts(gateway) == {"500": 1, "error": 2}
 
 
 async def test_unreachable_upstream_is_retried_then_502_and_not_charged(
