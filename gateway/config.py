@@ -293,6 +293,8 @@ def parse_config(
     if not url.startswith(("http://", "https://")):
         u.fail("url", "must be an http:// or https:// URL")
     key_env: str = u.get("api_key_env", str, UpstreamConfig.api_key_env)
+    if not key_env.strip() or "=" in key_env or "\0" in key_env:
+        u.fail("api_key_env", "must name an environment variable")
     api_key = env.get(key_env, "")
     if require_api_key and not api_key:
         raise ConfigError(
@@ -440,6 +442,9 @@ def _parse_teams(
                 types=frozenset(types) if types is not None else None,
             )
         )
+    if not teams:
+        # Every request would be a 401: a config mistake, not a way to run.
+        raise ConfigError(f"{source}: teams: no team is configured (add a [teams.NAME] table)")
     return tuple(teams)
 
 

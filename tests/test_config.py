@@ -47,6 +47,8 @@ BAD = [
     pytest.param("[upstream]\nurl = 'ftp://x'\n", "upstream.url", id="url"),
     pytest.param("[cache]\nttl_days = 0\n", "cache.ttl_days", id="ttl"),
     pytest.param("[server\n", "invalid TOML", id="toml-syntax"),
+    pytest.param("[upstream]\napi_key_env = ''\n", "upstream.api_key_env", id="key-env-empty"),
+    pytest.param("[quota]\nperiod = 'day'\n", "no team is configured", id="no-teams"),
 ]
 
 
