@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         print(f"gateway: store error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. the port is taken: one line, not a traceback
+        print(f"gateway: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 2

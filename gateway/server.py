@@ -80,18 +80,22 @@ def _run_worker(options: _Options, *, reuse_port: bool) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app)
 
     app.on_startup.append(on_startup)
-    log.info(
-        "gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)",
-        options.host,
-        options.port,
-        config.storage.backend,
-        os.getpid(),
-    )
+
+    def listening(_message: str) -> None:
+        # run_app calls this once the store is open and the socket bound, not before.
+        log.info(
+            "gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)",
+            options.host,
+            options.port,
+            config.storage.backend,
+            os.getpid(),
+        )
+
     web.run_app(
         app,
         host=options.host,
         port=options.port,
-        print=None,
+        print=listening,
         access_log=None,
         shutdown_timeout=config.server.drain_timeout_s,
         handle_signals=True,

@@ -110,3 +110,29 @@ async def test_two_workers_share_port_store_quota_and_metrics(
                     if line.startswith('gateway_quota_used{team="t"}'))
         assert used == 20
     assert gw.stop() == 0
+
+
+def test_a_taken_port_is_one_clear_line_not_a_traceback(tmp_path: Path, sim: Sim) -> None:
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import gateway_command
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.toml", sim_url=sim.url, db=tmp_path / "g.db",
+                              port=port, teams={"t": ("team-key", 5)})
+        env = {**os.environ, "TEST_UPSTREAM_KEY": "k"}
+        for args in (["serve", "--config", str(config)],
+                     ["sim", "--port", str(port), "--api-key", "k", "--quota", "1"]):
+            run = subprocess.run(gateway_command() + args, capture_output=True, text=True,
+                                 env=env, timeout=60)
+            assert run.returncode == 1, args
+            assert "Traceback" not in run.stderr
+            assert run.stderr.strip().splitlines()[-1] == (
+                f"gateway: error while attempting to bind on address ('127.0.0.1', {port}): "
+                "address already in use")
+            assert "listening" not in run.stderr  # said only once the socket is bound
