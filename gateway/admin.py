@@ -274,9 +274,9 @@ async def _upstream_health(state: GatewayState) -> dict[str, Any]:
         gauge = state.metrics.registry.get_sample_value("gateway_upstream_quota_remaining")
         quota = int(gauge) if gauge is not None and not math.isnan(gauge) else None
     calls: dict[str, int] = {}
-    for family in state.metrics.upstream_requests.collect():
+    for family in state.metrics.whole().collect():  # every worker's calls, not just ours
         for sample in family.samples:
-            if sample.name.endswith("_total") and sample.value:
+            if sample.name == "gateway_upstream_requests_total" and sample.value:
                 status = sample.labels["status"]
                 calls[status] = calls.get(status, 0) + int(sample.value)
     failed = sum(n for status, n in calls.items() if status != "200")

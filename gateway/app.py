@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.admin import add_admin_routes
 from gateway.api import handle_api
@@ -200,13 +200,7 @@ async def handle_readyz(request: web.Request) -> web.Response:
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     await refresh_store_gauges(state)
-    if state.metrics.multiprocess:
-        # Several workers: every worker's values, summed or most recent per metric.
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        body = generate_latest(registry)
-    else:
-        body = generate_latest(state.metrics.registry)
+    body = generate_latest(state.metrics.whole())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

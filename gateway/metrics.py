@@ -10,7 +10,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 
 from gateway.config import ANALYSIS_TYPES, Config
 
@@ -141,6 +148,14 @@ class Metrics:
         if child is None:
             child = self._saved_children[(team, type_)] = self.calls_saved.labels(team, type_)
         child.inc()
+
+    def whole(self) -> CollectorRegistry:
+        """What a scrape shows: with several workers, every worker's values combined."""
+        if not self.multiprocess:
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return registry
 
     def track_inflight(self, current: Callable[[], float]) -> None:
         """One process: read the in-flight count when scraped (nothing per request).

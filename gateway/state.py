@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -54,7 +55,9 @@ class GatewayState:
         self.metrics.preinitialize(new)
         for team in old.teams:
             if new.team(team.name) is None:
-                self.metrics.quota_limit.remove(team.name)
+                for gauge in (self.metrics.quota_limit, self.metrics.quota_used):
+                    with contextlib.suppress(KeyError):  # never set in this process
+                        gauge.remove(team.name)
         return needs_restart
 
 

@@ -326,6 +326,17 @@ async def test_reload_endpoint(
                               "or sha256:<hex>)"
     assert (await post_requests(gw.url, *ads_form)).status_code == 200   # still running
 
+    # A team taken out of the config leaves /metrics: no quota series for it lingers.
+    write_config(path, sim_url=sim.url, db=tmp_path / "gateway.db", port=port, teams=teams,
+                 extra=admin)
+    status, body, _ = await call(client, "POST", f"{gw.base}/admin/reload", headers=BEARER)
+    assert status == 200 and body["message"] == f"reloaded {path}: 1 teams"
+    async with client.get(f"{gw.base}/metrics") as m:
+        scrape = await m.text()
+    assert 'gateway_quota_used{team="search"}' in scrape
+    for gauge in ("gateway_quota_used", "gateway_quota_limit"):
+        assert f'{gauge}{{team="ads"}}' not in scrape
+
 
 # -- status -----------------------------------------------------------------------------------
 async def test_status_json_and_page_show_the_numbers(

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import pytest
 import requests
 
 from gateway.sample_images import make_png
@@ -85,10 +86,13 @@ async def test_kill_9_under_load_loses_no_delivered_result_and_no_charge(
 
 
 async def test_two_workers_share_port_store_quota_and_metrics(
-        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", "admin-token-for-the-test")
     config = write_config(tmp_path / "w.toml", sim_url=sim.url, db=tmp_path / "w.db", port=port,
-                          teams={"t": ("team-key", 20)}, server="workers = 2")
+                          teams={"t": ("team-key", 20)}, server="workers = 2",
+                          extra='[admin]\ntoken_env = "TEST_ADMIN_TOKEN"\n')
     gw = GatewayProcess(config, port, tmp_path / "w.log")
     processes.append(gw)
     await asyncio.to_thread(gw.wait_ready)
@@ -109,6 +113,10 @@ async def test_two_workers_share_port_store_quota_and_metrics(
         used = next(float(line.split()[-1]) for line in text.splitlines()
                     if line.startswith('gateway_quota_used{team="t"}'))
         assert used == 20
+        # The status page's upstream counts are the whole gateway's too.
+        status = requests.get(f"http://127.0.0.1:{port}/status.json", timeout=5,
+                              headers={"Authorization": "Bearer admin-token-for-the-test"})
+        assert status.json()["upstream"]["calls_since_start"] == {"200": 20}
     assert gw.stop() == 0
 
 
