@@ -33,6 +33,7 @@ from gateway.state import STATE, GatewayState
 from gateway.usage import (
     PeriodError,
     UsageReport,
+    cache_report,
     compute_usage,
     human_bytes,
     iso_utc,
@@ -125,7 +126,8 @@ async def _usage(state: GatewayState, period: str) -> UsageReport:
 
 async def handle_cache_stats(request: web.Request) -> web.Response:
     state = _admin(request)
-    return web.json_response(stats_dict(await state.store.stats()))
+    stats, period = await cache_report(state.store, state.config, now=state.ledger.clock())
+    return web.json_response(stats_dict(stats, period))
 
 
 async def handle_cache_purge(request: web.Request) -> web.Response:

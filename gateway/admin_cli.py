@@ -28,7 +28,9 @@ from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import CacheStats, Store
 from gateway.usage import (
     PeriodError,
+    TeamLine,
     UsageReport,
+    cache_report,
     compute_usage,
     human_age,
     human_bytes,
@@ -222,15 +224,16 @@ def _table(
 # -- cache ------------------------------------------------------------------------------------
 def _cache_stats(args: argparse.Namespace) -> int:
     config = load_config(args.config, require_api_key=False)
-    stats = _with_store(config, lambda store: store.stats())
+    now = time.time()
+    stats, period = _with_store(config, lambda store: cache_report(store, config, now=now))
     if args.format == "json":
-        print(json.dumps(stats_dict(stats), indent=2))
+        print(json.dumps(stats_dict(stats, period), indent=2))
     else:
-        print(stats_table(stats, now=time.time()))
+        print(stats_table(stats, period, now=now))
     return 0
 
 
-def stats_table(stats: CacheStats, *, now: float) -> str:
+def stats_table(stats: CacheStats, period: TeamLine, *, now: float) -> str:
     oldest = (
         "-"
         if stats.oldest is None
@@ -240,12 +243,19 @@ def stats_table(stats: CacheStats, *, now: float) -> str:
         f"entries       {stats.entries}",
         f"size          {human_bytes(stats.size_bytes)} ({stats.size_bytes} bytes)",
         f"hits          {stats.hits}",
+        f"hit ratio     {_ratio(period)} this quota period ({period.saved} answered without "
+        f"an upstream call, {period.charged} upstream calls)",
         f"oldest entry  {oldest}",
     ]
     if stats.by_type:
         rows = [(t, n, human_bytes(b), b) for t, n, b in stats.by_type]
         lines += ["", "by type:", *_table(("type", "entries", "size", "bytes"), rows)]
     return "\n".join(lines)
+
+
+def _ratio(line: TeamLine) -> str:
+    ratio = line.hit_ratio
+    return "-" if ratio is None else f"{ratio:.1%}"
 
 
 def _cache_purge(args: argparse.Namespace) -> int:

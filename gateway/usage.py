@@ -242,12 +242,23 @@ def human_age(seconds: float) -> str:
     return f"{hours}h {rest // 60}m" if hours else f"{rest // 60}m {rest % 60}s"
 
 
-def stats_dict(stats: CacheStats) -> dict[str, Any]:
+async def cache_report(store: Store, config: Config, *, now: float) -> tuple[CacheStats, TeamLine]:
+    """The cache's stats, and the ledger's total for the current quota period (for the hit
+    ratio: recognitions answered without an upstream call, over all answered)."""
+    usage = await compute_usage(
+        store, config, parse_period("current", ledger=config.quota.period, now=now)
+    )
+    return await store.stats(), usage.total
+
+
+def stats_dict(stats: CacheStats, period: TeamLine | None = None) -> dict[str, Any]:
+    ratio = period.hit_ratio if period is not None else None
     return {
         "entries": stats.entries,
         "size_bytes": stats.size_bytes,
         "size": human_bytes(stats.size_bytes),
         "hits": stats.hits,
+        "hit_ratio": round(ratio, 4) if ratio is not None else None,
         "oldest": iso_utc(stats.oldest) if stats.oldest is not None else None,
         "by_type": [{"type": t, "entries": n, "size_bytes": b} for t, n, b in stats.by_type],
     }

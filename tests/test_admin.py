@@ -236,6 +236,7 @@ async def test_cache_stats_endpoint(
     entries, size = await admin_gw.state.store.totals()
     assert (stats["entries"], stats["size_bytes"]) == (entries, size) == (6, size)
     assert stats["hits"] == 5          # hits on stored results (coalesced rides are not)
+    assert stats["hit_ratio"] == round(7 / 13, 4)  # 5 hits + 2 coalesced of 13 answered
     assert stats["oldest"].endswith("Z")
     assert [(t["type"], t["entries"]) for t in stats["by_type"]] == [("nsfw", 1), ("objects", 5)]
     assert sum(t["size_bytes"] for t in stats["by_type"]) == size

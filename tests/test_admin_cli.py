@@ -226,6 +226,8 @@ async def test_cache_stats_table_and_json(gateway: Gateway, sim: Sim, tmp_path: 
     out = await acli("cache", "stats", "--config", config, "--format", "json")
     stats = json.loads(out.stdout)
     assert (stats["entries"], stats["size_bytes"], stats["hits"]) == (6, size, 5)
+    # 5 hits + 2 coalesced answered free, 6 charged upstream calls: 7 of 13.
+    assert stats["hit_ratio"] == round(7 / 13, 4)
     assert [(t["type"], t["entries"]) for t in stats["by_type"]] == [("nsfw", 1), ("objects", 5)]
 
     out = await acli("cache", "stats", "--config", config)
@@ -234,6 +236,8 @@ async def test_cache_stats_table_and_json(gateway: Gateway, sim: Sim, tmp_path: 
     assert re.search(r"^entries\s+6$", text, re.M)
     assert re.search(rf"^size\s+\d+\.\d KiB \({size} bytes\)$", text, re.M)
     assert re.search(r"^hits\s+5$", text, re.M)
+    assert re.search(r"^hit ratio\s+53\.8% this quota period \(7 answered without an upstream "
+                     r"call, 6 upstream calls\)$", text, re.M)
     assert re.search(r"^oldest entry\s+\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(0m \d+s ago\)$", text,
                      re.M)
     assert re.search(r"^nsfw\s+1\s+\d+ B\s+\d+$", text, re.M)
