@@ -269,7 +269,7 @@ tests:
     interval: 1m
     input_series:
       - series: 'gateway_upstream_quota_remaining{job="g",instance="fresh"}'
-        values: '0x20'
+        values: 'NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN'
       - series: 'gateway_upstream_requests_total{job="g",instance="fresh",status="200"}'
         values: '0x20'
       - series: 'gateway_upstream_quota_remaining{job="g",instance="low"}'
