@@ -177,3 +177,41 @@ quota = 1
                             capture_output=True, text=True, timeout=30,
                             env={"TEST_UPSTREAM_KEY": "k", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1 and "Redis unavailable" in result.stderr
+
+
+async def test_readyz_and_requests_turn_503_when_the_store_goes_away(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) -> None:
+    """A Redis store of the test's own, killed under a running gateway: /readyz says why, a
+    request is refused 503 (fail closed: nothing forwarded unmetered), /healthz stays up."""
+    import requests
+
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                              text=True).stdout.strip() == "PONG":
+                break
+            await asyncio.sleep(0.05)
+        gw = await gateway_factory(storage={"backend": "redis",
+                                            "redis_url": f"redis://127.0.0.1:{port}/0"})
+        ready = await asyncio.to_thread(requests.get, gw.base + "/readyz", timeout=5)
+        assert ready.status_code == 200
+        redis.kill()
+        redis.wait()
+        ready = await asyncio.to_thread(requests.get, gw.base + "/readyz", timeout=10)
+        assert ready.status_code == 503 and "store unreachable" in ready.json()["problems"]
+        r = await post_requests(gw.url, *objects_form(SEARCH, make_png(500)))
+        assert r.status_code == 503 and r.json()["data"] is None
+        assert sim.state.calls == 0
+        health = await asyncio.to_thread(requests.get, gw.base + "/healthz", timeout=5)
+        assert health.status_code == 200
+        gw.state.draining = True  # as on SIGTERM
+        ready = await asyncio.to_thread(requests.get, gw.base + "/readyz", timeout=10)
+        assert "draining" in ready.json()["problems"]
+    finally:
+        if redis.poll() is None:
+            redis.kill()
+            redis.wait()
