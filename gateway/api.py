@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.cache_key import TYPE_PARAMS, analysis_params
 from gateway.config import TeamConfig
-from gateway.envelope import CONTENT_TYPE, HEADERS
+from gateway.envelope import HEADERS, content_type_for
 from gateway.errors import (
     GatewayError,
     InvalidFile,
@@ -66,7 +66,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if type_ == "cache":
             body = await _cache_lookup(form, team, state)
             status = 200
-            return _json(body, limits)
+            return _json(request, body, limits)
         file = _image(form)
         params = analysis_params(type_, form.fields)
         directives = Directives.parse(request.headers.get("Cache-Control"))
@@ -79,7 +79,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         }
         if answer.warning is not None:
             headers["Warning"] = answer.warning
-        return _json(answer.body, headers)
+        return _json(request, answer.body, headers)
     except GatewayError as exc:
         status = exc.status
         raise
@@ -184,11 +184,11 @@ async def _cache_lookup(form: Form, team: TeamConfig, state: GatewayState) -> by
     return await state.service.cached_results(team, content_hash)
 
 
-def _json(body: bytes, headers: dict[str, str]) -> web.Response:
+def _json(request: web.Request, body: bytes, headers: dict[str, str]) -> web.Response:
     return web.Response(
         body=body,
         status=200,
-        content_type=CONTENT_TYPE,
+        content_type=content_type_for(request.headers),
         charset="utf-8",
         headers={**HEADERS, **headers},
     )

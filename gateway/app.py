@@ -19,7 +19,7 @@ from gateway.admin import add_admin_routes
 from gateway.api import handle_api
 from gateway.config import Config
 from gateway.cors import cors_middleware
-from gateway.envelope import CONTENT_TYPE, HEADERS
+from gateway.envelope import HEADERS, content_type_for
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.metrics import Metrics
 from gateway.quota import Clock, QuotaLedger
@@ -42,24 +42,24 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
     try:
         return await handler(request)
     except GatewayError as exc:
-        return _error_response(exc)
+        return _error_response(exc, request)
     except StoreUnavailable as exc:
         log.error("store unavailable, refusing to forward: %s", exc)
-        return _error_response(Unavailable("Gateway store unavailable"))
+        return _error_response(Unavailable("Gateway store unavailable"), request)
     except web.HTTPException:
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
-        return _error_response(ServerError())
+        return _error_response(ServerError(), request)
 
 
-def _error_response(exc: GatewayError) -> web.Response:
+def _error_response(exc: GatewayError, request: web.Request) -> web.Response:
     return web.Response(
         body=error_envelope(exc.status, exc.message),
         status=exc.status,
-        content_type=CONTENT_TYPE,
+        content_type=content_type_for(request.headers),
         charset="utf-8",
         headers={**HEADERS, **exc.headers},
     )

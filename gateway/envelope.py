@@ -7,13 +7,22 @@ answer appends the caller's remaining sub-quota and closes the braces.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-# The upstream's answers are not labelled JSON: the seed's own jQuery example calls
-# JSON.parse on what jQuery hands it, which breaks if jQuery has already parsed it as JSON.
-# text/plain keeps that example working (and with nosniff, never renders as a page).
-CONTENT_TYPE = "text/plain"
+# Browsers get text/plain: the seed's own jQuery example calls JSON.parse on what jQuery
+# hands it, which breaks if jQuery has already parsed it because it was labelled JSON (so the
+# upstream's answers cannot be). Programs get application/json, which strict clients (e.g.
+# aiohttp's resp.json()) require. A browser is told apart by its Origin header, which every
+# cross-origin request and every POST from a page carries; nosniff either way.
+BROWSER_CONTENT_TYPE = "text/plain"
+CONTENT_TYPE = "application/json"
 HEADERS = {"X-Content-Type-Options": "nosniff"}
+
+
+def content_type_for(headers: Mapping[str, str]) -> str:
+    return BROWSER_CONTENT_TYPE if "Origin" in headers else CONTENT_TYPE
+
 
 _HEAD = b'{"status":200,"message":"Success","data":'
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 
+import aiohttp
 import pytest
 import requests
 import xxhash
@@ -49,6 +50,25 @@ async def test_seed_python_example_through_the_gateway(gateway: Gateway, sim: Si
     assert await used(gateway, "search") == 1
 
 
+async def test_programs_get_json_and_browsers_get_text(gateway: Gateway,
+                                                       client: aiohttp.ClientSession) -> None:
+    """A strict client's resp.json() works; a page (it sends Origin) gets text/plain, which the
+    seed's jQuery example needs. Errors the same."""
+    form = {"apikey": SEARCH, "type": "celebrities"}
+    for origin, expected in ((None, "application/json"), ("http://intranet.test", "text/plain")):
+        headers = {"Origin": origin} if origin else {}
+        for image in (make_png(30), b"GIF89a"):
+            data = aiohttp.FormData({**form})
+            data.add_field("file", image, filename="x.png")
+            async with client.post(gateway.url, data=data, headers=headers) as r:
+                assert r.content_type == expected
+                assert r.headers["X-Content-Type-Options"] == "nosniff"
+                if origin is None:
+                    assert (await r.json())["status"] == r.status  # no content_type=None
+                else:
+                    assert json.loads(await r.text())["status"] == r.status
+
+
 async def test_same_image_from_another_team_is_a_free_hit(gateway: Gateway, sim: Sim) -> None:
     image = make_png(2)
     first = await post_requests(gateway.url, *objects_form(SEARCH, image))
@@ -56,9 +76,9 @@ async def test_same_image_from_another_team_is_a_free_hit(gateway: Gateway, sim:
     # Another team, another filename, another field order, another boundary, urlencoded ints
     # with whitespace: the same image and parameters.
     body = (
-        "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"other.png\"\r\n"
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + image + (
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"other.png\"\r\n"
+        b"Content-Type: image/png\r\n\r\n"
+    ) + image + (
         "\r\n--XyZ\r\nContent-Disposition: form-data; name=\"min_confidence\"\r\n\r\n80"
         "\r\n--XyZ\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\nobjects"
         "\r\n--XyZ\r\nContent-Disposition: form-data; name=\"max_labels\"\r\n\r\n 010 "
