@@ -9,6 +9,7 @@ the operator restores it from a backup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from gateway.store.sqlite import (
     LEDGER_MIGRATIONS,
     LEDGER_PROBE,
     cache_path_for,
+    create_private,
     prepare_file,
     quarantine,
 )
@@ -73,28 +75,45 @@ def _integrity(path: str) -> str | None:
 
 
 def _repair_ledger(path: str, problem: str) -> int:
+    """Copy the readable pages into a new file (0600 from the start: it holds the spend),
+    rebuild its indexes from the tables (VACUUM INTO copies a damaged index as it is), and
+    swap it in only if it checks clean."""
     copy = f"{path}.repair-{int(time.time())}"
+    create_private(copy)  # empty: VACUUM INTO accepts it and keeps its mode
     try:
         conn = sqlite3.connect(path, timeout=10)
         try:
             conn.execute("VACUUM INTO ?", (copy,))
         finally:
             conn.close()
+        conn = sqlite3.connect(copy, timeout=10)
+        try:
+            conn.execute("REINDEX")
+            conn.commit()
+        finally:
+            conn.close()
     except sqlite3.Error as exc:
+        _remove(copy)
         print(f"ledger {path}: DAMAGED: {problem}; cannot copy it ({exc}): restore a backup")
         return 1
     if _integrity(copy) is not None:
+        _remove(copy)
         print(f"ledger {path}: DAMAGED: {problem}; the copy is damaged too: restore a backup")
         return 1
     aside = quarantine(path)
     os.replace(copy, path)
-    os.chmod(path, 0o600)
     prepare_file(path, LEDGER_MIGRATIONS, LEDGER_PROBE)
     print(
         f"ledger {path}: was damaged ({problem}); rebuilt from its readable pages, "
         f"original kept at {aside}"
     )
     return 0
+
+
+def _remove(path: str) -> None:
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
 
 
 def _query(path: str, sql: str) -> int:

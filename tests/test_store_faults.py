@@ -215,3 +215,52 @@ async def test_readyz_and_requests_turn_503_when_the_store_goes_away(
         if redis.poll() is None:
             redis.kill()
             redis.wait()
+
+
+async def test_damaged_ledger_index_refuses_to_start_and_repair_keeps_the_spend(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    """An index page of the ledger damaged while the team is spent: read through the index,
+    the team would look unspent and be let through again. The gateway refuses to start;
+    check-store --repair rebuilds the index from the table, keeping the charges, and leaves
+    no readable copy behind."""
+    port = free_port()
+    db = tmp_path / "g.db"
+    config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=db, port=port,
+                          teams={"t": ("team-key", 3)})
+    gw = GatewayProcess(config, port, tmp_path / "g.log")
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    codes = [(await post_requests(gw.url, *objects_form("team-key", make_png(800 + i))))
+             .status_code for i in range(4)]
+    assert codes == [200, 200, 200, 402]
+    assert gw.stop() == 0
+    checkpoint(db)
+    conn = sqlite3.connect(db)
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master "
+                           "WHERE name = 'sqlite_autoindex_quota_usage_1'").fetchone()
+    (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    data = bytearray(db.read_bytes())
+    page = (root - 1) * page_size
+    at = page + bytes(data[page:page + page_size]).rindex(b"t")  # the team in the index cell
+    data[at] = ord("u")  # the index now names another team than the table row it points to
+    db.write_bytes(bytes(data))
+
+    env = {"TEST_UPSTREAM_KEY": "k", "PATH": "/usr/bin:/bin"}
+    served = subprocess.run([*gateway_command(), "serve", "--config", str(config)],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert served.returncode == 1, served.stderr
+    assert "integrity check failed" in served.stderr and "check-store" in served.stderr
+    repair = subprocess.run([*gateway_command(), "check-store", "--config", str(config),
+                             "--repair"], capture_output=True, text=True)
+    assert repair.returncode == 0, repair.stdout
+    assert "rebuilt" in repair.stdout
+    assert not list(tmp_path.glob("g.db.repair-*"))
+    assert all(p.stat().st_mode & 0o077 == 0 for p in tmp_path.glob("g.db*"))
+
+    again = GatewayProcess(config, port, tmp_path / "g2.log")
+    processes.append(again)
+    await asyncio.to_thread(again.wait_ready)
+    r = await post_requests(again.url, *objects_form("team-key", make_png(900)))
+    assert r.status_code == 402  # the three charges survived the repair
+    assert sim.state.calls == 3

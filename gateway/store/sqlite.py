@@ -147,7 +147,7 @@ _LOOKUP = (
 )
 
 
-def _create_private(path: str) -> None:
+def create_private(path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # Created 0600 before SQLite touches it: the files hold paid-for results and spend.
     os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
@@ -169,12 +169,19 @@ def migrate(conn: sqlite3.Connection, migrations: Migrations) -> None:
         raise
 
 
-def prepare_file(path: str, migrations: Migrations, probe: str) -> None:
-    """Create (0600), switch to WAL, migrate, and read ``probe``: raises sqlite3 errors."""
-    _create_private(path)
+def prepare_file(path: str, migrations: Migrations, probe: str, *, verify: bool = False) -> None:
+    """Create (0600), switch to WAL, migrate, and read ``probe``: raises sqlite3 errors.
+
+    ``verify``: also run ``PRAGMA integrity_check`` (the ledger: small, and a damaged index
+    there reads as "no usage yet", which would let a spent team spend again)."""
+    create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=10)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
+        if verify:
+            problems = [row[0] for row in conn.execute("PRAGMA integrity_check(5)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("integrity check failed: " + "; ".join(problems))
         migrate(conn, migrations)
         conn.execute(probe).fetchall()
     finally:
@@ -223,7 +230,9 @@ class SQLiteStore:
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
         try:
-            await asyncio.to_thread(prepare_file, self.path, LEDGER_MIGRATIONS, LEDGER_PROBE)
+            await asyncio.to_thread(
+                prepare_file, self.path, LEDGER_MIGRATIONS, LEDGER_PROBE, verify=True
+            )
         except _ERRORS as exc:
             raise StoreUnavailable(
                 f"quota ledger {self.path} is unusable ({exc}); refusing to start without it: "
