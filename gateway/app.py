@@ -208,14 +208,19 @@ async def refresh_store_gauges(state: GatewayState) -> None:
     """Gauges that live in the store are read when scraped: right across restarts and
     across processes sharing the store."""
     m = state.metrics
+    # Ledger and cache apart: a damaged cache must not freeze the spend gauges.
     try:
         usage = {u.team: u.charged for u in await state.store.usage(state.ledger.period())}
+    except StoreUnavailable as exc:
+        log.warning("metrics: quota ledger unreadable: %s", exc)
+    else:
+        for team in state.config.teams:
+            m.quota_used.labels(team.name).set(usage.get(team.name, 0))
+            m.quota_limit.labels(team.name).set(team.quota)
+    try:
         entries, size = await state.store.totals()
     except StoreUnavailable as exc:
-        log.warning("metrics: store unreachable: %s", exc)
-        return
-    for team in state.config.teams:
-        m.quota_used.labels(team.name).set(usage.get(team.name, 0))
-        m.quota_limit.labels(team.name).set(team.quota)
-    m.cache_entries.set(entries)
-    m.cache_size.set(size)
+        log.warning("metrics: cache unreadable: %s", exc)
+    else:
+        m.cache_entries.set(entries)
+        m.cache_size.set(size)

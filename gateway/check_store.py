@@ -34,6 +34,9 @@ def check_store(config: Config, *, repair: bool) -> int:
     ledger = config.storage.path
     cache = config.storage.cache_path or cache_path_for(ledger)
     status = 0
+    if not os.path.exists(ledger):  # a mistyped path must not read as a healthy store
+        print(f"ledger {ledger}: MISSING (no such file; `gateway serve` creates it)")
+        return 1
     problem = _integrity(ledger)
     if problem is None:
         print(f"ledger {ledger}: ok ({_pending(ledger)} pending reservations)")
@@ -43,7 +46,9 @@ def check_store(config: Config, *, repair: bool) -> int:
     else:
         status = max(status, _repair_ledger(ledger, problem))
     problem = _integrity(cache)
-    if problem is None:
+    if not os.path.exists(cache):
+        print(f"cache {cache}: none yet (created empty on start; quota data is unaffected)")
+    elif problem is None:
         fixed = _fix_totals(cache) if repair else False
         note = "; totals recomputed" if fixed else ""
         print(f"cache {cache}: ok ({_entries(cache)} entries{note})")

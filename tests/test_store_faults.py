@@ -14,6 +14,7 @@ import pytest
 from gateway.sample_images import make_png
 from tests.conftest import (
     TEAM_KEYS,
+    Gateway,
     GatewayFactory,
     GatewayProcess,
     Sim,
@@ -150,11 +151,23 @@ async def test_corrupt_ledger_refuses_to_start_and_check_store_repairs(
     assert repair.returncode == 1 and "restore a backup" in repair.stdout
 
 
-def test_check_store_on_a_healthy_store(tmp_path: Path) -> None:
+def test_check_store_on_a_healthy_store_and_on_a_missing_one(tmp_path: Path) -> None:
+    from gateway.store.sqlite import SQLiteStore
+
     config = write_config(tmp_path / "g.toml", sim_url="http://127.0.0.1:9/api/v2/",
                           db=tmp_path / "g.db", port=1, teams={"t": ("k", 1)})
-    result = subprocess.run([*gateway_command(), "check-store", "--config", str(config)],
-                            capture_output=True, text=True)
+    check = [*gateway_command(), "check-store", "--config", str(config)]
+    missing = subprocess.run(check, capture_output=True, text=True)
+    # A mistyped path is not a healthy store.
+    assert missing.returncode == 1 and "MISSING" in missing.stdout
+
+    async def create() -> None:
+        store = SQLiteStore(str(tmp_path / "g.db"))
+        await store.open()
+        await store.close()
+
+    asyncio.run(create())
+    result = subprocess.run(check, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ledger" in result.stdout and ": ok" in result.stdout
 
@@ -264,3 +277,22 @@ async def test_damaged_ledger_index_refuses_to_start_and_repair_keeps_the_spend(
     r = await post_requests(again.url, *objects_form("team-key", make_png(900)))
     assert r.status_code == 402  # the three charges survived the repair
     assert sim.state.calls == 3
+
+
+async def test_an_unreadable_cache_does_not_freeze_the_spend_gauges(
+        gateway: Gateway, sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache's totals failing (injected: a damaged page reads as an error) must not stop
+    gateway_quota_used from following the ledger."""
+    import requests
+
+    from gateway.store.base import StoreUnavailable
+
+    async def unreadable() -> tuple[int, int]:
+        raise StoreUnavailable("SQLite read failed: database disk image is malformed")
+
+    monkeypatch.setattr(gateway.state.store, "totals", unreadable)
+    for i in range(2):
+        r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(600 + i)))
+        assert r.status_code == 200
+    scrape = (await asyncio.to_thread(requests.get, gateway.base + "/metrics", timeout=5)).text
+    assert 'gateway_quota_used{team="search"} 2.0' in scrape
