@@ -49,7 +49,10 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     team_label, type_label, outcome, status = "unknown", "invalid", "none", 500
     if state.inflight >= state.config.server.max_inflight or state.draining:
         state.metrics.count_request(team_label, type_label, 503, outcome, 0.0)
-        raise Unavailable("Gateway overloaded" if not state.draining else "Gateway draining")
+        raise Unavailable(
+            "Gateway draining" if state.draining else "Gateway overloaded",
+            headers={"Retry-After": "1"},  # another replica, or this one a moment later
+        )
     state.inflight += 1
     state.metrics.inflight_delta(1)
     form: Form | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ADMIN_COMMANDS:
             return run_admin_command(args)
         if args.command == "serve":
+            # Until the running gateway installs its reload handler, a SIGHUP (an operator's
+            # reload, or a supervisor's) must not kill a gateway that is still starting.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             from gateway.server import serve
 
             return serve(

@@ -63,6 +63,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()
     max_inflight: int = 1024
     drain_timeout_s: float = 30.0
+    drain_grace_s: float = 0.0
     access_log: bool = True
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
@@ -254,6 +255,7 @@ def parse_config(
             "cors_origins",
             "max_inflight",
             "drain_timeout_s",
+            "drain_grace_s",
             "access_log",
             "body_timeout_s",
             "keepalive_timeout_s",
@@ -269,6 +271,7 @@ def parse_config(
         cors_origins=s.strings("cors_origins", ()),
         max_inflight=s.integer("max_inflight", 1024),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
+        drain_grace_s=s.number("drain_grace_s", 0.0, strict=False),
         access_log=s.get("access_log", bool, True),
         body_timeout_s=s.number("body_timeout_s", 60.0),
         keepalive_timeout_s=s.number("keepalive_timeout_s", 75.0),

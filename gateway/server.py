@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 
 from gateway.app import create_app
 from gateway.config import ConfigError, load_config
@@ -72,12 +73,19 @@ class _Options:
 
 
 def _run_worker(options: _Options, *, reuse_port: bool) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until on_startup handles it (see cli)
     config = load_config(options.config_path)
     _use_uvloop()
     app = create_app(config)
 
     async def on_startup(app: web.Application) -> None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_config, app)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reload_config, app)
+        # Replaces aiohttp's SIGTERM handler: mark the gateway draining first (/readyz 503,
+        # new API requests 503) while still listening for server.drain_grace_s, so a load
+        # balancer polling /readyz stops sending here; then aiohttp's graceful exit stops
+        # accepting and gives in-flight requests drain_timeout_s.
+        loop.add_signal_handler(signal.SIGTERM, _begin_drain, app, loop)
 
     app.on_startup.append(on_startup)
 
@@ -102,6 +110,22 @@ def _run_worker(options: _Options, *, reuse_port: bool) -> None:
         reuse_port=reuse_port,
     )
     log.info("gateway stopped (pid %d)", os.getpid())
+
+
+def _begin_drain(app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
+    state = app[STATE]
+    if state.draining:
+        return
+    state.draining = True
+    grace = state.config.server.drain_grace_s
+    log.info("SIGTERM: draining; /readyz answers 503; closing the listener in %.1f s", grace)
+    if grace <= 0:
+        raise GracefulExit()
+    loop.call_later(grace, _graceful_exit)
+
+
+def _graceful_exit() -> None:
+    raise GracefulExit()  # a SystemExit: the loop lets it through, run_app shuts down
 
 
 def _worker_main(options: _Options) -> None:

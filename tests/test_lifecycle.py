@@ -22,10 +22,11 @@ from tests.conftest import (
 )
 
 
-def start(tmp_path: Path, sim: Sim, *args: str, quota: int = 5) -> tuple[GatewayProcess, Path]:
+def start(tmp_path: Path, sim: Sim, *args: str, quota: int = 5,
+          server: str = "") -> tuple[GatewayProcess, Path]:
     port = free_port()
     config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=tmp_path / "g.db", port=port,
-                          teams={"t": ("team-key", quota)})
+                          teams={"t": ("team-key", quota)}, server=server)
     return GatewayProcess(config, port, tmp_path / "g.log", *args), config
 
 
@@ -100,3 +101,45 @@ async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     assert [r.status_code for r in results] == [200] * 5
     assert time.monotonic() - started < 10
     assert await asyncio.to_thread(gw.proc.wait, 15) == 0
+
+
+async def test_sigterm_grace_turns_readyz_503_before_the_listener_closes(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    """With server.drain_grace_s, a load balancer polling /readyz sees 503 while the gateway
+    still listens; new API requests get a 503 envelope with Retry-After; in-flight ones end
+    with 200; a SIGHUP in the middle of it all changes nothing."""
+    sim.state.latency_ms = 2000
+    gw, _ = start(tmp_path, sim, quota=100, server="drain_grace_s = 1.5")
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    ready = await asyncio.to_thread(requests.get, f"http://127.0.0.1:{gw.port}/readyz", timeout=5)
+    assert ready.status_code == 200
+    in_flight = [asyncio.create_task(post_requests(gw.url, *objects_form("team-key", make_png(i))))
+                 for i in range(3)]
+    await asyncio.sleep(0.4)
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    ready = await asyncio.to_thread(requests.get, f"http://127.0.0.1:{gw.port}/readyz", timeout=5)
+    assert ready.status_code == 503 and "draining" in ready.json()["problems"]
+    late = await post_requests(gw.url, *objects_form("team-key", make_png(50)))
+    assert late.status_code == 503 and late.json() == {
+        "status": 503, "status_message": "Gateway draining", "data": None}
+    assert late.headers["Retry-After"] == "1"
+    results = await asyncio.gather(*in_flight)
+    assert [r.status_code for r in results] == [200] * 3
+    assert await asyncio.to_thread(gw.proc.wait, 15) == 0
+    assert sim.state.calls == 3
+
+
+async def test_a_sighup_while_starting_does_not_kill_the_gateway(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    gw, _ = start(tmp_path, sim)
+    processes.append(gw)
+    await asyncio.sleep(0.3)  # the interpreter is up; the store and the socket are not yet
+    for _ in range(5):
+        await asyncio.sleep(0.05)
+        if gw.proc.poll() is None:
+            gw.proc.send_signal(signal.SIGHUP)
+    await asyncio.to_thread(gw.wait_ready)
+    r = await post_requests(gw.url, *objects_form("team-key", make_png(60)))
+    assert r.status_code == 200
