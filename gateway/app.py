@@ -171,8 +171,9 @@ async def _housekeeping(state: GatewayState) -> None:
         return
     if reclaimed:
         log.warning(
-            "refunded %d quota reservations abandoned by a process that died "
-            "before its upstream call finished",
+            "refunded %d quota reservations left by a process that died during their "
+            "upstream calls (none delivered a result; the upstream may still have billed "
+            "some: its own account quota, gateway_upstream_quota_remaining, shows it)",
             reclaimed,
         )
 
