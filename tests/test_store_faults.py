@@ -91,6 +91,27 @@ async def test_locked_ledger_answers_503_after_busy_timeout(gateway_factory: Gat
     assert again.status_code == 200
 
 
+async def test_a_briefly_locked_ledger_is_waited_for_not_refused(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) -> None:
+    """Writes are tried on the event loop first without waiting for a lock; a lock held
+    elsewhere (another worker) sends them to the writer thread, which waits busy_timeout."""
+    gw = await gateway_factory(storage={"busy_timeout_ms": 5000})
+    other = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    request = asyncio.create_task(post_requests(gw.url, *objects_form(SEARCH, make_png(2))))
+    await asyncio.sleep(0.5)
+    assert not request.done()  # waiting for the lock, in a thread: the loop still answers
+    import requests
+
+    health = await asyncio.to_thread(requests.get, gw.base + "/healthz", timeout=2)
+    assert health.status_code == 200
+    other.execute("ROLLBACK")
+    other.close()
+    r = await request
+    assert r.status_code == 200 and sim.state.calls == 1
+    assert await gw.state.store.used("search", gw.state.ledger.period()) == 1
+
+
 async def test_corrupt_cache_is_moved_aside_and_quota_data_survives(
         tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
     port = free_port()

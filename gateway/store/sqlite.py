@@ -226,6 +226,12 @@ class SQLiteStore:
         # ~80 us of CPU for aiosqlite's round trip to its thread. busy_timeout 0: a read that
         # would wait is not waited for here but sent to the reader thread, which may wait.
         self._inline: sqlite3.Connection | None = None
+        # Writes too, when a commit does not fsync (synchronous NORMAL/OFF in WAL): a
+        # ledger or cache transaction costs ~30 us of CPU, the round trip to the writer
+        # thread ~100-150 us more. busy_timeout 0: if another connection (another worker
+        # process, or our own writer thread) holds the write lock, the transaction goes to
+        # the writer thread instead, which waits busy_timeout; the loop never waits on a lock.
+        self._inline_writer: sqlite3.Connection | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -266,6 +272,8 @@ class SQLiteStore:
             self._checkpointer = asyncio.create_task(self._checkpoints())
             self._reader = await self._connect()
             self._inline = await asyncio.to_thread(self._connect_inline)
+            if self.synchronous.upper() in ("NORMAL", "OFF"):
+                self._inline_writer = await asyncio.to_thread(self._connect_inline_writer)
         except _ERRORS as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open SQLite store {self.path}: {exc}") from exc
@@ -330,6 +338,11 @@ class SQLiteStore:
                 await asyncio.shield(loop.run_in_executor(pool, shut))
             pool.shutdown(wait=False)
 
+    def _connect_inline_writer(self) -> sqlite3.Connection:
+        conn = self._connect_sync()
+        conn.execute("PRAGMA busy_timeout = 0")
+        return conn
+
     def _connect_inline(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 0")
@@ -343,9 +356,10 @@ class SQLiteStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
             self._checkpointer = None
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
+        for conn in (self._inline, self._inline_writer):
+            if conn is not None:
+                conn.close()
+        self._inline = self._inline_writer = None
         if self._reader is not None:
             with contextlib.suppress(*_ERRORS):
                 await self._reader.close()
@@ -404,9 +418,15 @@ class SQLiteStore:
         return (_row_result(row) if row[0] is not None else None), used
 
     async def _transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction in the writer's thread: one
-        hop to the thread and back, however many statements."""
+        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction: on the loop's thread when the
+        lock is free and commits do not fsync, else in the writer's thread (one hop to the
+        thread and back, however many statements)."""
         try:
+            if self._inline_writer is not None:
+                try:
+                    return _transact(self._inline_writer, body, inline=True)
+                except _Busy:
+                    pass  # the writer thread waits for the lock (busy_timeout)
             return await self._w.run(body)
         except _ERRORS as exc:
             raise StoreUnavailable(f"SQLite write failed: {exc}") from exc
@@ -644,21 +664,9 @@ class _Writer:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._transact, body)
 
     def _transact(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        if conn is None:
+        if self._conn is None:
             raise sqlite3.ProgrammingError("store is closed")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = body(conn)
-            conn.execute("COMMIT")
-            return result
-        except BaseException:
-            # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the original
-            # error, not "cannot rollback - no transaction is active".
-            if conn.in_transaction:
-                with contextlib.suppress(*_ERRORS):
-                    conn.execute("ROLLBACK")
-            raise
+        return _transact(self._conn, body)
 
     async def close(self) -> None:
         def shut() -> None:
@@ -669,6 +677,37 @@ class _Writer:
         with contextlib.suppress(*_ERRORS):
             await asyncio.get_running_loop().run_in_executor(self._pool, shut)
         self._pool.shutdown(wait=False)
+
+
+class _Busy(Exception):
+    """Another connection holds the write lock; nothing was done."""
+
+
+def _transact(
+    conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T], *, inline: bool = False
+) -> T:
+    """``body`` in one ``BEGIN IMMEDIATE`` transaction. ``inline`` (busy_timeout 0): a lock
+    held elsewhere raises _Busy before anything is written, for the caller to wait elsewhere;
+    otherwise it is the OperationalError of a lock still held after busy_timeout."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        # The primary code: SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT are busy too.
+        busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        if inline and busy:
+            raise _Busy() from exc
+        raise
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+        return result
+    except BaseException:
+        # SQLite rolls back by itself on some errors (SQLITE_FULL): keep the original
+        # error, not "cannot rollback - no transaction is active".
+        if conn.in_transaction:
+            with contextlib.suppress(*_ERRORS):
+                conn.execute("ROLLBACK")
+        raise
 
 
 def _statements(sql: str) -> list[str]:
