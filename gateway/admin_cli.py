@@ -158,7 +158,7 @@ def _with_store(config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
         )
 
     async def run() -> T:
-        store = open_store(storage)
+        store = open_store(storage, repair_cache=False)  # a report never moves files
         await store.open()
         try:
             return await action(store)

@@ -131,6 +131,11 @@ async def test_corrupt_cache_is_moved_aside_and_quota_data_survives(
     check = subprocess.run([*gateway_command(), "check-store", "--config", str(config)],
                            capture_output=True, text=True)
     assert check.returncode == 1 and "DAMAGED" in check.stdout and "cache" in check.stdout
+    # A report reads; it does not move the operator's files (only serve and --repair do).
+    usage = subprocess.run([*gateway_command(), "usage", "--config", str(config)],
+                           capture_output=True, text=True)
+    assert usage.returncode == 1 and "check-store --repair" in usage.stderr
+    assert not list(tmp_path.glob("g-cache.db.corrupt-*"))
 
     second = GatewayProcess(config, port, tmp_path / "2.log")
     processes.append(second)

@@ -29,8 +29,10 @@ __all__ = [
 ]
 
 
-def open_store(config: StorageConfig) -> Store:
-    """The configured backend, not yet opened."""
+def open_store(config: StorageConfig, *, repair_cache: bool = True) -> Store:
+    """The configured backend, not yet opened. ``repair_cache=False`` (reports, admin
+    commands): a corrupt cache file is refused, not moved aside; only the gateway and
+    ``check-store --repair`` change the files."""
     if config.backend == "redis":
         from gateway.store.redis import RedisStore
 
@@ -42,4 +44,5 @@ def open_store(config: StorageConfig) -> Store:
         cache_path=config.cache_path or None,
         synchronous=config.synchronous,
         busy_timeout_ms=config.busy_timeout_ms,
+        repair_cache=repair_cache,
     )

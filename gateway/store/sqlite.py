@@ -212,12 +212,14 @@ class SQLiteStore:
         cache_path: str | None = None,
         synchronous: str = "NORMAL",
         busy_timeout_ms: int = 5000,
+        repair_cache: bool = True,
     ):
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self.generation = 0
         self.cache_path = cache_path or cache_path_for(path)
         self.synchronous = synchronous
+        self.repair_cache = repair_cache
         self._writer: _Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
@@ -250,6 +252,11 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:
             if not is_corrupt(exc):
                 raise StoreUnavailable(f"cannot open cache {self.cache_path}: {exc}") from exc
+            if not self.repair_cache:
+                raise StoreUnavailable(
+                    f"result cache {self.cache_path} is corrupt ({exc}): run "
+                    "`gateway check-store --repair` (or start the gateway: it moves it aside)"
+                ) from exc
             aside = await asyncio.to_thread(quarantine, self.cache_path)
             log.error(
                 "result cache %s is corrupt (%s): moved to %s, starting with an empty "
