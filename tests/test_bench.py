@@ -47,3 +47,11 @@ def test_quick_bench_runs_every_scenario(tmp_path: Path) -> None:
         assert f"### {title}" in markdown
     assert "PROBLEM" not in proc.stdout
     assert "Python" in markdown and "aiohttp" in markdown  # the machine section
+
+
+def test_store_bench_smoke_prints_both_paths() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "store_bench.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("  ")[0].strip() for line in proc.stdout.splitlines()[2:]}
+    assert rows == {"inline", "writer thread"}
