@@ -363,12 +363,13 @@ def _reload_signal(pid: int) -> int:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         try:
-            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:
-            command = "gateway"
-        if "gateway" not in command:
-            # SIGHUP ends most programs: don't send it to one that isn't a gateway.
-            raise UsageError(f"process {pid} is not a gateway ({command.strip()[:80]})")
+            argv = ["gateway", "serve"]
+        command = " ".join(argv).strip()
+        if "gateway" not in command or "serve" not in argv:
+            # SIGHUP ends most programs (`gateway sim` too): only a `gateway serve` gets it.
+            raise UsageError(f"process {pid} is not `gateway serve` ({command[:80]})")
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:

@@ -63,9 +63,9 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             raise NoData()  # upstream: GET only with type=cache, checked before the key
         team = _authorize(form, state)
         team_label = team.name
-        limits = state.limiter.check(team)
         type_ = _type(form, request.method, team)
         type_label = type_
+        limits = state.limiter.check(team)
         if type_ == "cache":
             body = await _cache_lookup(form, team, state)
             status = 200

@@ -46,13 +46,23 @@ async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamR
     except StoreUnavailable as exc:
         log.error("store unavailable, refusing to forward: %s", exc)
         return _error_response(Unavailable("Gateway store unavailable"), request)
-    except web.HTTPException:
+    except web.HTTPException as exc:
+        if exc.status >= 400 and request.path.startswith("/admin/"):
+            # The admin API answers in the envelope too (e.g. 405 for a GET purge).
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+            return _error_response(_HTTPError(exc.status, exc.reason, allow), request)
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return _error_response(ServerError(), request)
+
+
+class _HTTPError(GatewayError):
+    def __init__(self, status: int, reason: str, headers: dict[str, str]) -> None:
+        self.status = status
+        super().__init__(reason, headers=headers)
 
 
 def _error_response(exc: GatewayError, request: web.Request) -> web.Response:
@@ -194,7 +204,11 @@ async def handle_readyz(request: web.Request) -> web.Response:
     if not state.config.upstream.api_key:
         problems.append("upstream key not configured")
     if problems:
-        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+        return web.json_response(
+            {"status": "unavailable", "problems": problems},
+            status=503,
+            headers={"Retry-After": "1"},
+        )
     return web.json_response({"status": "ready"})
 
 

@@ -50,10 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--latency-ms", type=float, default=0.0)
 
     demo = sub.add_parser("demo", help="simulator + gateway + a short workload, then a table")
-    demo.add_argument("--requests", type=int, default=40, help="requests per team")
-    demo.add_argument("--images", type=int, default=14, help="distinct images in the workload")
+    demo.add_argument("--requests", type=_positive, default=40, help="requests per team")
+    demo.add_argument(
+        "--images", type=_positive, default=14, help="distinct images in the workload"
+    )
     add_admin_commands(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -195,6 +196,20 @@ class _Reader:
         return tuple(value)
 
 
+_ORIGIN = re.compile(r"https?://[^/\s:]+(:\d{1,5})?")
+
+
+def _origins(table: _Reader, origins: tuple[str, ...]) -> tuple[str, ...]:
+    """An origin is what a browser sends in Origin: scheme://host[:port], no path; "*" any."""
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            table.fail(
+                "cors_origins",
+                f'{origin!r} is not an origin (scheme://host[:port], no path, or "*")',
+            )
+    return origins
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {
@@ -268,7 +283,7 @@ def parse_config(
         host=s.get("host", str, "127.0.0.1"),
         port=port,
         workers=s.integer("workers", 1),
-        cors_origins=s.strings("cors_origins", ()),
+        cors_origins=_origins(s, s.strings("cors_origins", ())),
         max_inflight=s.integer("max_inflight", 1024),
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
         drain_grace_s=s.number("drain_grace_s", 0.0, strict=False),

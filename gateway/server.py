@@ -35,7 +35,7 @@ def reload_config(app: web.Application) -> tuple[bool, str]:
     restart = state.apply_config(new)
     message = f"reloaded {path}: {len(new.teams)} teams"
     if restart:
-        message += f" (changes to [{'], ['.join(restart)}] apply after a restart)"
+        message += f" (changes to {', '.join(restart)} apply after a restart)"
     log.info(message)
     return True, message
 

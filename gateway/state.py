@@ -15,6 +15,17 @@ from gateway.service import RecognitionService
 from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
 
+# Read once at start (the listening socket, the app's middlewares and connection settings,
+# run_app's shutdown timeout); the other [server] keys are read per request or at SIGTERM.
+RESTART_ONLY_SERVER_KEYS = (
+    "host",
+    "port",
+    "workers",
+    "cors_origins",
+    "keepalive_timeout_s",
+    "drain_timeout_s",
+)
+
 
 @dataclass(eq=False)
 class GatewayState:
@@ -32,18 +43,25 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.teams_by_key_hash = {h: t for t in self.config.teams for h in t.key_hashes}
+        # What the process was started with: the socket, the store and the upstream client
+        # keep it whatever later reloads say.
+        self.started = self.config
 
     def apply_config(self, new: Config) -> list[str]:
         """Swap in a re-read config: team keys, quotas, rate limits, types and cache rules
         change at once, without dropping a request. Returns the changed keys that only a
         restart applies."""
-        old = self.config
+        old, started = self.config, self.started
         needs_restart = [
-            name
-            for name, a, b in (
-                ("server", old.server, new.server),
-                ("storage", old.storage, new.storage),
-                ("upstream", old.upstream, new.upstream),
+            f"server.{name}"
+            for name in RESTART_ONLY_SERVER_KEYS
+            if getattr(started.server, name) != getattr(new.server, name)
+        ]
+        needs_restart += [
+            section
+            for section, a, b in (
+                ("storage", started.storage, new.storage),
+                ("upstream", started.upstream, new.upstream),
             )
             if a != b
         ]

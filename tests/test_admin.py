@@ -377,3 +377,12 @@ def test_status_page_escapes_what_it_shows() -> None:
     })
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "unknown" in page and "none yet" in page
+
+
+async def test_a_wrong_method_is_an_envelope_too(
+        admin_gw: Gateway, client: aiohttp.ClientSession) -> None:
+    status, body, r = await call(client, "GET", f"{admin_gw.base}/admin/cache/purge",
+                                 headers=BEARER)
+    assert status == 405 and body == {"status": 405, "status_message": "Method Not Allowed",
+                                      "data": None}
+    assert "POST" in r.headers["Allow"]

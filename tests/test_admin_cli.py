@@ -421,9 +421,19 @@ def test_reload_with_sighup(
         assert out.returncode == 2 and "--pid must be" in out.stderr
     with subprocess.Popen(["sleep", "30"]) as bystander:
         out = cli("reload", "--config", str(config), "--pid", str(bystander.pid))
-        assert out.returncode == 2 and "is not a gateway" in out.stderr
+        assert out.returncode == 2 and "is not `gateway serve`" in out.stderr
         assert bystander.poll() is None
         bystander.send_signal(signal.SIGTERM)
+    # Another gateway subcommand (the simulator): SIGHUP would end it, so it is refused too.
+    sim_port = free_port()
+    with subprocess.Popen([*gateway_command(), "sim", "--port", str(sim_port), "--api-key",
+                           "k", "--quota", "1"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL) as sim:
+        time.sleep(0.5)
+        out = cli("reload", "--config", str(config), "--pid", str(sim.pid))
+        assert out.returncode == 2 and "is not `gateway serve`" in out.stderr
+        assert sim.poll() is None
+        sim.send_signal(signal.SIGTERM)
 
 
 def test_reload_over_http_reaches_every_worker(

@@ -439,3 +439,30 @@ async def test_purges_reach_the_in_memory_tier(gateway: Gateway, sim: Sim, tmp_p
     after = await post_requests(gateway.url, *objects_form(SEARCH, image))
     assert "fwd=miss" in after.headers["Cache-Status"]
     assert sim.state.calls == 3
+
+
+async def test_reload_names_only_the_settings_that_need_a_restart(
+        gateway: Gateway, sim: Sim, tmp_path) -> None:
+    """Compared with what the process started with, not with the previous reload: a value
+    read per request (max_inflight) applies at once; the port does not, until restart."""
+    from tests.conftest import make_config
+
+    db = tmp_path / "gateway.db"
+    assert gateway.state.apply_config(make_config(sim.url, db, server={"max_inflight": 1})) == []
+    assert gateway.state.config.server.max_inflight == 1
+    assert gateway.state.apply_config(make_config(sim.url, db, server={"port": 9999})) == [
+        "server.port"]
+    assert gateway.state.apply_config(make_config(sim.url, db)) == []  # back as started
+
+
+async def test_rate_limited_requests_are_counted_under_their_type(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    gw = await gateway_factory(teams={"search": {"keys": [SEARCH], "quota": 100,
+                                                 "rate_per_s": 0.01, "burst": 1}})
+    codes = [(await post_requests(gw.url, *objects_form(SEARCH, make_png(70 + i)))).status_code
+             for i in range(2)]
+    assert codes == [200, 429]
+    sample = gw.state.metrics.registry.get_sample_value(
+        "gateway_requests_total",
+        {"team": "search", "type": "objects", "status": "429", "cache": "none"})
+    assert sample == 1

@@ -49,6 +49,10 @@ BAD = [
     pytest.param("[server\n", "invalid TOML", id="toml-syntax"),
     pytest.param("[upstream]\napi_key_env = ''\n", "upstream.api_key_env", id="key-env-empty"),
     pytest.param("[quota]\nperiod = 'day'\n", "no team is configured", id="no-teams"),
+    pytest.param("[server]\ncors_origins = ['intranet.example.com']\n", "server.cors_origins",
+                 id="cors-origin-without-scheme"),
+    pytest.param("[server]\ncors_origins = ['http://a.example/']\n", "server.cors_origins",
+                 id="cors-origin-with-path"),
 ]
 
 

@@ -28,3 +28,11 @@ def test_demo_plays_a_workload_and_prints_what_it_saved() -> None:
     assert hits + coalesced + charged == ok
     calls = int(re.search(r"upstream called (\d+) times", out).group(1))  # type: ignore[union-attr]
     assert calls == charged
+
+
+def test_demo_refuses_sizes_below_one_with_a_usage_line() -> None:
+    for args in (["--images", "0"], ["--requests", "-3"]):
+        result = subprocess.run([*gateway_command(), "demo", *args], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2, args
+        assert "must be at least 1" in result.stderr and "Traceback" not in result.stderr

@@ -121,6 +121,7 @@ async def test_sigterm_grace_turns_readyz_503_before_the_listener_closes(
     await asyncio.sleep(0.3)
     ready = await asyncio.to_thread(requests.get, f"http://127.0.0.1:{gw.port}/readyz", timeout=5)
     assert ready.status_code == 503 and "draining" in ready.json()["problems"]
+    assert ready.headers["Retry-After"] == "1"
     late = await post_requests(gw.url, *objects_form("team-key", make_png(50)))
     assert late.status_code == 503 and late.json() == {
         "status": 503, "status_message": "Gateway draining", "data": None}
