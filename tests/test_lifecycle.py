@@ -136,11 +136,25 @@ async def test_a_sighup_while_starting_does_not_kill_the_gateway(
         tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
     gw, _ = start(tmp_path, sim)
     processes.append(gw)
-    await asyncio.sleep(0.3)  # the interpreter is up; the store and the socket are not yet
+    # Once the command has started (its SIGHUP disposition is "ignore": bit 0 of SigIgn; or
+    # already "caught" by the reload handler, SigCgt), and while it opens the store and
+    # binds: SIGHUPs must not end it.
+    status = Path(f"/proc/{gw.proc.pid}/status")
+
+    def hup_handled() -> bool:
+        masks = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in
+                                                status.read_text().splitlines())
+                 if k in ("SigIgn", "SigCgt")}
+        return bool((masks["SigIgn"] | masks["SigCgt"]) & 1)
+
+    deadline = time.monotonic() + 20
+    while not hup_handled():
+        assert gw.proc.poll() is None and time.monotonic() < deadline
+        await asyncio.sleep(0.005)
     for _ in range(5):
-        await asyncio.sleep(0.05)
         if gw.proc.poll() is None:
             gw.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.02)
     await asyncio.to_thread(gw.wait_ready)
     r = await post_requests(gw.url, *objects_form("team-key", make_png(60)))
     assert r.status_code == 200
