@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import re
 import time
 
@@ -30,11 +29,10 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.form import Form, UploadedFile, parse_query, read_form
+from gateway.logs import log_access
 from gateway.service import Answer, Call, Directives
 from gateway.state import STATE, GatewayState
 from gateway.store.base import StoreUnavailable
-
-access_log = logging.getLogger("gateway.access")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -98,9 +96,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         state.metrics.count_request(team_label, type_label, status, outcome, elapsed)
         if state.config.server.access_log:
             upload = form.file if form is not None else None
-            access_log.info(
-                "request",
-                extra={
+            log_access(
+                {
                     "team": team_label,
                     "type": type_label,
                     "status": status,
@@ -111,7 +108,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                     "upstream_ms": round(answer.upstream_ms, 2)
                     if answer is not None and answer.upstream_ms is not None
                     else None,
-                },
+                }
             )
 
 
