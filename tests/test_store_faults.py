@@ -112,15 +112,23 @@ async def test_a_briefly_locked_ledger_is_waited_for_not_refused(
     assert await gw.state.store.used("search", gw.state.ledger.period()) == 1
 
 
-async def test_corrupt_cache_is_moved_aside_and_quota_data_survives(
-        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+async def serve_process(tmp_path: Path, sim: Sim, processes: list[GatewayProcess], *,
+                        quota: int, log: str) -> tuple[GatewayProcess, Path, Path]:
+    """`gateway serve` on g.db (its config g.toml, one team "t"), ready."""
     port = free_port()
     db = tmp_path / "g.db"
     config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=db, port=port,
-                          teams={"t": ("team-key", 10)})
-    first = GatewayProcess(config, port, tmp_path / "1.log")
-    processes.append(first)
-    await asyncio.to_thread(first.wait_ready)
+                          teams={"t": ("team-key", quota)})
+    gw = GatewayProcess(config, port, tmp_path / log)
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    return gw, config, db
+
+
+async def test_corrupt_cache_is_moved_aside_and_quota_data_survives(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    first, config, _ = await serve_process(tmp_path, sim, processes, quota=10, log="1.log")
+    port = first.port
     for seed in range(3):
         await post_requests(first.url, *objects_form("team-key", make_png(seed)))
     first.stop()
@@ -262,13 +270,8 @@ async def test_damaged_ledger_index_refuses_to_start_and_repair_keeps_the_spend(
     the team would look unspent and be let through again. The gateway refuses to start;
     check-store --repair rebuilds the index from the table, keeping the charges, and leaves
     no readable copy behind."""
-    port = free_port()
-    db = tmp_path / "g.db"
-    config = write_config(tmp_path / "g.toml", sim_url=sim.url, db=db, port=port,
-                          teams={"t": ("team-key", 3)})
-    gw = GatewayProcess(config, port, tmp_path / "g.log")
-    processes.append(gw)
-    await asyncio.to_thread(gw.wait_ready)
+    gw, config, db = await serve_process(tmp_path, sim, processes, quota=3, log="g.log")
+    port = gw.port
     codes = [(await post_requests(gw.url, *objects_form("team-key", make_png(800 + i))))
              .status_code for i in range(4)]
     assert codes == [200, 200, 200, 402]
