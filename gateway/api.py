@@ -61,13 +61,13 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             raise NoData()  # upstream: GET only with type=cache, checked before the key
         team = _authorize(form, state)
         team_label = team.name
-        type_ = _type(form, request.method, team)
+        type_ = _type(form, team)
         type_label = type_
         limits = state.limiter.check(team)
         if type_ == "cache":
             body = await _cache_lookup(form, team, state)
             status = 200
-            return _json(request, body, limits)
+            return respond(request, body, 200, limits)
         file = _image(form)
         params = analysis_params(type_, form.fields)
         directives = Directives.parse(request.headers.get("Cache-Control"))
@@ -80,7 +80,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         }
         if answer.warning is not None:
             headers["Warning"] = answer.warning
-        return _json(request, answer.body, headers)
+        return respond(request, answer.body, 200, headers)
     except GatewayError as exc:
         status = exc.status
         raise
@@ -146,7 +146,7 @@ def _authorize(form: Form, state: GatewayState) -> TeamConfig:
     return team
 
 
-def _type(form: Form, method: str, team: TeamConfig) -> str:
+def _type(form: Form, team: TeamConfig) -> str:
     type_ = form.fields.get("type", "")
     if type_ not in TYPES:
         raise InvalidType()
@@ -184,10 +184,13 @@ async def _cache_lookup(form: Form, team: TeamConfig, state: GatewayState) -> by
     return await state.service.cached_results(team, content_hash)
 
 
-def _json(request: web.Request, body: bytes, headers: dict[str, str]) -> web.Response:
+def respond(
+    request: web.Request, body: bytes, status: int, headers: dict[str, str]
+) -> web.Response:
+    """An envelope answer, success or error (the error middleware uses it too)."""
     return web.Response(
         body=body,
-        status=200,
+        status=status,
         content_type=content_type_for(request.headers),
         charset="utf-8",
         headers={**HEADERS, **headers},

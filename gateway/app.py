@@ -16,10 +16,9 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.admin import add_admin_routes
-from gateway.api import handle_api
+from gateway.api import handle_api, respond
 from gateway.config import Config
 from gateway.cors import cors_middleware
-from gateway.envelope import HEADERS, content_type_for
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.metrics import Metrics
 from gateway.quota import Clock, QuotaLedger
@@ -66,13 +65,7 @@ class _HTTPError(GatewayError):
 
 
 def _error_response(exc: GatewayError, request: web.Request) -> web.Response:
-    return web.Response(
-        body=error_envelope(exc.status, exc.message),
-        status=exc.status,
-        content_type=content_type_for(request.headers),
-        charset="utf-8",
-        headers={**HEADERS, **exc.headers},
-    )
+    return respond(request, error_envelope(exc.status, exc.message), exc.status, exc.headers)
 
 
 def create_app(

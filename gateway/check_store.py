@@ -45,10 +45,11 @@ def check_store(config: Config, *, repair: bool) -> int:
         status = 1
     else:
         status = max(status, _repair_ledger(ledger, problem))
-    problem = _integrity(cache)
     if not os.path.exists(cache):
         print(f"cache {cache}: none yet (created empty on start; quota data is unaffected)")
-    elif problem is None:
+        return status
+    problem = _integrity(cache)
+    if problem is None:
         fixed = _fix_totals(cache) if repair else False
         note = "; totals recomputed" if fixed else ""
         print(f"cache {cache}: ok ({_entries(cache)} entries{note})")
@@ -66,8 +67,7 @@ def check_store(config: Config, *, repair: bool) -> int:
 
 
 def _integrity(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
+    """None if ``path`` (which exists) checks clean, else what SQLite reports."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         try:

@@ -119,9 +119,7 @@ def _begin_drain(app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
     state.draining = True
     grace = state.config.server.drain_grace_s
     log.info("SIGTERM: draining; /readyz answers 503; closing the listener in %.1f s", grace)
-    if grace <= 0:
-        raise GracefulExit()
-    loop.call_later(grace, _graceful_exit)
+    loop.call_later(grace, _graceful_exit)  # 0: on the loop's next turn
 
 
 def _graceful_exit() -> None:
