@@ -55,3 +55,10 @@ def test_store_bench_smoke_prints_both_paths() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = {line.split("  ")[0].strip() for line in proc.stdout.splitlines()[2:]}
     assert rows == {"inline", "writer thread"}
+
+
+def test_log_bench_smoke_prints_both_formats() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "log_bench.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == ["text", "json"]
