@@ -30,6 +30,7 @@ from gateway.errors import (
 )
 from gateway.form import Form, UploadedFile, parse_query, read_form
 from gateway.logs import log_access
+from gateway.response import EnvelopeResponse
 from gateway.service import Answer, Call, Directives
 from gateway.state import STATE, GatewayState
 from gateway.store.base import StoreUnavailable
@@ -186,12 +187,14 @@ async def _cache_lookup(form: Form, team: TeamConfig, state: GatewayState) -> by
 
 def respond(
     request: web.Request, body: bytes, status: int, headers: dict[str, str]
-) -> web.Response:
+) -> web.StreamResponse:
     """An envelope answer, success or error (the error middleware uses it too)."""
-    return web.Response(
-        body=body,
-        status=status,
-        content_type=content_type_for(request.headers),
-        charset="utf-8",
-        headers={**HEADERS, **headers},
-    )
+    if request.method == "HEAD":  # a head without its body: aiohttp's own handling
+        return web.Response(
+            body=body,
+            status=status,
+            content_type=content_type_for(request.headers),
+            charset="utf-8",
+            headers={**HEADERS, **headers},
+        )
+    return EnvelopeResponse(body, status, headers, browser="Origin" in request.headers)

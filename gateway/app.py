@@ -64,7 +64,7 @@ class _HTTPError(GatewayError):
         super().__init__(reason, headers=headers)
 
 
-def _error_response(exc: GatewayError, request: web.Request) -> web.Response:
+def _error_response(exc: GatewayError, request: web.Request) -> web.StreamResponse:
     return respond(request, error_envelope(exc.status, exc.message), exc.status, exc.headers)
 
 

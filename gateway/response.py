@@ -1,0 +1,127 @@
+"""The envelope answer written to the socket in one piece: status line, headers and body.
+
+``web.Response`` builds every answer's head through several layers (content type and
+length, connection, the payload writer, a header multidict and its serialisation). On a cache
+hit that was the largest cost after reading the upload itself, so the API's answers are
+written here instead: the fixed lines are built once, the rest is joined per answer, and the
+whole answer goes to the transport in one ``write``. What aiohttp would send is kept (Date,
+Server, Content-Length, Connection for HTTP/1.0 and for a closing connection), and so is the
+``headers`` multidict: it is made only when something asks for it (the CORS middleware), and
+then it is what gets written.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterable
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
+from multidict import CIMultiDict
+
+from gateway.envelope import BROWSER_CONTENT_TYPE, CONTENT_TYPE, HEADERS
+
+_FIXED = {
+    browser: [
+        ("Content-Type", f"{BROWSER_CONTENT_TYPE if browser else CONTENT_TYPE}; charset=utf-8"),
+        *HEADERS.items(),
+    ]
+    for browser in (False, True)
+}
+_FIXED_LINES = {
+    browser: "".join(f"{k}: {v}\r\n" for k, v in pairs) + f"Server: {SERVER_SOFTWARE}\r\n"
+    for browser, pairs in _FIXED.items()
+}
+_SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n"
+_status_lines: dict[tuple[HttpVersion, int], str] = {}
+_date_second = -1
+_date_line = ""
+
+
+def _date() -> str:
+    """The Date line, formatted once a second."""
+    global _date_second, _date_line
+    now = int(time.time())
+    if now != _date_second:
+        _date_line = f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n"
+        _date_second = now
+    return _date_line
+
+
+class EnvelopeResponse(web.StreamResponse):
+    """A complete answer; ``headers`` are the ones beyond the fixed envelope headers."""
+
+    def __init__(self, body: bytes, status: int, headers: dict[str, str], *, browser: bool) -> None:
+        # Not StreamResponse.__init__: its header multidict is made only if asked for.
+        self._state = {}
+        self._set_status(status, None)
+        self._payload = body
+        self._extra = headers
+        self._browser = browser
+        self._multi: CIMultiDict[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        if self._multi is None:
+            self._multi = CIMultiDict(_FIXED[self._browser])
+            self._multi.extend(self._extra)
+        return self._multi
+
+    @property
+    def _headers(self) -> CIMultiDict[str]:  # type: ignore[override]
+        return self.headers  # what StreamResponse's own methods read
+
+    @property  # type: ignore[misc]
+    def content_length(self) -> int:
+        return len(self._payload)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        self._req = request
+        writer = self._payload_writer = request._payload_writer
+        app = request.app if isinstance(request, web.Request) else None
+        if app is None or app.on_response_prepare:  # signals, if any, still see the answer
+            await request._prepare_hook(self)
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        version = request.version
+        pairs: Iterable[tuple[str, str]]
+        if self._multi is None:
+            fixed, pairs = _FIXED_LINES[self._browser], self._extra.items()
+        else:
+            fixed, pairs = _SERVER_LINE, self._multi.items()
+        lines = [f"{k}: {v}\r\n" for k, v in pairs]
+        extra = "".join(lines)
+        if extra.count("\n") != len(lines) or extra.count("\r") != len(lines):
+            raise ValueError("Newline or carriage return in a response header")
+        status_line = _status_lines.get((version, self.status))
+        if status_line is None:
+            status_line = f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}\r\n"
+            _status_lines[(version, self.status)] = status_line
+        if keep_alive:
+            connection = "Connection: keep-alive\r\n" if version == HttpVersion10 else ""
+        else:
+            connection = "Connection: close\r\n" if version == HttpVersion11 else ""
+        head = (
+            f"{status_line}{fixed}{extra}Content-Length: {len(self._payload)}\r\n"
+            f"{_date()}{connection}\r\n"
+        )
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        transport.write(head.encode() + self._payload)
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        self._req = None
+        self._body_length = len(self._payload)
+        self._payload_writer = None
