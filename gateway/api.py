@@ -124,14 +124,20 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         request.content,
         spool_dir=state.spool_dir,
     )
-    if request.content.is_eof():  # the whole body is already here: no timer to arm
+    if request.content.is_eof():  # the whole body is already here: no deadline to set
         return await reading
+    # A client trickling its body must not hold a slot (and a spool file) for ever.
+    task = asyncio.current_task()
+    assert task is not None
+    state.deadlines.add(task, state.config.server.body_timeout_s)
     try:
-        # A client trickling its body must not hold a slot (and a spool file) for ever.
-        async with asyncio.timeout(state.config.server.body_timeout_s):
-            return await reading
-    except TimeoutError:
-        raise RequestTimeout() from None
+        return await reading
+    except asyncio.CancelledError:
+        if state.deadlines.expired(task):
+            raise RequestTimeout() from None
+        raise
+    finally:
+        state.deadlines.discard(task)
 
 
 def _authorize(form: Form, state: GatewayState) -> TeamConfig:

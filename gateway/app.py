@@ -156,11 +156,13 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
             if ticks % int(RECLAIM_INTERVAL_S / FLUSH_INTERVAL_S) == 0:
                 await _housekeeping(state)
 
-    task = asyncio.create_task(loop())
+    tasks = [asyncio.create_task(loop()), asyncio.create_task(state.deadlines.run())]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await state.service.drain()
 
 

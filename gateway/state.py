@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import Config, TeamConfig
+from gateway.deadlines import Deadlines
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
 from gateway.ratelimit import RateLimiter
@@ -38,6 +39,7 @@ class GatewayState:
     spool_dir: str | None = None
     teams_by_key_hash: dict[str, TeamConfig] = field(default_factory=dict)
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    deadlines: Deadlines = field(default_factory=Deadlines)
     inflight: int = 0
     draining: bool = False
 
