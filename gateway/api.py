@@ -40,6 +40,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_IHDR = b"\x00\x00\x00\x0dIHDR"
 HASH_RE = re.compile(r"[0-9a-f]{32}")
 TYPES = (*TYPE_PARAMS, "cache")
+MAX_REMEMBERED_KEYS = 10_000
 
 
 async def handle_api(request: web.Request) -> web.StreamResponse:
@@ -146,10 +147,16 @@ def _authorize(form: Form, state: GatewayState) -> TeamConfig:
     key = form.fields.get("apikey", "")
     if not key:
         raise KeyMissing()
-    # Looked up by hash: no comparison against stored keys, so no timing oracle.
-    team = state.teams_by_key_hash.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+    team = state.teams_by_key.get(key)
     if team is None:
-        raise KeyInvalid()
+        # Looked up by hash: no comparison against stored keys, so no timing oracle.
+        team = state.teams_by_key_hash.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+        if team is None:
+            raise KeyInvalid()
+        if len(state.teams_by_key) < MAX_REMEMBERED_KEYS:
+            # Keys already presented and accepted skip the sha256 next time; a refused key
+            # is never kept, so guesses cost no memory. A reload forgets them all.
+            state.teams_by_key[key] = team
     return team
 
 

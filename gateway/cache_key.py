@@ -7,6 +7,7 @@ once and gets both the validated values and the canonical key text.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from gateway.errors import InvalidParameter
@@ -22,11 +23,30 @@ TYPE_PARAMS: dict[str, tuple[tuple[str, int, int], ...]] = {
 }
 
 
-def analysis_params(type_: str, fields: Mapping[str, str]) -> dict[str, int]:
-    """The validated, normalised parameters ``type_`` uses; raises ``InvalidParameter``."""
+class Params(dict[str, int]):
+    """One type's validated, normalised parameters, in canonical order, with their text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, values: dict[str, int]) -> None:
+        super().__init__(values)
+        self.text = "&".join(f"{k}={v}" for k, v in values.items())
+
+
+def analysis_params(type_: str, fields: Mapping[str, str]) -> Params:
+    """The validated, normalised parameters ``type_`` uses; raises ``InvalidParameter``.
+
+    The answer is shared between requests that send the same values: do not change it."""
+    spec = TYPE_PARAMS[type_]
+    if not spec:
+        return _parse(type_, ())
+    return _parse(type_, tuple([fields.get(name) for name, _, _ in spec]))
+
+
+@functools.lru_cache(maxsize=1024)  # clients send the same few parameter values
+def _parse(type_: str, raw_values: tuple[str | None, ...]) -> Params:
     params: dict[str, int] = {}
-    for name, low, high in TYPE_PARAMS[type_]:
-        raw = fields.get(name)
+    for (name, low, high), raw in zip(TYPE_PARAMS[type_], raw_values, strict=True):
         text = (raw or "").strip()
         if not text.isascii() or not text.isdigit():
             raise InvalidParameter(name, _range_text(low, high))
@@ -36,7 +56,7 @@ def analysis_params(type_: str, fields: Mapping[str, str]) -> dict[str, int]:
         if not low <= value <= high:
             raise InvalidParameter(name, _range_text(low, high))
         params[name] = value
-    return params
+    return Params(params)
 
 
 def _range_text(low: int, high: int) -> str:
@@ -49,12 +69,13 @@ def _range_text(low: int, high: int) -> str:
 
 def params_text(params: Mapping[str, int]) -> str:
     """Canonical text of normalised params: ``max_labels=10&min_confidence=80``."""
+    if isinstance(params, Params):
+        return params.text
     return "&".join(f"{k}={params[k]}" for k in params)
 
 
 def cache_key(content_hash: str, type_: str, params: Mapping[str, int], scope: str = "") -> str:
     """``scope`` is empty when results are shared across teams, else the team name."""
-    key = f"{content_hash}/{type_}"
-    if params:
-        key += "?" + params_text(params)
+    text = params_text(params)
+    key = f"{content_hash}/{type_}?{text}" if text else f"{content_hash}/{type_}"
     return f"{scope}|{key}" if scope else key

@@ -55,7 +55,7 @@ class Directives:
 _NO_DIRECTIVES = Directives()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     team: TeamConfig
     type: str
@@ -64,7 +64,7 @@ class Call:
     directives: Directives = _NO_DIRECTIVES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     body: bytes
     outcome: str  # hit | miss | coalesced | none (metric label)

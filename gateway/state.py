@@ -38,6 +38,7 @@ class GatewayState:
     service: RecognitionService
     spool_dir: str | None = None
     teams_by_key_hash: dict[str, TeamConfig] = field(default_factory=dict)
+    teams_by_key: dict[str, TeamConfig] = field(default_factory=dict)  # accepted raw keys
     limiter: RateLimiter = field(default_factory=RateLimiter)
     deadlines: Deadlines = field(default_factory=Deadlines)
     inflight: int = 0
@@ -72,6 +73,7 @@ class GatewayState:
         self.service.config = new
         self.service.max_bytes = int(new.cache.max_mb * 1024 * 1024)
         self.teams_by_key_hash = {h: t for t in new.teams for h in t.key_hashes}
+        self.teams_by_key = {}
         self.metrics.preinitialize(new)
         for team in old.teams:
             if new.team(team.name) is None:

@@ -337,6 +337,8 @@ async def test_reload_endpoint(
     assert 'gateway_quota_used{team="search"}' in scrape
     for gauge in ("gateway_quota_used", "gateway_quota_limit"):
         assert f'{gauge}{{team="ads"}}' not in scrape
+    # The gateway remembers keys it accepted; a reload that takes a key out forgets it.
+    assert (await post_requests(gw.url, *ads_form)).status_code == 401
 
 
 # -- status -----------------------------------------------------------------------------------

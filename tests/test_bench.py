@@ -62,3 +62,11 @@ def test_log_bench_smoke_prints_both_formats() -> None:
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[0] for line in proc.stdout.splitlines()[2:]] == ["text", "json"]
+
+
+def test_hot_path_bench_smoke_prints_every_step() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "hot_path_bench.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[2:]]
+    assert rows == ["body", "team", "parameters", "answer"]
