@@ -164,6 +164,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await state.service.drain()
+    state.metrics.fold()  # what the last requests counted
 
 
 async def _housekeeping(state: GatewayState) -> None:

@@ -616,3 +616,43 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
     assert ("GatewayTeamQuotaHigh", "tiny") not in active
     assert not any(name in ("GatewayUpstreamQuotaLow", "GatewayUpstreamQuotaExhausted",
                             "GatewayUpstreamCredentialsRefused") for name, _ in active), active
+
+
+async def test_requests_counted_in_bulk_scrape_as_if_observed_one_by_one() -> None:
+    """Metrics.count_request folds a loop turn's requests into one change per series; the
+    scrape must read exactly what Counter.inc() and Histogram.observe() per request give."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from gateway.metrics import LATENCY_BUCKETS, Metrics
+
+    durations = [0.0001, 0.0005, 0.0007, 0.002, 0.0025, 0.3, 0.3, 7.0, 61.0, 1e-9]
+    metrics = Metrics(CollectorRegistry())
+    for seconds in durations:
+        metrics.count_request("search", "objects", 200, "hit", seconds)
+    metrics.count_request("ads", "nsfw", 402, "none", 0.01)
+    metrics.count_saved("search", "objects")
+    metrics.count_saved("search", "objects")
+    await asyncio.sleep(0)  # the loop turn after the requests: folded without a scrape
+    reference_registry = CollectorRegistry()
+    reference = Histogram("gateway_request_duration_seconds", "x", ("type", "cache"),
+                          buckets=LATENCY_BUCKETS, registry=reference_registry)
+    for seconds in durations:
+        reference.labels("objects", "hit").observe(seconds)
+
+    def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {tuple(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name == name and s.labels.get("type") == "objects"}
+
+    ours = generate_latest(metrics.registry).decode()
+    theirs = generate_latest(reference_registry).decode()
+    for suffix in ("_bucket", "_sum", "_count"):
+        name = "gateway_request_duration_seconds" + suffix
+        assert samples(ours, name) == pytest.approx(samples(theirs, name)), suffix
+    counted = {tuple(sorted(s.labels.items())): s.value
+               for family in text_string_to_metric_families(ours) for s in family.samples
+               if s.name in ("gateway_requests_total", "gateway_upstream_calls_saved_total")}
+    assert counted[(("cache", "hit"), ("status", "200"), ("team", "search"),
+                    ("type", "objects"))] == len(durations)
+    assert counted[(("cache", "none"), ("status", "402"), ("team", "ads"), ("type", "nsfw"))] == 1
+    assert counted[(("team", "search"), ("type", "objects"))] == 2
