@@ -505,9 +505,12 @@ class Bench:
         return self._start(name, [*gateway_command(self.src), "serve", "--config", str(config)],
                            port, "/readyz")
 
-    def floor(self, name: str = "floor", *, processes: int = 1) -> Server:
+    def floor(self, name: str = "floor", *, processes: int = 1,
+              proxy_to: str | None = None) -> Server:
         port = free_port()
         cmd = [sys.executable, str(FLOOR), "--host", HOST, "--port", str(port)]
+        if proxy_to is not None:
+            cmd += ["--proxy-to", proxy_to]
         if processes == 1:
             return self._start(name, cmd, port, "/")
         first = self._start(f"{name}-1", [*cmd, "--reuse-port"], port, "/")
@@ -657,10 +660,9 @@ async def _timed_post(session: aiohttp.ClientSession, url: str, body: bytes,
         return time.perf_counter() - t0, r.status, r.headers.get("Cache-Status", "")
 
 
-async def _miss_run(gw: Server, sim: Sim, size: int, n: int, seed: int,
-                    ) -> tuple[list[float], list[float], list[str]]:
-    direct: list[float] = []
-    via: list[float] = []
+async def _miss_run(gw: Server, sim: Sim, proxy: Server, size: int, n: int, seed: int,
+                    ) -> tuple[list[float], list[float], list[float], list[str]]:
+    times: dict[str, list[float]] = {"direct": [], "gateway": [], "proxy": []}
     problems: list[str] = []
     async with aiohttp.ClientSession() as session:
         for i in range(-10, n):  # the first ten of each are warm-up, not counted
@@ -668,9 +670,10 @@ async def _miss_run(gw: Server, sim: Sim, size: int, n: int, seed: int,
             # A new random boundary per request, as requests and browsers send (the gateway
             # does too, upstream); the simulator's aiohttp parses a new boundary ~0.7 ms
             # slower than one it has seen, so a fixed one would flatter the direct calls.
-            calls = [("direct", sim.url, UPSTREAM_KEY), ("gateway", gw.url, TEAM_KEY)]
-            if i % 2:  # alternate who goes first, so drift and ordering cancel
-                calls.reverse()
+            calls = [("direct", sim.url, UPSTREAM_KEY), ("gateway", gw.url, TEAM_KEY),
+                     ("proxy", proxy.url, UPSTREAM_KEY)]
+            k = i % 3  # rotate who goes first, so drift and ordering cancel
+            calls = calls[k:] + calls[:k]
             for name, url, key in calls:
                 boundary = secrets.token_hex(16)
                 elapsed, status, cache_status = await _timed_post(
@@ -679,20 +682,23 @@ async def _miss_run(gw: Server, sim: Sim, size: int, n: int, seed: int,
                 if status != 200 or (name == "gateway" and "fwd=miss" not in cache_status):
                     problems.append(f"{name} answered {status} ({cache_status!r})")
                 if i >= 0:
-                    (direct if name == "direct" else via).append(elapsed)
-    return direct, via, problems
+                    times[name].append(elapsed)
+    return times["direct"], times["gateway"], times["proxy"], problems
 
 
 def scenario_miss(b: Bench) -> Table:
     t = Table("miss", ["upload", "requests each", "direct p50", "direct p99", "gateway p50",
                        "gateway p99", "added p50", "added p99", "added (paired median)",
-                       "in gateway p50", "its upstream call p50", "target", "result"])
+                       "bare proxy added p50", "in gateway p50", "its upstream call p50",
+                       "target", "result"])
     b.sim.control("control", latency_ms=0)
     n = 20 if b.quick else 300
     sizes = [10_000] if b.quick else [10_000, 100_000]
+    proxy = b.floor("miss-proxy", proxy_to=b.sim.url)
     for size in sizes:
         gw = b.gateway(f"miss-{size}", access_log=True)
-        direct, via, problems = asyncio.run(_miss_run(gw, b.sim, size, n, 20_000 + size))
+        direct, via, bare, problems = asyncio.run(
+            _miss_run(gw, b.sim, proxy, size, n, 20_000 + size))
         b.stop(gw)
         inside = access_log_ms(gw, "miss", "gateway_ms")[10:]  # the warm-up is not counted
         upstream = access_log_ms(gw, "miss", "upstream_ms")[10:]
@@ -705,13 +711,17 @@ def scenario_miss(b: Bench) -> Table:
                          f"miss overhead p50 {added50 * 1000:.2f} ms ({human(size)})")
         t.add(human(size), n, ms(percentile(direct, 50)), ms(percentile(direct, 99)),
               ms(percentile(via, 50)), ms(percentile(via, 99)), ms(added50), ms(added99),
-              ms(paired), f"{percentile(inside, 50):.2f} ms" if inside else "—",
+              ms(paired), ms(percentile(bare, 50) - percentile(direct, 50)),
+              f"{percentile(inside, 50):.2f} ms" if inside else "—",
               f"{percentile(upstream, 50):.2f} ms" if upstream else "—", target, result)
+    b.stop(proxy)
     t.notes += [
         "One aiohttp client in the bench process, one request at a time, keep-alive. Each image "
         "is new (so the gateway misses, forwards and stores), sent once straight to the "
-        "simulator (upstream key) and once through the gateway (team key), the order "
-        "alternating per image; ten of each first as warm-up. Simulator latency 0.",
+        "simulator (upstream key), once through the gateway (team key) and once through a bare "
+        "aiohttp proxy (bench/floor.py --proxy-to: read the body, POST the same bytes, relay "
+        "the answer; the floor of any Python proxy hop), the order rotating per image; ten of "
+        "each first as warm-up. Simulator latency 0.",
         "Gateway: `server.access_log = true` (the shipped default). added = gateway percentile "
         "minus direct percentile; paired = median of per-image differences. in gateway / its "
         "upstream call: the gateway's own access-log fields gateway_ms / upstream_ms (handler "
