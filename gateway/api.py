@@ -6,7 +6,6 @@ upstream's own envelope, before any upstream call and without charging quota.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import time
@@ -127,18 +126,11 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
     )
     if request.content.is_eof():  # the whole body is already here: no deadline to set
         return await reading
-    # A client trickling its body must not hold a slot (and a spool file) for ever.
-    task = asyncio.current_task()
-    assert task is not None
-    state.deadlines.add(task, state.config.server.body_timeout_s)
     try:
-        return await reading
-    except asyncio.CancelledError:
-        if state.deadlines.expired(task):
-            raise RequestTimeout() from None
-        raise
-    finally:
-        state.deadlines.discard(task)
+        # A client trickling its body must not hold a slot (and a spool file) for ever.
+        return await state.deadlines.within(reading, state.config.server.body_timeout_s)
+    except TimeoutError:
+        raise RequestTimeout() from None
 
 
 def _authorize(form: Form, state: GatewayState) -> TeamConfig:

@@ -4,18 +4,9 @@
 noticeable share of a cache hit (``python bench/hot_path_bench.py``). A body read needs a deadline
 seconds long that need not be exact to the millisecond, so one sweeper task looks at the
 reads in progress every ``tick`` seconds and cancels those past their deadline; the read
-turns that cancellation into its own error (``expired``), as ``asyncio.timeout`` would.
+turns that cancellation into ``TimeoutError``, as ``asyncio.timeout`` would:
 
-    task = asyncio.current_task()
-    deadlines.add(task, seconds)
-    try:
-        return await read()
-    except asyncio.CancelledError:
-        if deadlines.expired(task):
-            raise TimeoutError from None
-        raise
-    finally:
-        deadlines.discard(task)
+    body = await deadlines.within(read(), seconds)
 
 The cancellation always lands inside the guarded await: a task is registered only while it
 is suspended there, and the sweeper runs only while it is suspended.
@@ -24,6 +15,10 @@ is suspended there, and the sweeper runs only while it is suspended.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Deadlines:
@@ -31,6 +26,20 @@ class Deadlines:
         self.tick = tick
         self._due: dict[asyncio.Task[object], float] = {}
         self._expired: set[asyncio.Task[object]] = set()
+
+    async def within(self, awaitable: Awaitable[T], seconds: float) -> T:
+        """Its result, or ``TimeoutError`` once ``seconds`` have passed (give or take a tick)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.add(task, seconds)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.expired(task):
+                raise TimeoutError from None
+            raise
+        finally:
+            self.discard(task)
 
     def add(self, task: asyncio.Task[object], seconds: float) -> None:
         self._due[task] = asyncio.get_running_loop().time() + seconds

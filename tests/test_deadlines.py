@@ -10,17 +10,7 @@ from gateway.deadlines import Deadlines
 
 
 async def _guarded(deadlines: Deadlines, seconds: float, work: asyncio.Future[str]) -> str:
-    task = asyncio.current_task()
-    assert task is not None
-    deadlines.add(task, seconds)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if deadlines.expired(task):
-            raise TimeoutError from None
-        raise
-    finally:
-        deadlines.discard(task)
+    return await deadlines.within(work, seconds)
 
 
 async def test_a_read_past_its_deadline_times_out_and_one_in_time_does_not() -> None:
