@@ -53,7 +53,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             headers={"Retry-After": "1"},  # another replica, or this one a moment later
         )
     state.inflight += 1
-    state.metrics.inflight_delta(1)
+    state.metrics.inflight_changed()
     form: Form | None = None
     answer: Answer | None = None
     try:
@@ -92,7 +92,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if form is not None:
             form.close()
         state.inflight -= 1
-        state.metrics.inflight_delta(-1)
+        state.metrics.inflight_changed()
         elapsed = time.perf_counter() - started
         state.metrics.count_request(team_label, type_label, status, outcome, elapsed)
         if state.config.server.access_log:

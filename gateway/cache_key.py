@@ -37,10 +37,7 @@ def analysis_params(type_: str, fields: Mapping[str, str]) -> Params:
     """The validated, normalised parameters ``type_`` uses; raises ``InvalidParameter``.
 
     The answer is shared between requests that send the same values: do not change it."""
-    spec = TYPE_PARAMS[type_]
-    if not spec:
-        return _parse(type_, ())
-    return _parse(type_, tuple([fields.get(name) for name, _, _ in spec]))
+    return _parse(type_, tuple([fields.get(name) for name, _, _ in TYPE_PARAMS[type_]]))
 
 
 @functools.lru_cache(maxsize=1024)  # clients send the same few parameter values

@@ -31,29 +31,17 @@ class Deadlines:
         """Its result, or ``TimeoutError`` once ``seconds`` have passed (give or take a tick)."""
         task = asyncio.current_task()
         assert task is not None
-        self.add(task, seconds)
+        self._due[task] = asyncio.get_running_loop().time() + seconds
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self.expired(task):
+            if task in self._expired:  # the deadline's cancellation: taken back
+                self._expired.discard(task)
+                task.uncancel()
                 raise TimeoutError from None
             raise
         finally:
-            self.discard(task)
-
-    def add(self, task: asyncio.Task[object], seconds: float) -> None:
-        self._due[task] = asyncio.get_running_loop().time() + seconds
-
-    def discard(self, task: asyncio.Task[object]) -> None:
-        self._due.pop(task, None)
-
-    def expired(self, task: asyncio.Task[object]) -> bool:
-        """Whether this cancellation is the deadline's; if so it is taken back."""
-        if task not in self._expired:
-            return False
-        self._expired.discard(task)
-        task.uncancel()
-        return True
+            self._due.pop(task, None)
 
     def sweep(self) -> None:
         now = asyncio.get_running_loop().time()

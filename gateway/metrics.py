@@ -209,13 +209,13 @@ class Metrics:
 
     def track_inflight(self, current: Callable[[], float]) -> None:
         """One process: read the in-flight count when scraped (nothing per request).
-        Several workers: each sets its own (``livesum``) when it folds, see ``inflight_delta``."""
+        Several workers: each sets its own (``livesum``) when it folds, see ``inflight_changed``."""
         if not self.multiprocess:
             self.inflight.set_function(current)
         else:
             self._inflight = current
 
-    def inflight_delta(self, delta: int) -> None:
+    def inflight_changed(self) -> None:
         if self.multiprocess and not self._fold_scheduled:
             self._schedule_fold()
 
