@@ -4,10 +4,13 @@ cache never blocks the quota ledger; `gateway check-store` finds and repairs wha
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,3 +328,36 @@ async def test_an_unreadable_cache_does_not_freeze_the_spend_gauges(
         assert r.status_code == 200
     scrape = (await asyncio.to_thread(requests.get, gateway.base + "/metrics", timeout=5)).text
     assert 'gateway_quota_used{team="search"} 2.0' in scrape
+
+
+def _prepare_at(path: str, start: float, results: Any) -> None:
+    from gateway.store.sqlite import LEDGER_MIGRATIONS, LEDGER_PROBE, prepare_file
+
+    while time.time() < start:  # both processes switch the new file to WAL at once
+        pass
+    try:
+        prepare_file(path, LEDGER_MIGRATIONS, LEDGER_PROBE, verify=True)
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_preparing_a_new_store_at_once_both_start(tmp_path: Path) -> None:
+    """Two workers (or two gateways) starting together on a new ledger: SQLite refused the
+    WAL switch of one of them at once ("database is locked") about half the time."""
+    context = multiprocessing.get_context("fork")
+    outcomes = []
+    for i in range(12):
+        path = str(tmp_path / f"new-{i}.db")
+        results = context.Queue()
+        start = time.time() + 0.05
+        procs = [context.Process(target=_prepare_at, args=(path, start, results))
+                 for _ in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(30)
+        outcomes += [results.get(timeout=5) for _ in procs]
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert outcomes == ["ok"] * 24

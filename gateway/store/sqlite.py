@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import random
 import sqlite3
 import time
 import uuid
@@ -175,9 +176,9 @@ def prepare_file(path: str, migrations: Migrations, probe: str, *, verify: bool 
     ``verify``: also run ``PRAGMA integrity_check`` (the ledger: small, and a damaged index
     there reads as "no usage yet", which would let a spent team spend again)."""
     create_private(path)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=PREPARE_TIMEOUT_S)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _switch_to_wal(conn)
         if verify:
             problems = [row[0] for row in conn.execute("PRAGMA integrity_check(5)")]
             if problems != ["ok"]:
@@ -186,6 +187,28 @@ def prepare_file(path: str, migrations: Migrations, probe: str, *, verify: bool 
         conn.execute(probe).fetchall()
     finally:
         conn.close()
+
+
+PREPARE_TIMEOUT_S = 10.0
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, waiting for other processes doing the same.
+
+    Switching a file to WAL needs it to itself for a moment, and SQLite answers "database is
+    locked" at once rather than through the busy timeout when another connection is in the
+    middle of it: two workers starting together on a new file (``server.workers = 2``), or
+    two gateways, failed that way about half the time (tests/test_store_faults.py)."""
+    deadline = time.monotonic() + PREPARE_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01 + random.random() * 0.02)
 
 
 def quarantine(path: str) -> str:
