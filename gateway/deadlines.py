@@ -1,6 +1,6 @@
 """Deadlines for many short awaits at the cost of a dict entry each, not a loop timer each.
 
-``asyncio.timeout()`` arms and disarms a timer for every use: about 6 us under uvloop, a
+``asyncio.timeout()`` arms and disarms a timer for every use: about 5 us under uvloop, a
 noticeable share of a cache hit (``python bench/hot_path_bench.py``). A body read needs a deadline
 seconds long that need not be exact to the millisecond, so one sweeper task looks at the
 reads in progress every ``tick`` seconds and cancels those past their deadline; the read
