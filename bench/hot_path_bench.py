@@ -28,7 +28,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.cache_key import _parse, analysis_params
 from gateway.deadlines import Deadlines
-from gateway.envelope import HEADERS
+from gateway.envelope import CONTENT_TYPE, HEADERS
 from gateway.response import EnvelopeResponse
 
 FIELDS = {"apikey": "team-key-0123456789", "type": "objects", "max_labels": "10",
@@ -130,7 +130,7 @@ async def measure(n: int) -> list[tuple[str, float, float]]:
         await answer.write_eof()
 
     async def envelope_answer() -> None:
-        answer = EnvelopeResponse(BODY, 200, dict(ANSWER_HEADERS), browser=False)
+        answer = EnvelopeResponse(BODY, 200, dict(ANSWER_HEADERS), content_type=CONTENT_TYPE)
         await answer.prepare(request)
         await answer.write_eof()
 

@@ -91,8 +91,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     finally:
         if form is not None:
             form.close()
-        state.inflight -= 1
-        state.metrics.inflight_changed()
+        state.inflight -= 1  # the gauge follows at the fold count_request schedules
         elapsed = time.perf_counter() - started
         state.metrics.count_request(team_label, type_label, status, outcome, elapsed)
         if state.config.server.access_log:
@@ -194,12 +193,13 @@ def respond(
     request: web.Request, body: bytes, status: int, headers: dict[str, str]
 ) -> web.StreamResponse:
     """An envelope answer, success or error (the error middleware uses it too)."""
+    content_type = content_type_for(request.headers)
     if request.method == "HEAD":  # a head without its body: aiohttp's own handling
         return web.Response(
             body=body,
             status=status,
-            content_type=content_type_for(request.headers),
+            content_type=content_type,
             charset="utf-8",
             headers={**HEADERS, **headers},
         )
-    return EnvelopeResponse(body, status, headers, browser="Origin" in request.headers)
+    return EnvelopeResponse(body, status, headers, content_type=content_type)

@@ -23,16 +23,14 @@ from multidict import CIMultiDict
 
 from gateway.envelope import BROWSER_CONTENT_TYPE, CONTENT_TYPE, HEADERS
 
+# Per content type (envelope.content_type_for chooses it): the headers every answer carries.
 _FIXED = {
-    browser: [
-        ("Content-Type", f"{BROWSER_CONTENT_TYPE if browser else CONTENT_TYPE}; charset=utf-8"),
-        *HEADERS.items(),
-    ]
-    for browser in (False, True)
+    content_type: [("Content-Type", f"{content_type}; charset=utf-8"), *HEADERS.items()]
+    for content_type in (CONTENT_TYPE, BROWSER_CONTENT_TYPE)
 }
 _FIXED_LINES = {
-    browser: "".join(f"{k}: {v}\r\n" for k, v in pairs) + f"Server: {SERVER_SOFTWARE}\r\n"
-    for browser, pairs in _FIXED.items()
+    content_type: "".join(f"{k}: {v}\r\n" for k, v in pairs) + f"Server: {SERVER_SOFTWARE}\r\n"
+    for content_type, pairs in _FIXED.items()
 }
 _SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n"
 _status_lines: dict[tuple[HttpVersion, int], str] = {}
@@ -51,21 +49,24 @@ def _date() -> str:
 
 
 class EnvelopeResponse(web.StreamResponse):
-    """A complete answer; ``headers`` are the ones beyond the fixed envelope headers."""
+    """A complete answer; ``headers`` are the ones beyond the fixed envelope headers, and
+    ``content_type`` one of envelope's two (``content_type_for``)."""
 
-    def __init__(self, body: bytes, status: int, headers: dict[str, str], *, browser: bool) -> None:
+    def __init__(
+        self, body: bytes, status: int, headers: dict[str, str], *, content_type: str
+    ) -> None:
         # Not StreamResponse.__init__: its header multidict is made only if asked for.
         self._state = {}
         self._set_status(status, None)
         self._payload = body
         self._extra = headers
-        self._browser = browser
+        self._envelope_type = content_type
         self._multi: CIMultiDict[str] | None = None
 
     @property
     def headers(self) -> CIMultiDict[str]:
         if self._multi is None:
-            self._multi = CIMultiDict(_FIXED[self._browser])
+            self._multi = CIMultiDict(_FIXED[self._envelope_type])
             self._multi.extend(self._extra)
         return self._multi
 
@@ -93,7 +94,7 @@ class EnvelopeResponse(web.StreamResponse):
         version = request.version
         pairs: Iterable[tuple[str, str]]
         if self._multi is None:
-            fixed, pairs = _FIXED_LINES[self._browser], self._extra.items()
+            fixed, pairs = _FIXED_LINES[self._envelope_type], self._extra.items()
         else:
             fixed, pairs = _SERVER_LINE, self._multi.items()
         lines = [f"{k}: {v}\r\n" for k, v in pairs]

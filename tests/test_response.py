@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from gateway.envelope import CONTENT_TYPE
 from gateway.response import EnvelopeResponse
 from gateway.sample_images import make_png
 from tests.conftest import TEAM_KEYS, Gateway
@@ -134,7 +135,8 @@ async def test_http_1_0_gets_a_1_0_answer(gateway: Gateway, keep_alive: bool) ->
 
 async def test_a_header_value_with_a_line_break_is_never_written() -> None:
     request = make_mocked_request("POST", "/api/v2/")
-    answer = EnvelopeResponse(b"{}", 200, {"Warning": "110 x\r\nSet-Cookie: a=b"}, browser=False)
+    answer = EnvelopeResponse(b"{}", 200, {"Warning": "110 x\r\nSet-Cookie: a=b"},
+                              content_type=CONTENT_TYPE)
     with pytest.raises(ValueError, match="Newline or carriage return"):
         await answer.prepare(request)
     assert not request.transport.write.called  # type: ignore[union-attr]
