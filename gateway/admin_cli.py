@@ -58,7 +58,8 @@ def add_admin_commands(sub: Any) -> None:
         "usage",
         help="per-team upstream calls, quota and calls saved (chargeback)",
         description="Per configured team: upstream calls charged, quota, remaining, cache "
-        "hits, coalesced and calls saved (hits + coalesced), with a total line. "
+        "hits, coalesced, calls saved (hits + coalesced) and undelivered (charged calls "
+        "that were sent but delivered no result), with a total line. "
         "A period coarser than quota.period sums the ledger rows inside it.",
     )
     _config_arg(usage)
@@ -184,9 +185,27 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def usage_table(report: UsageReport) -> str:
-    head = ("team", "charged", "quota", "remaining", "cache hits", "coalesced", "calls saved")
+    head = (
+        "team",
+        "charged",
+        "quota",
+        "remaining",
+        "cache hits",
+        "coalesced",
+        "calls saved",
+        "undelivered",
+    )
     rows = [
-        (t.team, t.charged, _dash(t.quota), _dash(t.remaining), t.hits, t.coalesced, t.saved)
+        (
+            t.team,
+            t.charged,
+            _dash(t.quota),
+            _dash(t.remaining),
+            t.hits,
+            t.coalesced,
+            t.saved,
+            t.undelivered,
+        )
         for t in (*report.teams, report.total)
     ]
     title = f"Usage for {report.period.key} (quota per {report.quota_period})"
@@ -195,6 +214,11 @@ def usage_table(report: UsageReport) -> str:
         lines.append(f"note: {report.note}")
     if any(t.quota is None for t in report.teams):
         lines.append("note: a team with quota '-' is in the ledger but not in the config")
+    if report.total.undelivered:
+        lines.append(
+            "note: undelivered calls were sent upstream (so maybe billed) but delivered no "
+            "result: the gateway died or the upstream failed mid-call; they stay charged"
+        )
     return "\n".join(lines)
 
 

@@ -21,18 +21,20 @@ from gateway.config import Config
 from gateway.cors import cors_middleware
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.metrics import Metrics
+from gateway.owners import BEAT_INTERVAL_S
 from gateway.quota import Clock, QuotaLedger
 from gateway.service import RecognitionService
 from gateway.state import STATE, GatewayState
 from gateway.store import StoreUnavailable, open_store
-from gateway.store.base import Store
+from gateway.store.base import Reclaimed, Store
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FLUSH_INTERVAL_S = 0.5
-RECLAIM_INTERVAL_S = 60.0
+BEAT_EVERY = int(BEAT_INTERVAL_S / FLUSH_INTERVAL_S)  # flush ticks between owner beats
+PURGE_EVERY = int(60.0 / FLUSH_INTERVAL_S)  # ... between purges of entries past keep_s
 
 
 @web.middleware
@@ -144,7 +146,9 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
     if stored is not None and stored.isdigit():
         state.metrics.upstream_quota_remaining.set(int(stored))
 
-    await _housekeeping(state)
+    await state.store.register_owner(state.ledger.owner)
+    await _reclaim(state)  # right at start: what a killed predecessor left pending
+    await _purge_expired(state)
     await state.service.flush()  # also notes the store's cache generation as of now
 
     async def loop() -> None:
@@ -153,8 +157,14 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             await state.service.flush()
             ticks += 1
-            if ticks % int(RECLAIM_INTERVAL_S / FLUSH_INTERVAL_S) == 0:
-                await _housekeeping(state)
+            if ticks % BEAT_EVERY == 0:
+                try:
+                    await state.store.beat(state.ledger.owner)
+                except StoreUnavailable as exc:
+                    log.warning("could not record this process as alive: %s", exc)
+                await _reclaim(state)
+            if ticks % PURGE_EVERY == 0:
+                await _purge_expired(state)
 
     tasks = [asyncio.create_task(loop()), asyncio.create_task(state.deadlines.run())]
     yield
@@ -165,23 +175,46 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
     await state.service.drain()
     state.metrics.fold()  # what the last requests counted
+    try:  # every call has ended: nothing of ours is pending; forget this process
+        left = await state.store.reclaim_owner(state.ledger.owner.id)
+    except StoreUnavailable as exc:
+        log.warning("could not close this process's ledger record: %s", exc)
+    else:
+        _log_reclaimed(left, "left by this process at shutdown")
 
 
-async def _housekeeping(state: GatewayState) -> None:
-    """Housekeeping: refund abandoned reservations, drop entries past stale-if-error."""
+async def _reclaim(state: GatewayState) -> None:
+    """End the reservations of gateway processes that are gone (killed mid-call)."""
     try:
-        reclaimed = await state.ledger.reclaim()
-        await state.store.purge(older_than=state.ledger.clock() - state.config.cache.keep_s)
+        done = await state.ledger.reclaim()
     except StoreUnavailable as exc:
         log.warning("housekeeping failed: %s", exc)
         return
-    if reclaimed:
+    _log_reclaimed(done, "left by a gateway process that died")
+
+
+def _log_reclaimed(done: Reclaimed, whose: str) -> None:
+    if done.refunded:
         log.warning(
-            "refunded %d quota reservations left by a process that died during their "
-            "upstream calls (none delivered a result; the upstream may still have billed "
-            "some: its own account quota, gateway_upstream_quota_remaining, shows it)",
-            reclaimed,
+            "refunded %d quota reservations %s before their upstream call was sent",
+            done.refunded,
+            whose,
         )
+    if done.undelivered:
+        log.warning(
+            "kept %d charges %s during their upstream calls: sent, so maybe billed, but no "
+            "result was delivered (the undelivered column of `gateway usage`)",
+            done.undelivered,
+            whose,
+        )
+
+
+async def _purge_expired(state: GatewayState) -> None:
+    """Drop entries past stale-if-error."""
+    try:
+        await state.store.purge(older_than=state.ledger.clock() - state.config.cache.keep_s)
+    except StoreUnavailable as exc:
+        log.warning("housekeeping failed: %s", exc)
 
 
 async def handle_healthz(request: web.Request) -> web.Response:

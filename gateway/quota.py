@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 from gateway.config import Config, TeamConfig
 from gateway.errors import QuotaReached
-from gateway.store.base import Reservation, Store
+from gateway.owners import Liveness, Owner, this_process
+from gateway.store.base import Reclaimed, Reservation, Store
 
 Clock = Callable[[], float]
 
@@ -33,10 +34,14 @@ class QuotaLedger:
     process on the same store can admit a request past the limit.
     """
 
-    def __init__(self, store: Store, config: Config, *, clock: Clock = time.time):
+    def __init__(
+        self, store: Store, config: Config, *, clock: Clock = time.time, owner: Owner | None = None
+    ):
         self.store = store
         self.config = config
         self.clock = clock
+        self.owner = owner if owner is not None else this_process()
+        self.liveness = Liveness(self.owner)
         self._period_second = -1
         self._period_kind = ""
         self._period_key = ""
@@ -56,7 +61,11 @@ class QuotaLedger:
         """Charge one unit now (pending until settled or refunded)."""
         now = self.clock()
         reservation = await self.store.reserve(
-            team.name, period_key(self.config.quota.period, now), team.quota, at=now
+            team.name,
+            period_key(self.config.quota.period, now),
+            team.quota,
+            at=now,
+            owner=self.owner.id,
         )
         if reservation is None:
             raise QuotaReached()
@@ -65,11 +74,18 @@ class QuotaLedger:
     async def refund(self, reservation: Reservation) -> None:
         await self.store.refund(reservation)
 
-    async def reclaim(self) -> int:
-        """Refund reservations older than any upstream call can take: their process died
-        between charging and finishing (a phantom charge otherwise)."""
-        horizon = max(4 * self.config.upstream.timeout_s, 300.0)
-        return await self.store.reclaim(self.clock() - horizon)
+    async def reclaim(self) -> Reclaimed:
+        """End the pending reservations of owner processes that are gone: refund those never
+        sent, keep the charge of those sent (billed, undelivered). A live owner's are never
+        touched, however old (``gateway.owners``)."""
+        refunded = undelivered = 0
+        for owner in await self.store.pending_owners():
+            if self.liveness.gone(owner):
+                done = await self.store.reclaim_owner(owner.id)
+                self.liveness.forget(owner.id)
+                refunded += done.refunded
+                undelivered += done.undelivered
+        return Reclaimed(refunded, undelivered)
 
     @staticmethod
     def left(team: TeamConfig, used: int) -> int:

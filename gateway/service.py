@@ -7,17 +7,17 @@ then hands a ``Call`` here and renders the ``Answer``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway import failpoints
 from gateway.cache_key import cache_key, params_text
 from gateway.config import Config, TeamConfig
 from gateway.envelope import data_object, data_prefix, success_body, success_json
-from gateway.errors import BadGateway, GatewayTimeout, Unavailable
+from gateway.errors import BadGateway, GatewayError, GatewayTimeout, Unavailable
 from gateway.form import UploadedFile
 from gateway.hot_cache import HotCache, UsageCache
 from gateway.metrics import Metrics
@@ -108,6 +108,8 @@ class RecognitionService:
         self._generation = store.generation
         self._shared_generation: str | None = _UNREAD
         self._upstream_quota: int | None = None  # latest account quota, written by flush()
+        # Ledger writes refused by the store after the upstream call ended: retried by flush().
+        self._unended: list[tuple[str, Reservation]] = []
 
     # -- the request path ------------------------------------------------------------------
     async def recognize(self, call: Call) -> Answer:
@@ -212,15 +214,20 @@ class RecognitionService:
 
     async def _lead(self, call: Call, key: str, scope: str, fwd: str) -> Answer:
         flight = _Flight()
-        self._flights[key] = flight
+        self._flights[key] = flight  # a no-cache leader may take over a plain one's key
         try:
             reservation = await self._reserve(call.team)
         except BaseException:
-            del self._flights[key]
+            self._land(key, flight)
             flight.future.set_exception(_Retry())
             flight.future.exception()  # retrieved: followers may be none
             raise
         return await self._call_upstream(call, key, scope, reservation, flight, store=True, fwd=fwd)
+
+    def _land(self, key: str, flight: _Flight) -> None:
+        """Take ``flight`` off the in-flight table, unless another leader has taken its key."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
 
     async def _follow(self, flight: _Flight, key: str, call: Call, scope: str) -> Answer:
         try:
@@ -286,23 +293,43 @@ class RecognitionService:
         *,
         store: bool,
     ) -> tuple[CachedResult, float]:
+        """One paid call, ledger first: the charge follows the bill.
+
+        The reservation is marked sent (durably) just before the request leaves. A failure
+        the upstream provably did not bill is refunded; any other keeps its charge as
+        undelivered. Once the upstream answered, the result is delivered even when the store
+        cannot take it, and the charge that could not be written is retried (``flush``)."""
         try:
+            failpoints.hit("reserved")
+
+            async def on_send() -> None:
+                if not await self.store.mark_sent(reservation):
+                    # Housekeeping elsewhere took this process for dead and ended it.
+                    raise Unavailable("Gateway ledger record lost; try again")
+
             started = time.perf_counter()
             try:
+                await on_send()  # TODO(upstream on_send): right before the request leaves
                 recognition = await self.upstream.recognize(call.type, call.params, call.file)
-            except BaseException:
-                await self._refund(reservation)
+                failpoints.hit("answered")
+                upstream_s = time.perf_counter() - started
+                result = CachedResult(
+                    key=key,
+                    content_hash=call.file.content_hash,
+                    type=call.type,
+                    params=params_text(call.params),
+                    scope=scope,
+                    data_prefix=data_prefix(recognition.data),
+                    created_at=self.ledger.clock(),
+                )
+            except BaseException as exc:
+                await self._end_unanswered(reservation, billed=getattr(exc, "billed", True))
+                if isinstance(exc, Exception) and not isinstance(
+                    exc, GatewayError | StoreUnavailable
+                ):
+                    log.exception("upstream answer could not be used")
+                    raise BadGateway() from None
                 raise
-            upstream_s = time.perf_counter() - started
-            result = CachedResult(
-                key=key,
-                content_hash=call.file.content_hash,
-                type=call.type,
-                params=params_text(call.params),
-                scope=scope,
-                data_prefix=data_prefix(recognition.data),
-                created_at=self.ledger.clock(),
-            )
             if recognition.account_quota is not None:
                 self._upstream_quota = recognition.account_quota
             try:
@@ -315,37 +342,64 @@ class RecognitionService:
                 else:
                     await self.store.settle(reservation)
             except StoreUnavailable as exc:
-                # Paid for and delivered; only the cached copy is missing. The charge stays.
-                log.error("could not store a result (%s); answering it uncached", exc)
-                if store:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self.store.settle(reservation)
+                # Paid for and delivered: the answer goes out, the charge is written later.
+                log.error(
+                    "could not store a paid result (%s); answering it uncached, its charge "
+                    "is retried until the store takes it",
+                    exc,
+                )
+                self._unended.append(("settle", reservation))
+            failpoints.hit("saved")
         except BaseException as exc:
             if flight is not None:
-                self._flights.pop(key, None)
+                self._land(key, flight)
                 flight.future.set_exception(exc)
                 flight.future.exception()
             raise
         if flight is not None:
-            self._flights.pop(key, None)
+            self._land(key, flight)
             flight.future.set_result(result)
         return result, upstream_s
+
+    async def _end_unanswered(self, reservation: Reservation, *, billed: bool) -> None:
+        """A call with no usable answer: refund it only if the upstream provably did not
+        bill it; otherwise keep the charge, counted as undelivered."""
+        self.usage.clear()
+        mode = "undelivered" if billed else "refund"
+        try:
+            if billed:
+                await self.store.keep_undelivered(reservation)
+            else:
+                await self.ledger.refund(reservation)
+        except StoreUnavailable as exc:
+            log.error(
+                "could not %s a failed upstream call for team %s (retried): %s",
+                "record the charge of" if billed else "refund",
+                reservation.team,
+                exc,
+            )
+            self._unended.append((mode, reservation))
+
+    async def _retry_unended(self) -> None:
+        """Write the ledger changes the store refused when they happened."""
+        todo, self._unended = self._unended, []
+        for n, (mode, reservation) in enumerate(todo):
+            try:
+                if mode == "settle":
+                    await self.store.settle(reservation)
+                elif mode == "undelivered":
+                    await self.store.keep_undelivered(reservation)
+                else:
+                    await self.ledger.refund(reservation)
+            except StoreUnavailable:
+                self._unended.extend(todo[n:])
+                return
+            log.info("ledger: wrote a delayed %s for team %s", mode, reservation.team)
 
     async def _reserve(self, team: TeamConfig) -> Reservation:
         reservation = await self.ledger.reserve(team)
         self.usage.put(team.name, reservation.period, reservation.used, time.monotonic())
         return reservation
-
-    async def _refund(self, reservation: Reservation) -> None:
-        self.usage.clear()
-        try:
-            await self.ledger.refund(reservation)
-        except StoreUnavailable as exc:
-            log.error(
-                "could not refund a failed upstream call for team %s (reclaimed later): %s",
-                reservation.team,
-                exc,
-            )
 
     def _note_hit(self, key: str, call: Call, period: str, now: float, *, coalesced: bool) -> None:
         self._hits.append(Hit(key, call.team.name, period, now, coalesced))
@@ -391,6 +445,8 @@ class RecognitionService:
             if self._shared_generation is not _UNREAD:
                 self._drop_hot()
             self._shared_generation = shared
+        if self._unended:
+            await self._retry_unended()
         hits, self._hits = self._hits, []
         if hits:
             try:

@@ -30,6 +30,7 @@ CSV_HEADER = (
     "cache_hits",
     "coalesced",
     "calls_saved",
+    "undelivered",
 )
 _GRAIN = {"day": 0, "week": 1, "month": 2, "total": 3}
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -104,6 +105,7 @@ class TeamLine:
     remaining: int | None
     hits: int
     coalesced: int
+    undelivered: int = 0  # of charged: sent upstream (maybe billed), no result delivered
 
     @property
     def saved(self) -> int:
@@ -124,6 +126,7 @@ class TeamLine:
             "cache_hits": self.hits,
             "coalesced": self.coalesced,
             "calls_saved": self.saved,
+            "undelivered": self.undelivered,
         }
 
 
@@ -143,6 +146,7 @@ class UsageReport:
             sum(t.remaining or 0 for t in self.teams),
             sum(t.hits for t in self.teams),
             sum(t.coalesced for t in self.teams),
+            sum(t.undelivered for t in self.teams),
         )
 
     @property
@@ -181,6 +185,7 @@ class UsageReport:
                     t.hits,
                     t.coalesced,
                     t.saved,
+                    t.undelivered,
                 )
             )
         return rows
@@ -195,19 +200,24 @@ async def compute_usage(store: Store, config: Config, asked: Period) -> UsageRep
     sums: dict[str, list[int]] = {}
     for key in keys:
         for row in await store.usage(key):
-            acc = sums.setdefault(row.team, [0, 0, 0])
+            acc = sums.setdefault(row.team, [0, 0, 0, 0])
             acc[0] += row.charged
             acc[1] += row.hits
             acc[2] += row.coalesced
+            acc[3] += row.undelivered
     lines = []
     for team in config.teams:
-        charged, hits, coalesced = sums.pop(team.name, [0, 0, 0])
+        charged, hits, coalesced, undelivered = sums.pop(team.name, [0, 0, 0, 0])
         quota = team.quota * len(keys)
-        lines.append(TeamLine(team.name, charged, quota, max(quota - charged, 0), hits, coalesced))
+        lines.append(
+            TeamLine(
+                team.name, charged, quota, max(quota - charged, 0), hits, coalesced, undelivered
+            )
+        )
     # Charges of teams since removed from the config still belong in a chargeback.
     for name in sorted(sums):
-        charged, hits, coalesced = sums[name]
-        lines.append(TeamLine(name, charged, None, None, hits, coalesced))
+        charged, hits, coalesced, undelivered = sums[name]
+        lines.append(TeamLine(name, charged, None, None, hits, coalesced, undelivered))
     return UsageReport(asked, config.quota.period, keys, tuple(lines))
 
 

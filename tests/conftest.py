@@ -143,8 +143,9 @@ def write_config(path: Path, *, sim_url: str, db: Path, port: int, teams: dict[s
 
 
 class GatewayProcess:
-    def __init__(self, config: Path, port: int, log: Path, *args: str):
-        env = {**os.environ, "TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    def __init__(self, config: Path, port: int, log: Path, *args: str,
+                 env: dict[str, str] | None = None):
+        env = {**os.environ, "TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
         self.log_path = log
         self._log = log.open("ab")
         self.port = port

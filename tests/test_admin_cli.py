@@ -74,11 +74,11 @@ async def test_usage_table_csv_and_json_for_a_known_workload(
     out = await acli("usage", "--config", config, "--format", "csv")
     assert (out.returncode, out.stderr) == (0, "")
     assert out.stdout.splitlines() == [
-        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved",
-        f"{month},search,2,1000,998,3,0,3",
-        f"{month},ads,1,1000,999,1,2,3",
-        f"{month},tiny,3,3,0,1,0,1",
-        f"{month},(total),6,2003,1997,5,2,7",
+        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered",
+        f"{month},search,2,1000,998,3,0,3,0",
+        f"{month},ads,1,1000,999,1,2,3,0",
+        f"{month},tiny,3,3,0,1,0,1,0",
+        f"{month},(total),6,2003,1997,5,2,7,0",
     ]
 
     out = await acli("usage", "--config", config, "--format", "json", "--period", month)
@@ -93,13 +93,13 @@ async def test_usage_table_csv_and_json_for_a_known_workload(
     lines = out.stdout.splitlines()
     assert lines[0] == f"Usage for {month} (quota per month)"
     assert lines[1].split() == ["team", "charged", "quota", "remaining", "cache", "hits",
-                                "coalesced", "calls", "saved"]
+                                "coalesced", "calls", "saved", "undelivered"]
     table = [line for line in lines[2:] if not set(line) <= {"-"}]
     assert [line.split() for line in table] == [
-        ["search", "2", "1000", "998", "3", "0", "3"],
-        ["ads", "1", "1000", "999", "1", "2", "3"],
-        ["tiny", "3", "3", "0", "1", "0", "1"],
-        ["(total)", "6", "2003", "1997", "5", "2", "7"],
+        ["search", "2", "1000", "998", "3", "0", "3", "0"],
+        ["ads", "1", "1000", "999", "1", "2", "3", "0"],
+        ["tiny", "3", "3", "0", "1", "0", "1", "0"],
+        ["(total)", "6", "2003", "1997", "5", "2", "7", "0"],
     ]
     # aligned: every column ends where its heading ends
     ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", lines[1])]

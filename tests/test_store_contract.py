@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.store.base import CachedResult, Hit, Store
+from gateway.owners import Owner
+from gateway.store.base import CachedResult, Hit, Reclaimed, Store
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 
@@ -78,23 +79,66 @@ async def test_refund_is_idempotent_and_never_after_settling(store: Store) -> No
 
 
 async def test_saving_a_result_settles_its_reservation(store: Store) -> None:
+    r = await store.reserve("t", "p", 5, at=time.time(), owner="gone")
+    assert r is not None
+    assert await store.mark_sent(r) is True
+    await store.save_result(result("k"), max_bytes=10**9, settle=r)
+    assert await store.reclaim_owner("gone") == Reclaimed(0, 0)  # nothing pending
+    assert await store.used("t", "p") == 1
+    assert await store.refund(r) is False
+
+
+async def test_a_gone_owners_reservations_end_by_whether_they_were_sent(store: Store) -> None:
+    now = time.time()
+    dead, alive = Owner("dead", "h/b", 1, "1"), Owner("alive", "h/b", 2, "2")
+    for o in (dead, alive):
+        await store.register_owner(o)
+    unsent = await store.reserve("t", "p", 9, at=now, owner="dead")
+    sent = await store.reserve("t", "p", 9, at=now, owner="dead")
+    live = await store.reserve("t", "p", 9, at=now, owner="alive")
+    assert unsent is not None and sent is not None and live is not None
+    assert await store.mark_sent(sent) is True
+    assert await store.used("t", "p") == 3
+    assert sorted(o.id for o in await store.pending_owners()) == ["alive", "dead"]
+    assert await store.reclaim_owner("dead") == Reclaimed(refunded=1, undelivered=1)
+    # The sent one stays charged, counted as undelivered; the other owner's is untouched.
+    assert await store.used("t", "p") == 2
+    (usage,) = await store.usage("p")
+    assert (usage.charged, usage.undelivered) == (2, 1)
+    assert [o.id for o in await store.pending_owners()] == ["alive"]
+    # Ended once: later endings by the (not so) dead owner change nothing.
+    assert await store.mark_sent(unsent) is False
+    assert await store.refund(sent) is False
+    await store.settle(unsent)
+    await store.keep_undelivered(sent)
+    assert await store.used("t", "p") == 2
+    assert (await store.usage("p"))[0].undelivered == 1
+
+
+async def test_an_undelivered_call_keeps_its_charge(store: Store) -> None:
     r = await store.reserve("t", "p", 5, at=time.time())
     assert r is not None
-    await store.save_result(result("k"), max_bytes=10**9, settle=r)
-    assert await store.reclaim(time.time() + 10) == 0
-    assert await store.used("t", "p") == 1
+    await store.keep_undelivered(r)
+    await store.keep_undelivered(r)  # idempotent
+    assert await store.refund(r) is False
+    (usage,) = await store.usage("p")
+    assert (usage.charged, usage.undelivered) == (1, 1)
 
 
-async def test_abandoned_reservations_are_reclaimed(store: Store) -> None:
-    now = time.time()
-    old = await store.reserve("t", "p", 5, at=now - 1000)
-    fresh = await store.reserve("t", "p", 5, at=now)
-    assert old is not None and fresh is not None
-    assert await store.reclaim(now - 500) == 1
-    assert await store.used("t", "p") == 1
-    assert await store.refund(old) is False  # already reclaimed
-    assert await store.refund(fresh) is True
-    assert await store.used("t", "p") == 0
+async def test_owner_rows_carry_identity_and_beats(store: Store) -> None:
+    me = Owner("me", "host/boot", 1234, "99")
+    await store.register_owner(me)
+    r = await store.reserve("t", "p", 5, at=time.time(), owner="me")
+    assert r is not None
+    await store.beat(me)
+    await store.beat(me)
+    (seen,) = await store.pending_owners()
+    assert (seen.id, seen.host, seen.pid, seen.started, seen.beat) == ("me", "host/boot", 1234,
+                                                                       "99", 2)
+    orphan = await store.reserve("t", "p", 5, at=time.time(), owner="never-registered")
+    assert orphan is not None
+    unknown = [o for o in await store.pending_owners() if o.id == "never-registered"]
+    assert unknown == [Owner("never-registered", "", 0, "", 0)]
 
 
 async def test_totals_and_eviction_of_least_recently_hit(store: Store) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.owners import Owner
+
 
 class StoreUnavailable(Exception):
     """The store cannot be reached or written: the gateway answers 503 and forwards nothing."""
@@ -42,19 +44,33 @@ class TeamUsage:
     charged: int  # upstream calls charged to the team
     hits: int  # answered from the store
     coalesced: int  # rode on another request's upstream call
+    undelivered: int = 0  # of ``charged``: sent upstream (maybe billed), no result delivered
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """One unit of a team's quota, charged before forwarding. It stays pending until it is
-    settled (the upstream call succeeded) or refunded; a pending one left behind by a killed
-    process is reclaimed once older than any upstream call can take."""
+    """One unit of a team's quota, charged before forwarding.
+
+    Pending until it ends one of three ways: settled (a result was delivered), kept as
+    undelivered (the call was sent and may have been billed, but no result came back), or
+    refunded (the upstream provably did not bill). It is marked *sent*, durably, before the
+    request leaves; so when its owner process dies, housekeeping refunds it if it was never
+    sent and keeps the charge (undelivered) if it was (``gateway.owners``)."""
 
     id: str
     team: str
     period: str
     used: int  # the team's charged count, this unit included
     at: float
+    owner: str = ""  # the owning process (gateway.owners.Owner.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """What housekeeping did with a gone owner's pending reservations."""
+
+    refunded: int = 0  # never sent: given back
+    undelivered: int = 0  # sent: kept charged, counted as undelivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +122,37 @@ class Store(Protocol):
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]: ...
 
-    async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
-        """Atomically charge one unit if the team is under ``limit`` (pending until settled
-        or refunded), or None when that would exceed the limit."""
+    async def reserve(
+        self, team: str, period: str, limit: int, *, at: float, owner: str = ""
+    ) -> Reservation | None:
+        """Atomically charge one unit if the team is under ``limit`` (pending, not sent), or
+        None when that would exceed the limit."""
 
-    async def settle(self, reservation: Reservation) -> None: ...
+    async def mark_sent(self, reservation: Reservation) -> bool:
+        """Record, before the upstream request leaves, that it may be billed. False when the
+        reservation is no longer pending (housekeeping took its owner for dead): then the
+        request must not be sent."""
+
+    async def settle(self, reservation: Reservation) -> None:
+        """End a pending reservation as charged and delivered; a no-op if it is not pending."""
+
+    async def keep_undelivered(self, reservation: Reservation) -> None:
+        """End a pending reservation as charged without a delivered result (the call was
+        sent and may have been billed); a no-op if it is not pending."""
 
     async def refund(self, reservation: Reservation) -> bool:
-        """Give the unit back if it is still pending; False if already settled or reclaimed."""
+        """Give the unit back if it is still pending; False if it has already ended."""
 
-    async def reclaim(self, older_than: float) -> int:
-        """Refund pending reservations made before ``older_than`` (their process died)."""
+    async def register_owner(self, owner: Owner) -> None: ...
+    async def beat(self, owner: Owner) -> None:
+        """Bump the owner's beat counter (creating its row if another process dropped it)."""
+
+    async def pending_owners(self) -> list[Owner]:
+        """Owners with pending reservations (an unknown owner id comes back with pid 0)."""
+
+    async def reclaim_owner(self, owner_id: str) -> Reclaimed:
+        """End every pending reservation of a gone owner (never sent: refunded; sent: kept
+        as undelivered) and forget the owner."""
 
     async def used(self, team: str, period: str) -> int: ...
     async def record_hits(self, hits: list[Hit]) -> None: ...

@@ -10,8 +10,11 @@ Keys (under ``prefix``):
   lru              zset   result key -> last hit time (eviction order)
   created          zset   result key -> created_at
   totals           hash   entries, bytes
-  used:<period>    hash   team -> charged;  hits:<period>, coalesced:<period> likewise
-  resv, resv_at    hash, zset   pending reservations: id -> "team|period", id -> time
+  used:<period>    hash   team -> charged;  hits:, coalesced:, undelivered:<period> likewise
+  resv             hash   pending reservations: id -> "team|period|owner|sent"
+  resv_of:<owner>  set    ids of one owner's pending reservations
+  done:<id>        string how a reservation ended (a week: makes retries idempotent)
+  owners, beats    hash   owner id -> "host|pid|started", owner id -> beat counter
   meta             hash   name -> value
 """
 
@@ -23,11 +26,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.owners import Owner
 from gateway.store.base import (
     CachedResult,
     CacheStats,
     Hit,
     HitSummary,
+    Reclaimed,
     Reservation,
     StoreUnavailable,
     TeamUsage,
@@ -74,8 +79,17 @@ redis.call('SADD', p .. 't:' .. ARGV[4], key)
 redis.call('ZADD', p .. 'lru', ARGV[9], key)
 redis.call('ZADD', p .. 'created', ARGV[9], key)
 if ARGV[11] ~= '' then
-  redis.call('HDEL', p .. 'resv', ARGV[11])
-  redis.call('ZREM', p .. 'resv_at', ARGV[11])
+  local payload = redis.call('HGET', p .. 'resv', ARGV[11])
+  if payload then
+    redis.call('HDEL', p .. 'resv', ARGV[11])
+    local a = string.find(payload, '|', 1, true)
+    local b = string.find(payload, '|', a + 1, true)
+    local c = string.find(payload, '|', b + 1, true)
+    redis.call('SREM', p .. 'resv_of:' .. string.sub(payload, b + 1, c - 1), ARGV[11])
+  elseif redis.call('EXISTS', p .. 'done:' .. ARGV[11]) == 0 then
+    redis.call('HINCRBY', p .. 'used:' .. ARGV[13], ARGV[12], 1)  -- lost by the store: recharge
+  end
+  redis.call('SET', p .. 'done:' .. ARGV[11], 'settle', 'EX', 604800)
 end
 local excess = tonumber(redis.call('HGET', p .. 'totals', 'bytes')) - tonumber(ARGV[10])
 while excess > 0 do
@@ -104,35 +118,79 @@ return n
 """
 )
 
-# KEYS: used:<period>, resv, resv_at; ARGV: team, limit, id, payload, at
+# Reservations are idempotent by id: a reserve or an ending sent twice (a retry after a
+# dropped connection) acts once. An ended reservation leaves a tombstone done:<id> for a week.
+# KEYS: none (prefix in ARGV[1]); ARGV: prefix, team, period, limit, id, owner
 _RESERVE = """
-local used = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if used >= tonumber(ARGV[2]) then return -1 end
-used = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
+local p, team, period, id, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[6]
+local ukey = p .. 'used:' .. period
+if redis.call('HEXISTS', p .. 'resv', id) == 1 or redis.call('EXISTS', p .. 'done:' .. id) == 1 then
+  return tonumber(redis.call('HGET', ukey, team) or '0')
+end
+local used = tonumber(redis.call('HGET', ukey, team) or '0')
+if used >= tonumber(ARGV[4]) then return -1 end
+used = redis.call('HINCRBY', ukey, team, 1)
+redis.call('HSET', p .. 'resv', id, team .. '|' .. period .. '|' .. owner .. '|0')
+redis.call('SADD', p .. 'resv_of:' .. owner, id)
 return used
 """
 
-# Refund only a still-pending reservation. ARGV: prefix, id...
-_REFUND = """
-local p = ARGV[1]
-local n = 0
-for i = 2, #ARGV do
-  local payload = redis.call('HGET', p .. 'resv', ARGV[i])
+# ARGV: prefix, id
+_MARK_SENT = """
+local payload = redis.call('HGET', ARGV[1] .. 'resv', ARGV[2])
+if not payload then return 0 end
+if string.sub(payload, -2) == '|0' then
+  redis.call('HSET', ARGV[1] .. 'resv', ARGV[2], string.sub(payload, 1, -2) .. '1')
+end
+return 1
+"""
+
+# Ends reservations. ARGV: prefix, mode, team, period, id... ; mode is
+#   settle       charged, delivered
+#   undelivered  charged, sent but no result delivered
+#   refund       given back
+#   reclaim      its owner is gone: refund if never sent, else undelivered
+# A settle or undelivered of an id that is neither pending nor ended (the store lost it,
+# e.g. a restart without persistence) charges it again: a call that was sent stays charged.
+# Returns {refunded, undelivered, ended}.
+_END = """
+local p, mode = ARGV[1], ARGV[2]
+local refunded, undelivered, ended = 0, 0, 0
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local payload = redis.call('HGET', p .. 'resv', id)
+  local team, period, sent
   if payload then
-    redis.call('HDEL', p .. 'resv', ARGV[i])
-    redis.call('ZREM', p .. 'resv_at', ARGV[i])
-    local sep = string.find(payload, '|', 1, true)
-    local team, period = string.sub(payload, 1, sep - 1), string.sub(payload, sep + 1)
-    local key = p .. 'used:' .. period
-    if tonumber(redis.call('HGET', key, team) or '0') > 0 then
-      redis.call('HINCRBY', key, team, -1)
+    local a = string.find(payload, '|', 1, true)
+    local b = string.find(payload, '|', a + 1, true)
+    local c = string.find(payload, '|', b + 1, true)
+    team, period = string.sub(payload, 1, a - 1), string.sub(payload, a + 1, b - 1)
+    sent = string.sub(payload, c + 1)
+    redis.call('HDEL', p .. 'resv', id)
+    redis.call('SREM', p .. 'resv_of:' .. string.sub(payload, b + 1, c - 1), id)
+  elseif (mode == 'settle' or mode == 'undelivered')
+      and redis.call('EXISTS', p .. 'done:' .. id) == 0 then
+    team, period, sent = ARGV[3], ARGV[4], '1'
+    redis.call('HINCRBY', p .. 'used:' .. period, team, 1)
+  end
+  if team then
+    local how = mode
+    if mode == 'reclaim' then how = (sent == '1') and 'undelivered' or 'refund' end
+    if how == 'refund' then
+      local key = p .. 'used:' .. period
+      if tonumber(redis.call('HGET', key, team) or '0') > 0 then
+        redis.call('HINCRBY', key, team, -1)
+      end
+      refunded = refunded + 1
+    elseif how == 'undelivered' then
+      redis.call('HINCRBY', p .. 'undelivered:' .. period, team, 1)
+      undelivered = undelivered + 1
     end
-    n = n + 1
+    redis.call('SET', p .. 'done:' .. id, how, 'EX', 604800)
+    ended = ended + 1
   end
 end
-return n
+return {refunded, undelivered, ended}
 """
 
 
@@ -160,7 +218,8 @@ class RedisStore:
         self._save = self._redis.register_script(_SAVE)
         self._delete = self._redis.register_script(_DELETE)
         self._reserve = self._redis.register_script(_RESERVE)
-        self._refund = self._redis.register_script(_REFUND)
+        self._mark_sent = self._redis.register_script(_MARK_SENT)
+        self._end = self._redis.register_script(_END)
         await self.ping()
 
     async def close(self) -> None:
@@ -219,6 +278,8 @@ class RedisStore:
                     repr(result.created_at),
                     max_bytes,
                     settle.id if settle is not None else "",
+                    settle.team if settle is not None else "",
+                    settle.period if settle is not None else "",
                 ]
             )
         )
@@ -234,36 +295,79 @@ class RedisStore:
     async def _one(self, key: str) -> CachedResult | None:
         return self._result(key, await self._call(self._r.hmget(self._k("r:", key), _FIELDS)))
 
-    async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
+    async def reserve(
+        self, team: str, period: str, limit: int, *, at: float, owner: str = ""
+    ) -> Reservation | None:
         if limit <= 0:
             return None
         rid = uuid.uuid4().hex
         used = int(
-            await self._call(
-                self._reserve(
-                    keys=[self._k("used:", period), self._k("resv"), self._k("resv_at")],
-                    args=[team, limit, rid, f"{team}|{period}", repr(at)],
-                )
-            )
+            await self._call(self._reserve(args=[self.prefix, team, period, limit, rid, owner]))
         )
-        return None if used < 0 else Reservation(rid, team, period, used, at)
+        return None if used < 0 else Reservation(rid, team, period, used, at, owner)
+
+    async def mark_sent(self, reservation: Reservation) -> bool:
+        return int(await self._call(self._mark_sent(args=[self.prefix, reservation.id]))) > 0
+
+    async def _end_one(self, mode: str, r: Reservation) -> list[int]:
+        args = [self.prefix, mode, r.team, r.period, r.id]
+        return [int(n) for n in await self._call(self._end(args=args))]
 
     async def settle(self, reservation: Reservation) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hdel(self._k("resv"), reservation.id)
-        pipe.zrem(self._k("resv_at"), reservation.id)
-        await self._call(pipe.execute())
+        await self._end_one("settle", reservation)
+
+    async def keep_undelivered(self, reservation: Reservation) -> None:
+        await self._end_one("undelivered", reservation)
 
     async def refund(self, reservation: Reservation) -> bool:
-        return int(await self._call(self._refund(args=[self.prefix, reservation.id]))) > 0
+        return (await self._end_one("refund", reservation))[0] > 0
 
-    async def reclaim(self, older_than: float) -> int:
-        stale = await self._call(
-            self._r.zrangebyscore(self._k("resv_at"), "-inf", f"({older_than!r}")
-        )
-        if not stale:
-            return 0
-        return int(await self._call(self._refund(args=[self.prefix, *stale])))
+    async def register_owner(self, owner: Owner) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self._k("owners"), owner.id, f"{owner.host}|{owner.pid}|{owner.started}")
+        pipe.hsetnx(self._k("beats"), owner.id, owner.beat)
+        await self._call(pipe.execute())
+
+    async def beat(self, owner: Owner) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(self._k("owners"), owner.id, f"{owner.host}|{owner.pid}|{owner.started}")
+        pipe.hincrby(self._k("beats"), owner.id, 1)
+        await self._call(pipe.execute())
+
+    async def pending_owners(self) -> list[Owner]:
+        payloads = await self._call(self._r.hvals(self._k("resv")))
+        ids = sorted({p.decode().split("|")[2] for p in payloads})
+        if not ids:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self._k("owners"), ids)
+        pipe.hmget(self._k("beats"), ids)
+        infos, beats = await self._call(pipe.execute())
+        owners = []
+        for owner_id, info, beat in zip(ids, infos, beats, strict=True):
+            host, pid, started = info.decode().split("|", 2) if info else ("", "0", "")
+            owners.append(Owner(owner_id, host, int(pid or 0), started, int(beat or 0)))
+        return owners
+
+    async def reclaim_owner(self, owner_id: str) -> Reclaimed:
+        ids = [
+            i.decode() for i in await self._call(self._r.smembers(self._k("resv_of:", owner_id)))
+        ]
+        # Also ids whose owner set was lost: any pending payload naming this owner.
+        for rid, payload in (await self._call(self._r.hgetall(self._k("resv")))).items():
+            if payload.decode().split("|")[2] == owner_id and rid.decode() not in ids:
+                ids.append(rid.decode())
+        refunded = undelivered = 0
+        for i in range(0, len(ids), 500):
+            batch = ids[i : i + 500]
+            r, u, _ = await self._call(self._end(args=[self.prefix, "reclaim", "", "", *batch]))
+            refunded, undelivered = refunded + int(r), undelivered + int(u)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hdel(self._k("owners"), owner_id)
+        pipe.hdel(self._k("beats"), owner_id)
+        pipe.delete(self._k("resv_of:", owner_id))
+        await self._call(pipe.execute())
+        return Reclaimed(refunded, undelivered)
 
     async def used(self, team: str, period: str) -> int:
         return int(await self._call(self._r.hget(self._k("used:", period), team)) or 0)
@@ -285,9 +389,9 @@ class RedisStore:
 
     async def usage(self, period: str) -> list[TeamUsage]:
         pipe = self._r.pipeline(transaction=False)
-        for kind in ("used:", "hits:", "coalesced:"):
+        for kind in ("used:", "hits:", "coalesced:", "undelivered:"):
             pipe.hgetall(self._k(kind, period))
-        used, hits, coalesced = await self._call(pipe.execute())
+        used, hits, coalesced, undelivered = await self._call(pipe.execute())
         teams = sorted({k.decode() for k in (*used, *hits, *coalesced)})
         return [
             TeamUsage(
@@ -296,6 +400,7 @@ class RedisStore:
                 charged=int(used.get(t.encode(), 0)),
                 hits=int(hits.get(t.encode(), 0)),
                 coalesced=int(coalesced.get(t.encode(), 0)),
+                undelivered=int(undelivered.get(t.encode(), 0)),
             )
             for t in teams
         ]

@@ -30,11 +30,13 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway.owners import Owner
 from gateway.store.base import (
     CachedResult,
     CacheStats,
     Hit,
     HitSummary,
+    Reclaimed,
     Reservation,
     StoreUnavailable,
     TeamUsage,
@@ -70,6 +72,23 @@ LEDGER_MIGRATIONS: Migrations = (
             created_at REAL NOT NULL
         );
         CREATE INDEX reservations_by_age ON reservations(created_at);
+    """,
+    ),
+    (
+        "reservation owners, the sent mark, undelivered charges",
+        """
+        -- Rows from before this migration are taken as sent: their charge is kept.
+        ALTER TABLE reservations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+        ALTER TABLE reservations ADD COLUMN sent INTEGER NOT NULL DEFAULT 1;
+        CREATE INDEX reservations_by_owner ON reservations(owner);
+        ALTER TABLE quota_usage ADD COLUMN undelivered INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE owners (
+            id      TEXT PRIMARY KEY,
+            host    TEXT NOT NULL,
+            pid     INTEGER NOT NULL,
+            started TEXT NOT NULL,
+            beat    INTEGER NOT NULL DEFAULT 0
+        );
     """,
     ),
 )
@@ -580,7 +599,9 @@ class SQLiteStore:
         return removed
 
     # -- quota ledger ----------------------------------------------------------------------
-    async def reserve(self, team: str, period: str, limit: int, *, at: float) -> Reservation | None:
+    async def reserve(
+        self, team: str, period: str, limit: int, *, at: float, owner: str = ""
+    ) -> Reservation | None:
         if limit <= 0:
             return None
 
@@ -597,19 +618,41 @@ class SQLiteStore:
             if not rows:
                 return None
             rid = uuid.uuid4().hex
-            w.execute("INSERT INTO reservations VALUES (?, ?, ?, ?)", (rid, team, period, at))
-            return Reservation(rid, team, period, int(rows[0][0]), at)
+            w.execute(
+                "INSERT INTO reservations (id, team, period, created_at, owner, sent) "
+                "VALUES (?, ?, ?, ?, ?, 0)",
+                (rid, team, period, at, owner),
+            )
+            return Reservation(rid, team, period, int(rows[0][0]), at, owner)
 
         return await self._transaction(body)
 
+    async def mark_sent(self, reservation: Reservation) -> bool:
+        changed = await self._write(
+            "UPDATE reservations SET sent = 1 WHERE id = ?", (reservation.id,)
+        )
+        return changed > 0
+
     async def settle(self, reservation: Reservation) -> None:
         await self._write("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+
+    async def keep_undelivered(self, reservation: Reservation) -> None:
+        def body(w: sqlite3.Connection) -> None:
+            cursor = w.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            if cursor.rowcount:
+                w.execute(
+                    "UPDATE quota_usage SET undelivered = undelivered + 1 "
+                    "WHERE team = ? AND period = ?",
+                    (reservation.team, reservation.period),
+                )
+
+        await self._transaction(body)
 
     async def refund(self, reservation: Reservation) -> bool:
         def body(w: sqlite3.Connection) -> bool:
             cursor = w.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
             if not cursor.rowcount:
-                return False  # settled or reclaimed already: nothing to give back
+                return False  # ended already: nothing to give back
             w.execute(
                 "UPDATE quota_usage SET used = used - 1 WHERE team = ? AND period = ? AND used > 0",
                 (reservation.team, reservation.period),
@@ -618,20 +661,59 @@ class SQLiteStore:
 
         return await self._transaction(body)
 
-    async def reclaim(self, older_than: float) -> int:
-        def body(w: sqlite3.Connection) -> int:
+    async def register_owner(self, owner: Owner) -> None:
+        await self._write(
+            "INSERT INTO owners (id, host, pid, started, beat) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO NOTHING",
+            (owner.id, owner.host, owner.pid, owner.started, owner.beat),
+        )
+
+    async def beat(self, owner: Owner) -> None:
+        def body(w: sqlite3.Connection) -> None:
+            cursor = w.execute("UPDATE owners SET beat = beat + 1 WHERE id = ?", (owner.id,))
+            if not cursor.rowcount:
+                w.execute(
+                    "INSERT INTO owners (id, host, pid, started, beat) VALUES (?, ?, ?, ?, 1)",
+                    (owner.id, owner.host, owner.pid, owner.started),
+                )
+
+        await self._transaction(body)
+
+    async def pending_owners(self) -> list[Owner]:
+        rows = await self._read(
+            "SELECT r.owner, o.host, o.pid, o.started, o.beat FROM "
+            "(SELECT DISTINCT owner FROM reservations) r LEFT JOIN owners o ON o.id = r.owner"
+        )
+        return [
+            Owner(str(i), str(h or ""), int(p or 0), str(s or ""), int(b or 0))
+            for i, h, p, s, b in rows
+        ]
+
+    async def reclaim_owner(self, owner_id: str) -> Reclaimed:
+        def body(w: sqlite3.Connection) -> Reclaimed:
             rows = _fetchall(
                 w,
-                "DELETE FROM reservations WHERE created_at < ? RETURNING team, period",
-                (older_than,),
+                "DELETE FROM reservations WHERE owner = ? RETURNING team, period, sent",
+                (owner_id,),
             )
-            for team, period in rows:
-                w.execute(
-                    "UPDATE quota_usage SET used = used - 1 "
-                    "WHERE team = ? AND period = ? AND used > 0",
-                    (team, period),
-                )
-            return len(rows)
+            refunded = undelivered = 0
+            for team, period, sent in rows:
+                if sent:
+                    undelivered += 1
+                    w.execute(
+                        "UPDATE quota_usage SET undelivered = undelivered + 1 "
+                        "WHERE team = ? AND period = ?",
+                        (team, period),
+                    )
+                else:
+                    refunded += 1
+                    w.execute(
+                        "UPDATE quota_usage SET used = used - 1 "
+                        "WHERE team = ? AND period = ? AND used > 0",
+                        (team, period),
+                    )
+            w.execute("DELETE FROM owners WHERE id = ?", (owner_id,))
+            return Reclaimed(refunded, undelivered)
 
         return await self._transaction(body)
 
@@ -651,13 +733,20 @@ class SQLiteStore:
 
     async def usage(self, period: str) -> list[TeamUsage]:
         rows = await self._read(
-            "SELECT team, period, used, hits, coalesced FROM quota_usage "
+            "SELECT team, period, used, hits, coalesced, undelivered FROM quota_usage "
             "WHERE period = ? ORDER BY team",
             (period,),
         )
         return [
-            TeamUsage(team=str(t), period=str(p), charged=int(u), hits=int(h), coalesced=int(c))
-            for t, p, u, h, c in rows
+            TeamUsage(
+                team=str(t),
+                period=str(p),
+                charged=int(u),
+                hits=int(h),
+                coalesced=int(c),
+                undelivered=int(n),
+            )
+            for t, p, u, h, c, n in rows
         ]
 
     # -- meta ------------------------------------------------------------------------------
