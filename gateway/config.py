@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.event_loop import EVENT_LOOPS, uvloop_installed
+
 PERIODS = ("day", "week", "month", "total")
 ANALYSIS_TYPES = ("objects", "celebrities", "detect_faces", "detect_text", "nsfw")
 
@@ -66,6 +68,9 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     drain_grace_s: float = 0.0
     access_log: bool = True
+    access_log_buffer_kb: int = 32  # access lines written in batches of up to this...
+    access_log_flush_ms: int = 1000  # ...or this long after the first one, off the loop
+    event_loop: str = "auto"  # uvloop where installed, or "asyncio" / "uvloop"
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 75.0
 
@@ -272,6 +277,9 @@ def parse_config(
             "drain_timeout_s",
             "drain_grace_s",
             "access_log",
+            "access_log_buffer_kb",
+            "access_log_flush_ms",
+            "event_loop",
             "body_timeout_s",
             "keepalive_timeout_s",
         },
@@ -279,6 +287,17 @@ def parse_config(
     port = s.integer("port", 8080, minimum=0)
     if port > 65535:
         s.fail("port", "must be <= 65535")
+    buffer_kb = s.integer("access_log_buffer_kb", 32)
+    if buffer_kb > 65536:
+        s.fail("access_log_buffer_kb", "must be <= 65536 (64 MB)")
+    flush_ms = s.integer("access_log_flush_ms", 1000)
+    if flush_ms > 60000:
+        s.fail("access_log_flush_ms", "must be <= 60000 (a killed process loses up to this)")
+    event_loop: str = s.get("event_loop", str, "auto")
+    if event_loop not in EVENT_LOOPS:
+        s.fail("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {event_loop!r}")
+    if event_loop == "uvloop" and not uvloop_installed():
+        s.fail("event_loop", 'uvloop is not installed (pip install uvloop), or use "auto"')
     server = ServerConfig(
         host=s.get("host", str, "127.0.0.1"),
         port=port,
@@ -288,6 +307,9 @@ def parse_config(
         drain_timeout_s=s.number("drain_timeout_s", 30.0),
         drain_grace_s=s.number("drain_grace_s", 0.0, strict=False),
         access_log=s.get("access_log", bool, True),
+        access_log_buffer_kb=buffer_kb,
+        access_log_flush_ms=flush_ms,
+        event_loop=event_loop,
         body_timeout_s=s.number("body_timeout_s", 60.0),
         keepalive_timeout_s=s.number("keepalive_timeout_s", 75.0),
     )

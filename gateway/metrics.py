@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from gateway.config import ANALYSIS_TYPES, Config
+from gateway.logs import access_lines_dropped
 
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "none")
 ALL_TYPES = (*ANALYSIS_TYPES, "cache")
@@ -123,6 +124,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.access_log_dropped = Counter(
+            "gateway_access_log_dropped",
+            "Access log lines dropped because the log sink was not taking them",
+            registry=r,
+        )
+        self._dropped_seen = access_lines_dropped()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self._request_children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
         self._saved_children: dict[tuple[str, str], Any] = {}
@@ -197,6 +204,10 @@ class Metrics:
             child.inc(count)
         if self._inflight is not None:
             self.inflight.set(self._inflight())
+        dropped = access_lines_dropped()  # counted by the access log, off this path
+        if dropped != self._dropped_seen:
+            self.access_log_dropped.inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
 
     def whole(self) -> CollectorRegistry:
         """What a scrape shows: with several workers, every worker's values combined."""

@@ -17,7 +17,8 @@ from aiohttp.web_runner import GracefulExit
 
 from gateway.app import create_app
 from gateway.config import ConfigError, load_config
-from gateway.logs import setup_logging
+from gateway.event_loop import use_event_loop
+from gateway.logs import flush_access_log, setup_logging, start_access_log
 from gateway.state import STATE
 
 log = logging.getLogger("gateway")
@@ -25,6 +26,7 @@ log = logging.getLogger("gateway")
 
 def reload_config(app: web.Application) -> tuple[bool, str]:
     """Re-read the config file; a bad one is refused and the running one kept."""
+    flush_access_log()
     state = app[STATE]
     path = state.config.source
     try:
@@ -75,7 +77,8 @@ class _Options:
 def _run_worker(options: _Options, *, reuse_port: bool) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until on_startup handles it (see cli)
     config = load_config(options.config_path)
-    _use_uvloop()
+    use_event_loop(config.server.event_loop)
+    start_access_log(config.server.access_log_buffer_kb, config.server.access_log_flush_ms)
     app = create_app(config)
 
     async def on_startup(app: web.Application) -> None:
@@ -113,6 +116,7 @@ def _run_worker(options: _Options, *, reuse_port: bool) -> None:
 
 
 def _begin_drain(app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
+    flush_access_log()
     state = app[STATE]
     if state.draining:
         return
@@ -184,11 +188,3 @@ def _mark_dead(pid: int | None) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-
-
-def _use_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -17,7 +17,8 @@ from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
 
 # Read once at start (the listening socket, the app's middlewares and connection settings,
-# run_app's shutdown timeout); the other [server] keys are read per request or at SIGTERM.
+# run_app's shutdown timeout, the access log's writer, the event loop); the other [server]
+# keys are read per request or at SIGTERM.
 RESTART_ONLY_SERVER_KEYS = (
     "host",
     "port",
@@ -25,6 +26,9 @@ RESTART_ONLY_SERVER_KEYS = (
     "cors_origins",
     "keepalive_timeout_s",
     "drain_timeout_s",
+    "access_log_buffer_kb",
+    "access_log_flush_ms",
+    "event_loop",
 )
 
 
