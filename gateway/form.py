@@ -1,18 +1,33 @@
 """Upload parsing: multipart/form-data and urlencoded bodies, with limits, at close to read cost.
 
 aiohttp's ``request.post()`` costs about ten times reading the body, so the upload path uses this.
-Two ways through a multipart body:
+One forward parser reads every multipart body (RFC 2046 §5.1, RFC 7578), fed one of two ways:
 
-* Bodies of known length up to ``memory_limit`` are read whole. The parts before the file are
-  parsed forward; the file part's *end* is found by walking back from the body's end over the
-  small parts after it. The delimiter cannot occur inside a part's content (RFC 2046 §5.1.1),
-  so the file's bytes are hashed (a memoryview, no copy) but never scanned. When anything back
-  there is not as expected, the same bytes go through the forward parser instead.
-* Larger or chunked bodies go through the forward parser chunk by chunk: the file's bytes are
-  hashed as they arrive and spooled to a temp file past ``memory_limit``, so memory stays at
-  about one chunk plus the text fields.
+* Bodies of known length up to ``memory_limit`` are read whole and fed at once: the file's
+  bytes come out as a view of the body (no copy).
+* Larger or chunked bodies are fed chunk by chunk: the file's bytes are hashed as they arrive
+  and spooled to a temp file past ``memory_limit``, so memory stays at about one chunk plus the
+  text fields.
 
-Every malformed or over-limit input ends in ``NoData`` (300) or ``FileTooLarge`` (413).
+Where a part ends is never guessed: a delimiter (CRLF, ``--``, the boundary) anywhere in the
+body is a boundary, so the parser finds the next one with one ``bytes.find`` over each region
+(preamble, every part), and every byte of the body before the close delimiter is scanned once.
+The file's bytes, hash and size are therefore exactly what a reference parser extracts
+(tests/test_form_differential.py checks this against python-multipart). What is accepted:
+
+* any part order and sizes, a preamble and an epilogue of any length, transport padding after
+  a delimiter, a quoted boundary of 1-200 characters, bare-LF header lines;
+* part headers (from the end of the delimiter to the blank line) of up to ``MAX_PART_HEAD``
+  (8 KiB: a 2 KiB filename fits);
+* text parts of up to ``max_field_bytes`` are kept; a longer one is skipped unread unless its
+  name is one the gateway uses (``USED_FIELDS``), which is refused. The first part of a name
+  decides: a later one of the same name is skipped, so is every part named ``file`` after the
+  first (its bytes are never added to the first's);
+* at most ``max_fields`` parts besides the file, and at most ``max_file_bytes +
+  LENGTH_SLACK`` bytes in all (413 past it, by Content-Length before reading, else on arrival).
+
+Every malformed or over-limit input ends in ``NoData`` (300, its message naming why) or
+``FileTooLarge`` (413).
 """
 
 from __future__ import annotations
@@ -32,10 +47,15 @@ import xxhash
 from gateway.errors import FileTooLarge, NoData
 
 HEAD_BYTES = 16  # kept from the file's start for the magic-byte check
-MAX_PART_HEAD = 2048  # the rest of a boundary line plus one part's headers
-MAX_PREAMBLE = 16 * 1024
-LENGTH_SLACK = 64 * 1024  # what the fields around a max-size file may add to Content-Length
+MAX_PART_HEAD = 8 * 1024  # padding after a delimiter plus one part's header lines
+LENGTH_SLACK = 1024 * 1024  # what the rest of a body may add to a max-size file
 SPOOL_BATCH = 1024 * 1024  # spooled bytes are written off the event loop in batches this big
+# The fields the API reads (gateway.api, gateway.cache_key): one over max_field_bytes is refused,
+# any other text part that long is skipped.
+USED_FIELDS = frozenset(
+    {"apikey", "type", "max_labels", "min_confidence", "nsfw_min_confidence", "hash"}
+)
+_CACHED_HEAD = 512  # header blocks up to this size are memoised (they repeat across requests)
 
 _Part = tuple[str, str | None, str | None]  # name, filename, content type
 _CLOSE: tuple[int, _Part] = (-1, ("", None, None))  # _parse_head's answer for `--boundary--`
@@ -47,6 +67,10 @@ _SIMPLE_HEAD = re.compile(
     rb'(?:; filename="([^"\\\r\n]*)")?(?:\r?\ncontent-type:([^\r\n]*))?',
     re.I,
 )
+
+
+def _invalid(why: str) -> NoData:
+    return NoData(f"Invalid multipart body: {why}")
 
 
 class AsyncByteStream(Protocol):
@@ -79,7 +103,7 @@ class UploadedFile:
 
 @dataclass(slots=True)
 class Form:
-    fields: dict[str, str]  # every part or pair but the file; first occurrence wins
+    fields: dict[str, str]  # text parts or pairs but the file; the first of a name decides
     file: UploadedFile | None  # the first part or pair named "file"
 
     def close(self) -> None:
@@ -106,35 +130,22 @@ async def read_form(
     memory_limit: int = 1 * 1024 * 1024,
     spool_dir: str | None = None,
 ) -> Form:
-    """Read a POST body into text fields and the ``file`` upload. The caller closes the Form.
-
-    Deliberate trade-off of the in-memory path: the file's bytes are trusted not to hold the
-    delimiter (RFC 2046 §5.1.1) and are not scanned beyond one text part's length from the end
-    of the file. A body that hides a delimiter further in (a text field after the file longer
-    than ``max_field_bytes``, or a close delimiter followed by more parts) is read as if those
-    bytes belonged to the file, where the streamed path refuses it or stops earlier.
-    """
+    """Read a POST body into text fields and the ``file`` upload. The caller closes the Form."""
     boundary = _boundary(content_type)
+    # Percent-encoding takes up to three bytes per content byte.
+    max_body = max_file_bytes * (1 if boundary else 3) + LENGTH_SLACK
     if content_length is not None:
         if content_length <= 0:
             raise NoData()
-        # Percent-encoding takes up to three bytes per content byte.
-        if content_length > max_file_bytes * (1 if boundary else 3) + LENGTH_SLACK:
+        if content_length > max_body:
             raise FileTooLarge()
-    if boundary is not None and content_length is not None and content_length <= memory_limit:
-        body = await _read_body(stream, content_length)
-        try:
-            if form := _parse_whole(body, boundary, max_file_bytes, max_field_bytes, max_fields):
-                return form
-        except NoData:
-            pass  # the forward parser will say what is wrong, and it might be nothing
     lim = _Limits(max_file_bytes, max_field_bytes, max_fields, memory_limit, spool_dir)
     if boundary is None:
-        return await _read_streamed(_UrlencodedParser(lim), stream, content_length)
+        return await _read_streamed(_UrlencodedParser(lim), stream, content_length, max_body)
     parser = _MultipartParser(boundary, lim)
     if content_length is None or content_length > memory_limit:
-        return await _read_streamed(parser, stream, content_length)
-    parser.feed(body)  # the fast path declined: the same bytes, forward
+        return await _read_streamed(parser, stream, content_length, max_body)
+    parser.feed(await _read_body(stream, content_length), eof=True)
     return parser.finish()  # no temp file to clean up: the file is at most the body
 
 
@@ -142,35 +153,29 @@ async def _read_streamed(
     parser: _MultipartParser | _UrlencodedParser,
     stream: AsyncByteStream,
     content_length: int | None,
+    max_body: int,
 ) -> Form:
     received = 0
     try:
-        while not parser.done:
-            chunk = await _read_chunk(stream)
-            received += len(chunk)
-            if content_length is not None and received > content_length:
-                raise NoData()
-            if not chunk:
-                if not received or (content_length is not None and received != content_length):
-                    raise NoData()  # empty or truncated
-                parser.feed(b"", eof=True)
-                break
-            parser.feed(chunk)
-            if parser.sink is not None and parser.sink.backlog >= SPOOL_BATCH:
-                await parser.sink.drain()
         # A multipart epilogue is not parsed, but the message must still arrive whole
         # (RFC 9112 6.3): cut short of its Content-Length, or chunked without its last chunk,
         # it is an aborted upload, not a request to forward and charge.
-        epilogue = 0
         while chunk := await _read_chunk(stream):
             received += len(chunk)
-            epilogue += len(chunk)
-            if (content_length is None and epilogue > LENGTH_SLACK) or (
-                content_length is not None and received > content_length
-            ):
-                raise NoData()
-        if content_length is not None and received != content_length:
+            if received > max_body:
+                raise FileTooLarge()
+            if content_length is not None and received > content_length:
+                raise NoData("Invalid request: body longer than its Content-Length")
+            if not parser.done:
+                parser.feed(chunk)
+                if parser.sink is not None and parser.sink.backlog >= SPOOL_BATCH:
+                    await parser.sink.drain()
+        if not received:
             raise NoData()
+        if content_length is not None and received != content_length:
+            raise NoData("Invalid request: body shorter than its Content-Length")
+        if not parser.done:
+            parser.feed(b"", eof=True)
         if parser.sink is not None:
             await parser.sink.drain()
         return parser.finish()
@@ -203,7 +208,7 @@ def _boundary(content_type: str | None) -> bytes | None:
     boundary = _params(";" + rest).get("boundary", "")
     # RFC 2046 allows 70 characters; some clients go beyond, none need CR or LF.
     if not 0 < len(boundary) <= 200 or not (boundary.isascii() and boundary.isprintable()):
-        raise NoData()
+        raise _invalid("no usable boundary in its Content-Type")
     return boundary.encode("ascii")
 
 
@@ -223,82 +228,20 @@ async def _read_chunk(stream: AsyncByteStream) -> bytes:
     try:
         return await stream.readany()
     except Exception as exc:  # a transport failure mid-body, e.g. broken chunked encoding
-        raise NoData() from exc
+        raise NoData("Invalid request: body cut short") from exc
 
 
 async def _read_body(stream: AsyncByteStream, content_length: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    try:
-        while size <= content_length and (chunk := await stream.readany()):
-            chunks.append(chunk)
-            size += len(chunk)
-    except Exception as exc:  # see _read_chunk
-        raise NoData() from exc
-    if size != content_length:
-        raise NoData()  # truncated, or longer than announced
+    while size <= content_length and (chunk := await _read_chunk(stream)):
+        chunks.append(chunk)
+        size += len(chunk)
+    if size < content_length:
+        raise NoData("Invalid request: body shorter than its Content-Length")
+    if size > content_length:
+        raise NoData("Invalid request: body longer than its Content-Length")
     return b"".join(chunks)  # no copy when it came in one chunk
-
-
-def _parse_whole(
-    body: bytes, boundary: bytes, max_file: int, max_field: int, max_fields: int
-) -> Form | None:
-    """The fast path for a body read whole (see the module doc). None: not the simple case."""
-    delim = b"\r\n--" + boundary
-    dl = len(delim)
-    if not body.startswith(delim[2:]):
-        return None  # a preamble
-    fields: dict[str, str] = {}
-    pos = dl - 2
-    count = 0
-    while True:  # the small parts before the file, forward
-        stop = body.find(b"\r\n\r\n", pos, pos + MAX_PART_HEAD)
-        if stop < 0 or (part := _parse_block(body[pos:stop])) is None:
-            return None  # also the close delimiter of a body without a file
-        start = stop + 4
-        if part[0] == "file":
-            break
-        end = body.find(delim, start, start + max_field + dl)
-        count += 1
-        if end < 0 or count > max_fields:
-            return None
-        if part[0] not in fields:
-            fields[part[0]] = body[start:end].decode("utf-8", "replace")
-        pos = end + dl
-    # The file's end: walk back from the body's end over the small parts after it.
-    window = dl + MAX_PART_HEAD + max_field  # one whole text part
-    end = body.rfind(delim, max(start, len(body) - window))
-    if end < 0 or not body.startswith(b"--", end + dl):
-        return None  # no close delimiter near the end: a long epilogue, or broken
-    trailing: list[tuple[str, int, int]] = []
-    while (i := body.rfind(delim, max(start, end - window), end)) >= 0:
-        # A delimiter after the file's content opens a text part that ends at `end`.
-        stop = body.find(b"\r\n\r\n", i + dl, min(end, i + dl + MAX_PART_HEAD))
-        count += 1
-        if stop < 0 or count > max_fields or end - stop - 4 > max_field:
-            return None
-        if body.startswith(b"--", i + dl) or (tpart := _parse_block(body[i + dl : stop])) is None:
-            return None
-        trailing.append((tpart[0], stop + 4, end))
-        end = i
-    # No delimiter in the window before `end`, so it ends the file (see read_form).
-    if end - start > max_file:
-        raise FileTooLarge()
-    for name, a, b in reversed(trailing):
-        if name != "file" and name not in fields:
-            fields[name] = body[a:b].decode("utf-8", "replace")
-    content = memoryview(body)[start:end]
-    return Form(
-        fields,
-        UploadedFile(
-            xxhash.xxh3_128_hexdigest(content),
-            end - start,
-            body[start : min(end, start + HEAD_BYTES)],
-            part[1],
-            part[2],
-            content,
-        ),
-    )
 
 
 class _FileSink:
@@ -378,103 +321,132 @@ class _Parser:
         self.fields: dict[str, str] = {}
         self.sink: _FileSink | None = None
         self.done = False
-        self._count = 0  # text fields, duplicates and ignored "file"s included
+        self._count = 0  # parts or pairs but the file, duplicates and skipped ones included
+
+    _TOO_MANY = "Invalid request: over {} fields"
+
+    def _counted(self) -> None:
+        self._count += 1
+        if self._count > self.lim.max_fields:
+            raise NoData(self._TOO_MANY.format(self.lim.max_fields))
 
     def _add_field(self, name: str, value: bytes | memoryview) -> None:
-        self._count += 1
-        if self._count > self.lim.max_fields or len(value) > self.lim.max_field_bytes:
-            raise NoData()
+        self._counted()
+        if len(value) > self.lim.max_field_bytes:
+            raise NoData(f"Invalid request: a field over {self.lim.max_field_bytes} bytes")
         if name != "file" and name not in self.fields:
             self.fields[name] = str(value, "utf-8", "replace")
 
     def finish(self) -> Form:
         if not self.done or (self.sink is None and not self._count):
-            raise NoData()  # truncated, no closing delimiter, or nothing in it
+            raise NoData()  # nothing in it
         return Form(self.fields, self.sink.result() if self.sink is not None else None)
 
 
-_PREAMBLE, _HEAD, _FIELD, _FILE = range(4)
+# Where the multipart parser is: what the bytes up to the next delimiter are.
+_PREAMBLE, _HEAD, _FIELD, _FILE, _SKIP = range(5)
 
 
 class _MultipartParser(_Parser):
-    """Forward RFC 2046 parser, fed the whole body at once or chunk by chunk."""
+    """Forward RFC 2046 parser, fed the whole body at once or chunk by chunk.
+
+    In the scanning states (preamble, file, skipped part) nothing is held back but a tail that
+    could begin a delimiter; a text field is held whole, at most max_field_bytes.
+    """
+
+    _TOO_MANY = "Invalid multipart body: over {} parts besides the file"
 
     def __init__(self, boundary: bytes, lim: _Limits) -> None:
         super().__init__(lim)
         self.delim = b"\r\n--" + boundary
-        self._buf = b"\r\n"  # so that a body opening with --boundary needs no special case
+        self._held = b"\r\n"  # so that a body opening with --boundary needs no special case
         self._state = _PREAMBLE
-        self._scan = 0  # where the next delimiter search in _buf starts
-        self._offset = -2  # body offset of _buf[0], for the preamble limit
+        self._scan = 0  # _FIELD: where in _held the delimiter search resumes
+        self._names: set[str] = set()  # every part's name so far: the first of a name decides
         self._name = ""  # the text field being read
 
     def feed(self, data: bytes, eof: bool = False) -> None:
         delim = self.delim
         dl = len(delim)
-        buf, state = self._buf, self._state
-        if state == _FILE and len(buf) < dl <= len(data) and delim not in buf + data[: dl - 1]:
-            # Mid-file: no delimiter starts in the held-back tail, so skip copying the chunk.
-            assert self.sink is not None
-            self.sink.write(memoryview(buf))
-            buf, self._scan = b"", 0
-        buf = buf + data if buf else data
+        held, state = self._held, self._state
         pos, scan = 0, self._scan
-        while not self.done:
-            if state == _PREAMBLE:
-                stop = MAX_PREAMBLE + dl - self._offset
-                i = buf.find(delim, scan, stop)
-                if i < 0:
-                    if len(buf) >= stop:
-                        raise NoData()
-                    pos = scan = max(pos, len(buf) - dl + 1)
-                    break
-                pos, state = i + dl, _HEAD
-            elif state == _HEAD:
-                head = _parse_head(buf, pos, len(buf))
+        if held and state != _HEAD and state != _FIELD and len(data) >= dl:
+            # `held` is a proper prefix of the delimiter: settle it without copying `data`.
+            # Any delimiter in probe starts in `held` (probe is shorter than held + delim).
+            j = (held + data[: dl - 1]).find(delim)
+            self._content(state, memoryview(held)[: len(held) if j < 0 else j])
+            if j >= 0:
+                pos, state = j + dl - len(held), _HEAD
+            buf = data
+        else:
+            buf = held + data if held else data
+        while True:
+            if state == _HEAD:
+                head = _parse_head(buf, pos)
                 if head is None:
                     break
                 start, part = head
                 if start < 0:
                     self.done = True
                     break
-                pos = scan = start
+                pos = start
                 if part[0] == "file" and self.sink is None:
                     self.sink = _FileSink(part, self.lim)
                     state = _FILE
+                    continue
+                self._counted()
+                if part[0] == "file" or part[0] in self._names:
+                    state = _SKIP  # the first of a name decides, the first "file" too
                 else:
-                    self._name, state = part[0], _FIELD
+                    self._names.add(part[0])
+                    self._name, state, scan = part[0], _FIELD, pos
             elif state == _FIELD:
-                stop = pos + self.lim.max_field_bytes + dl
+                stop = pos + self.lim.max_field_bytes + dl  # the delimiter must start by then
                 i = buf.find(delim, scan, stop)
-                if i < 0:
-                    if len(buf) >= stop:
-                        raise NoData()  # the field is too long
+                if i >= 0:
+                    self.fields[self._name] = str(memoryview(buf)[pos:i], "utf-8", "replace")
+                    pos, state = i + dl, _HEAD
+                    continue
+                if len(buf) < stop:
                     scan = max(pos, len(buf) - dl + 1)
                     break
-                self._add_field(self._name, memoryview(buf)[pos:i])
-                pos, state = i + dl, _HEAD
-            else:  # _FILE
-                assert self.sink is not None
-                i = buf.find(delim, scan)
-                if i < 0:  # all but what could be the start of a delimiter is content
-                    keep = len(buf) - dl + 1
-                    if keep > pos:
-                        self.sink.write(memoryview(buf)[pos:keep])
-                        pos = keep
-                    scan = pos
-                    break
-                self.sink.write(memoryview(buf)[pos:i])
-                pos, state = i + dl, _HEAD
-        self._buf = b"" if self.done else buf[pos:]
-        self._offset += pos
+                if self._name in USED_FIELDS:
+                    raise _invalid(f"field {self._name} over {self.lim.max_field_bytes} bytes")
+                pos, state = stop - dl + 1, _SKIP  # too long to keep and not needed: skip it
+            else:  # _PREAMBLE, _FILE, _SKIP: all up to the next delimiter is content
+                i = buf.find(delim, pos)
+                if i >= 0:
+                    self._content(state, memoryview(buf)[pos:i])
+                    pos, state = i + dl, _HEAD
+                    continue
+                # Keep back a tail that could begin a delimiter. Boundaries hold no CR, so only
+                # the last CR among the last dl - 1 bytes can start one.
+                end = len(buf)
+                k = buf.rfind(b"\r", max(pos, end - dl + 1))
+                if k >= 0 and delim.startswith(buf[k:]):
+                    end = k
+                self._content(state, memoryview(buf)[pos:end])
+                pos = end
+                break
+        self._held = b"" if self.done else buf[pos:]
         self._scan, self._state = scan - pos, state
+        if eof and not self.done:
+            if state == _PREAMBLE:
+                raise _invalid("no boundary delimiter")
+            raise _invalid("no close delimiter (cut short?)")
+
+    def _content(self, state: int, piece: memoryview) -> None:
+        if state == _FILE:
+            assert self.sink is not None
+            self.sink.write(piece)
 
 
-def _parse_head(buf: bytes, pos: int, end: int) -> tuple[int, _Part] | None:
+def _parse_head(buf: bytes, pos: int) -> tuple[int, _Part] | None:
     """Parse what follows a `--boundary` at `pos`: the close marker, or padding and part headers.
 
-    Returns (content start, part), _CLOSE, or None when buf[:end] does not hold all of it yet.
+    Returns (content start, part), _CLOSE, or None when buf does not hold all of it yet.
     """
+    end = len(buf)
     if end - pos < 2:
         return None
     if buf.startswith(b"--", pos):
@@ -486,17 +458,22 @@ def _parse_head(buf: bytes, pos: int, end: int) -> tuple[int, _Part] | None:
     m = _BLANK_LINE.search(buf, pos, limit)  # a head with bare LF line ends
     if m is None:
         if limit - pos >= MAX_PART_HEAD:
-            raise NoData()
+            raise _invalid(f"part headers over {MAX_PART_HEAD // 1024} KiB")
         return None
     part = _parse_block(buf[pos : m.start()])
     if part is None:
-        raise NoData()
+        raise _invalid("part without headers")
     return m.end(), part
 
 
-@functools.lru_cache(maxsize=512)  # heads repeat across requests: same names, same client
 def _parse_block(block: bytes) -> _Part | None:
     """Padding and header lines, up to the blank line; None if a blank line comes earlier."""
+    if len(block) <= _CACHED_HEAD:
+        return _parse_small_block(block)
+    return _parse_any_block(block)
+
+
+def _parse_any_block(block: bytes) -> _Part | None:
     if m := _SIMPLE_HEAD.fullmatch(block):  # what browsers and most clients send
         name, filename, content_type = m.groups()
         return (
@@ -506,7 +483,7 @@ def _parse_block(block: bytes) -> _Part | None:
         )
     padding, *lines = block.split(b"\n")
     if padding.strip(b" \t\r"):
-        raise NoData()  # text after the boundary
+        raise _invalid("text after a boundary delimiter")
     disposition = content_type = None
     for line in lines:
         line = line[:-1] if line.endswith(b"\r") else line
@@ -515,7 +492,7 @@ def _parse_block(block: bytes) -> _Part | None:
         key, colon, value = line.partition(b":")
         key = key.strip().lower()
         if not colon or not key:
-            raise NoData()
+            raise _invalid("a part header line without a colon")
         if key == b"content-disposition" and disposition is None:
             disposition = value.decode("utf-8", "replace")
         elif key == b"content-type" and content_type is None:
@@ -523,7 +500,7 @@ def _parse_block(block: bytes) -> _Part | None:
     params = _params(disposition or "")
     name = params.get("name")
     if name is None:
-        raise NoData()
+        raise _invalid("a part without a Content-Disposition name")
     filename = params.get("filename")
     charset, _, rest = params.get("filename*", "").partition("'")
     if rest:  # RFC 5987: charset'language'percent-encoded
@@ -535,6 +512,10 @@ def _parse_block(block: bytes) -> _Part | None:
     return name, filename, content_type
 
 
+# Heads repeat across requests (same names, same client); only small ones are kept.
+_parse_small_block = functools.lru_cache(maxsize=512)(_parse_any_block)
+
+
 def _unquote(raw: bytes) -> bytes:
     """Form-urlencoding: + is a space, %XX a byte; a % not starting %XX is refused."""
     if b"+" in raw:
@@ -543,7 +524,7 @@ def _unquote(raw: bytes) -> bytes:
         return raw
     out = unquote_to_bytes(raw)
     if len(raw) - len(out) != 2 * raw.count(b"%"):
-        raise NoData()
+        raise NoData("Invalid request: a % not followed by two hex digits")
     return out
 
 
@@ -580,7 +561,9 @@ class _UrlencodedParser(_Parser):
                     continue
                 if end < 0:
                     if len(buf) - pos > 3 * self.lim.max_field_bytes + 1024:
-                        raise NoData()  # a pair too long even percent-encoded
+                        raise NoData(
+                            f"Invalid request: a field over {self.lim.max_field_bytes} bytes"
+                        )
                     break
                 if end > pos:  # "a=1&&b=2" holds an empty pair
                     name, _, value = buf[pos:end].partition(b"=")

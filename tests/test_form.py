@@ -20,7 +20,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import FileTooLarge, NoData
-from gateway.form import MAX_PART_HEAD, MAX_PREAMBLE, Form, _boundary, parse_query, read_form
+from gateway.form import (
+    LENGTH_SLACK,
+    MAX_PART_HEAD,
+    Form,
+    parse_query,
+    read_form,
+)
+from gateway.sample_images import make_png
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01" + bytes(range(256)) * 40
 PNG = b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(3000)
@@ -223,7 +230,7 @@ async def test_hash_ignores_boundary_order_and_filename() -> None:
     assert hashes == {xxhash.xxh3_128_hexdigest(JPEG)}
 
 
-# --- the in-memory path's backward search and its fallback ---------------------------------
+# --- the in-memory path and the streamed one read every body alike -------------------------
 
 def around(file: bytes, after: Sequence[tuple[str, str]], epilogue: bytes = b"\r\n") -> bytes:
     return build([("apikey", "k", None, None), ("file", file, "f", None),
@@ -255,25 +262,145 @@ async def test_in_memory_path_agrees_with_stream(body: bytes) -> None:
     assert whole.file.content_hash == streamed.file.content_hash
 
 
-async def test_in_memory_path_trusts_the_file_region() -> None:
-    # The documented trade-off: the file's bytes are not scanned for the delimiter, so bodies
-    # that hide one there read differently from the streamed path.
-    ct = "multipart/form-data; boundary=bnd"
-    oversized = around(JPEG, [("note", "x" * 20000), ("type", "objects")])
-    form = await parse(ct, oversized, "whole")
-    assert form.fields == {"apikey": "k", "type": "objects"}
-    assert form.file is not None and form.file.read_all().startswith(JPEG + b"\r\n--bnd")
-    with pytest.raises(NoData):  # streamed: the text field is too long
-        await parse(ct, oversized, "stream")
+# --- bodies the gateway once misread or refused (issue 10) ---------------------------------
 
-    early_close = around(JPEG + b"\r\n--bnd--\r\n" + JPEG, [("type", "objects")])
-    form = await parse(ct, early_close, "whole")
-    assert form.fields == {"apikey": "k", "type": "objects"}
-    assert form.file is not None and form.file.size > 2 * len(JPEG)
-    form = await parse(ct, early_close, "stream")  # streamed: the rest is the epilogue
+IMAGE = make_png(1)  # 852 bytes: the outside tester's image
+THUMBNAIL = b"\xff\xd8\xff\xe0" + random.Random(5).randbytes(20_000)
+MB_CT = "multipart/form-data; boundary=bnd"
+
+
+def after_file(*parts: tuple[str, bytes | str, str | None, str | None],
+               epilogue: bytes = b"\r\n") -> bytes:
+    return build([("apikey", "k", None, None), ("file", IMAGE, "cat.png", "image/png"), *parts],
+                 "bnd", epilogue=epilogue)
+
+
+FILE_THEN_MORE = [
+    pytest.param(after_file(("note", "n" * 11_000, None, None)), {"apikey": "k"},
+                 id="11KB-text-field-after"),
+    pytest.param(after_file(("thumbnail", THUMBNAIL, "thumb.jpg", "image/jpeg"),
+                            ("type", "objects", None, None)),
+                 {"apikey": "k", "type": "objects"}, id="20KB-thumbnail-after"),
+    pytest.param(after_file(("file", JPEG * 3, "second.jpg", "image/jpeg"),
+                            ("type", "objects", None, None)),
+                 {"apikey": "k", "type": "objects"}, id="second-file-after"),
+    pytest.param(build([("apikey", "k", None, None),
+                        ("file", IMAGE + b"\r\n--bnd--\r\n" + b"e" * 11_000, "cat.png",
+                         "image/png"), ("type", "objects", None, None)], "bnd"),
+                 {"apikey": "k"}, id="parts-after-the-close-are-epilogue"),
+    pytest.param(after_file(("note", "n" * 9000, None, None), ("note", "small", None, None),
+                            ("type", "objects", None, None)),
+                 {"apikey": "k", "type": "objects"}, id="first-of-a-name-decides"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("body", "fields"), FILE_THEN_MORE)
+async def test_the_file_is_exactly_its_own_bytes_whatever_follows(
+        body: bytes, fields: dict[str, str], mode: str, tmp_path: Path) -> None:
+    # The file part followed by a part larger than any window: 852 B in, 852 B out.
+    form = await parse(MB_CT, body, mode, tmp_path)
+    assert form.fields == fields
+    check_file(form, IMAGE, "cat.png", "image/png")
+    form.close()
+    assert_no_temp_files(tmp_path)
+
+
+FILENAME_2K = "f" * 2048 + ".png"
+LONG_BEFORE = [
+    pytest.param(build([("note", "x" * 9000, None, None), ("apikey", "k", None, None),
+                        ("file", IMAGE, "cat.png", None)], "bnd"), "cat.png",
+                 id="9KB-part-before-the-file"),
+    pytest.param(build([("apikey", "k", None, None), ("file", IMAGE, FILENAME_2K, None)], "bnd"),
+                 FILENAME_2K, id="2KB-filename"),
+    pytest.param(build([("apikey", "k", None, None), ("file", IMAGE, "cat.png", None)], "bnd",
+                       preamble=b"p" * 17_000 + b"\r\n--bn\r\n\r\n"), "cat.png",
+                 id="17KB-preamble"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("body", "filename"), LONG_BEFORE)
+async def test_long_parts_heads_and_preambles_before_the_file(
+        body: bytes, filename: str, mode: str, tmp_path: Path) -> None:
+    form = await parse(MB_CT, body, mode, tmp_path)
     assert form.fields == {"apikey": "k"}
-    assert form.file is not None and form.file.read_all() == JPEG
+    check_file(form, IMAGE, filename)
+    form.close()
 
+
+def with_header_block(size: int) -> bytes:
+    """A body whose file part's header block (delimiter's end to blank line) is `size` bytes."""
+    head = b'\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nX-Pad: '
+    pad = size - len(head) - 4
+    return (b"--bnd\r\nContent-Disposition: form-data; name=apikey\r\n\r\nk\r\n--bnd"
+            + head + b"p" * pad + b"\r\n\r\n" + IMAGE + b"\r\n--bnd--\r\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_part_headers_up_to_the_limit(mode: str, tmp_path: Path) -> None:
+    form = await parse(MB_CT, with_header_block(MAX_PART_HEAD), mode, tmp_path)
+    check_file(form, IMAGE, "a.png")
+    with pytest.raises(NoData, match="part headers over 8 KiB"):
+        await parse(MB_CT, with_header_block(MAX_PART_HEAD + 1), mode, tmp_path)
+
+
+REFUSED = [
+    pytest.param(MB_CT, build([("type", "objects", None, None), ("apikey", "k" * 8193, None, None),
+                               ("file", IMAGE, None, None)], "bnd"),
+                 "field apikey over 8192 bytes", id="used-field-over-the-limit"),
+    pytest.param(MB_CT, with_header_block(MAX_PART_HEAD + 100), "part headers over 8 KiB",
+                 id="head-over-the-limit"),
+    pytest.param(MB_CT, after_file(*((f"f{i}", "v", None, None) for i in range(64))),
+                 "over 64 parts", id="too-many-parts"),
+    pytest.param(MB_CT, after_file()[:-9], "no close delimiter", id="cut-short"),
+    pytest.param("multipart/form-data; boundary=other", after_file(), "no boundary delimiter",
+                 id="wrong-boundary"),
+    pytest.param(MB_CT, after_file().replace(b"--bnd\r\n", b"--bndx\r\n", 1),
+                 "text after a boundary delimiter", id="text-after-boundary"),
+    pytest.param(MB_CT, after_file(("file", JPEG, "b", None)).replace(
+        b"\r\n--bnd\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b\"",
+        b"\r\n--bnd\r\nContent-Disposition: form-data\r\n"), "without a Content-Disposition name",
+                 id="second-file-without-name"),
+    pytest.param("multipart/form-data; boundary=", after_file(), "no usable boundary",
+                 id="empty-boundary"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("content_type", "body", "why"), REFUSED)
+async def test_refusals_say_why(content_type: str, body: bytes, why: str, mode: str,
+                                tmp_path: Path) -> None:
+    with pytest.raises(NoData) as refused:
+        await parse(content_type, body, mode, tmp_path)
+    assert refused.value.status == 300
+    assert str(refused.value).startswith("Invalid multipart body: ") and why in str(refused.value)
+    assert_no_temp_files(tmp_path)
+
+
+MEMORY_LIMIT = 1024 * 1024
+THRESHOLDS = [0, 1, 15, 16, 17, 65535, 65536, 65537, MEMORY_LIMIT - 1, MEMORY_LIMIT,
+              MEMORY_LIMIT + 1, 3 * MEMORY_LIMIT + 7]
+
+
+@pytest.mark.parametrize("size", THRESHOLDS)
+async def test_whole_file_hash_across_every_size_threshold(size: int, tmp_path: Path) -> None:
+    content = random.Random(size).randbytes(size)
+    ct, body = encode(SEED_FIELDS, {"file": ("x.png", content, "image/png")})
+    ways: list[dict[str, Any]] = [
+        {"mode": "stream", "cuts": 65536}, {"mode": "spool", "cuts": 65536},
+        {"mode": "whole", "memory_limit": len(body)},  # read whole: exactly at the limit
+        {"mode": "whole", "memory_limit": len(body) - 1},  # one byte over: streamed
+        {"mode": "whole"},  # the default memory_limit (MEMORY_LIMIT)
+    ]
+    if size < 100_000:
+        ways.append({"mode": "stream", "cuts": 7})
+    for way in ways:
+        form = await parse(ct, body, spool_dir=tmp_path, **way)
+        assert form.fields == SEED_FIELDS, way
+        check_file(form, content, "x.png", "image/png")
+        form.close()
+    assert_no_temp_files(tmp_path)
 
 # --- malformed bodies --------------------------------------------------------------------
 
@@ -299,9 +426,8 @@ MALFORMED = [
     pytest.param(CT, OK_BODY.replace(b"--b\r\n", b"--b\r\n\r\n", 1), id="no-headers"),
     pytest.param(CT, OK_BODY.replace(b"--b\r\n", b"--b\r\nX: " + b"y" * MAX_PART_HEAD + b"\r\n"),
                  id="head-too-long"),
-    pytest.param(CT, b"x" * (MAX_PREAMBLE + 1) + b"\r\n" + OK_BODY, id="preamble-too-long"),
-    pytest.param(CT, build([("a", "x" * 8193, None, None), ("file", JPEG, None, None)], "b"),
-                 id="field-too-long"),
+    pytest.param(CT, build([("apikey", "x" * 8193, None, None), ("file", JPEG, None, None)], "b"),
+                 id="used-field-too-long"),
     pytest.param(CT, build([(f"f{i}", "v", None, None) for i in range(65)], "b"),
                  id="too-many-fields"),
 ]
@@ -362,7 +488,7 @@ async def test_file_too_large_stops_reading(length_known: bool, tmp_path: Path) 
 async def test_file_too_large_by_content_length() -> None:
     stream = FakeStream(b"x" * 100)
     with pytest.raises(FileTooLarge):
-        await read_form(CT, 50 * 1024 * 1024 + 64 * 1024 + 1, stream)
+        await read_form(CT, 50 * 1024 * 1024 + LENGTH_SLACK + 1, stream)
     assert stream.consumed == 0
 
 
@@ -564,12 +690,10 @@ def test_fuzz_only_gateway_errors(case: Case, seed: int, shift: int | None, othe
     async def check() -> None:
         whole, streamed = await attempt(1 << 20, 65536), await attempt(0, rnd.randint(1, 99))
         try:
+            # One parser, fed whole or in pieces: it reads every body alike.
+            assert isinstance(whole, Form) == isinstance(streamed, Form), (whole, streamed)
             if isinstance(whole, Form) and isinstance(streamed, Form):
-                # Where both paths read it, they agree, unless the in-memory path trusted file
-                # bytes that hold a delimiter (read_form's documented trade-off).
-                if read(whole) != read(streamed):
-                    assert whole.file is not None
-                    assert b"\r\n--" + (_boundary(content_type) or b"") in whole.file.read_all()
+                assert read(whole) == read(streamed)
         finally:
             for result in (whole, streamed):
                 if isinstance(result, Form):
