@@ -1,24 +1,29 @@
-"""``gateway serve``: load config, run until SIGTERM/SIGINT, drain, exit; SIGHUP reloads."""
+"""``gateway serve``: load config, run until SIGTERM/SIGINT, drain, exit; SIGHUP reloads.
+
+One process, or with ``server.workers > 1`` a supervisor (``gateway.supervisor``) and its
+workers; either way each serving process runs ``run_worker``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
-import multiprocessing
 import os
-import shutil
 import signal
-import tempfile
-import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
 from gateway.app import create_app
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
 from gateway.event_loop import use_event_loop
+from gateway.http_errors import EnvelopeAppRunner, redact_aiohttp_logs
 from gateway.logs import flush_access_log, setup_logging, start_access_log
+from gateway.occupancy import orphaned_workers, port_holders, store_id
 from gateway.state import STATE
 
 log = logging.getLogger("gateway")
@@ -52,21 +57,24 @@ def serve(
 ) -> int:
     config = load_config(config_path)
     setup_logging(log_format, log_level)
-    options = _Options(
+    options = Options(
         config_path,
         host or config.server.host,
         config.server.port if port is None else port,
         log_format,
         log_level,
     )
+    refuse_if_occupied(config, options)
     if config.server.workers > 1:
-        return _supervise(options, config.server.workers)
-    _run_worker(options, reuse_port=False)
+        from gateway.supervisor import supervise
+
+        return supervise(options, config)
+    run_worker(options, reuse_port=False)
     return 0
 
 
 @dataclass(frozen=True)
-class _Options:
+class Options:
     config_path: str
     host: str
     port: int
@@ -74,48 +82,121 @@ class _Options:
     log_level: str
 
 
-def _run_worker(options: _Options, *, reuse_port: bool) -> None:
+def refuse_if_occupied(config: Config, options: Options) -> None:
+    """An OSError (one line, exit 1) while workers of a gateway whose supervisor is gone still
+    hold the store, or, with several workers (SO_REUSEPORT would share it), while anything
+    else listens on the port. Two live gateways may share a store on purpose, not a port."""
+    orphans = orphaned_workers(store_id(config.storage))
+    if orphans:
+        raise OSError(
+            errno.EBUSY,
+            f"the store is still held by pid {_pids(orphans)}: workers of a gateway whose "
+            "supervisor is gone; stop them first",
+        )
+    if config.server.workers > 1:
+        holders = port_holders(options.host, options.port)
+        if holders:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"{http_host(options.host)}:{options.port} is already in use by "
+                f"pid {_pids(holders)}; stop it first (with server.workers > 1 the port "
+                "would be shared with it)",
+            )
+
+
+def _pids(pids: list[int]) -> str:
+    return ", ".join("(not visible)" if pid < 0 else str(pid) for pid in pids)
+
+
+def http_host(host: str) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def run_worker(
+    options: Options,
+    *,
+    reuse_port: bool,
+    on_ready: Callable[[], None] | None = None,
+    on_startup: Callable[[web.Application, asyncio.AbstractEventLoop], None] | None = None,
+) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until on_startup handles it (see cli)
+    redact_aiohttp_logs()
     config = load_config(options.config_path)
     use_event_loop(config.server.event_loop)
     start_access_log(config.server.access_log_buffer_kb, config.server.access_log_flush_ms)
     app = create_app(config)
 
-    async def on_startup(app: web.Application) -> None:
+    async def install_handlers(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload_config, app)
+        # A worker starts with SIGHUP blocked (see gateway.supervisor): pending ones now reload.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         # Replaces aiohttp's SIGTERM handler: mark the gateway draining first (/readyz 503,
         # new API requests 503) while still listening for server.drain_grace_s, so a load
         # balancer polling /readyz stops sending here; then aiohttp's graceful exit stops
         # accepting and gives in-flight requests drain_timeout_s.
-        loop.add_signal_handler(signal.SIGTERM, _begin_drain, app, loop)
+        loop.add_signal_handler(signal.SIGTERM, begin_drain, app, loop)
+        if on_startup is not None:
+            on_startup(app, loop)
 
-    app.on_startup.append(on_startup)
+    app.on_startup.append(install_handlers)
 
-    def listening(_message: str) -> None:
-        # run_app calls this once the store is open and the socket bound, not before.
+    def listening() -> None:
+        # Called once the store is open and the socket bound, not before.
         log.info(
             "gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)",
-            options.host,
+            http_host(options.host),
             options.port,
             config.storage.backend,
             os.getpid(),
         )
+        if on_ready is not None:
+            on_ready()
 
-    web.run_app(
-        app,
-        host=options.host,
-        port=options.port,
-        print=listening,
-        access_log=None,
-        shutdown_timeout=config.server.drain_timeout_s,
-        handle_signals=True,
-        reuse_port=reuse_port,
+    runner = EnvelopeAppRunner(
+        app, access_log=None, shutdown_timeout=config.server.drain_timeout_s, handle_signals=True
     )
+    _run(_serve(runner, options, reuse_port, listening))
     log.info("gateway stopped (pid %d)", os.getpid())
 
 
-def _begin_drain(app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
+async def _serve(
+    runner: web.AppRunner, options: Options, reuse_port: bool, listening: Callable[[], None]
+) -> None:
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, options.host, options.port, reuse_port=reuse_port)
+        await site.start()
+        listening()
+        await asyncio.Event().wait()  # until GracefulExit (SIGTERM/SIGINT) ends the loop
+    finally:
+        await runner.cleanup()
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """What ``web.run_app`` does with its loop, for a runner of our own (``EnvelopeAppRunner``):
+    run until GracefulExit, then let the serving task clean up and close the loop."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main)
+    try:
+        loop.run_until_complete(task)
+    except (GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        task.cancel()
+        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        rest = asyncio.all_tasks(loop)
+        for other in rest:
+            other.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def begin_drain(app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
     flush_access_log()
     state = app[STATE]
     if state.draining:
@@ -128,63 +209,3 @@ def _begin_drain(app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
 
 def _graceful_exit() -> None:
     raise GracefulExit()  # a SystemExit: the loop lets it through, run_app shuts down
-
-
-def _worker_main(options: _Options) -> None:
-    setup_logging(options.log_format, options.log_level)
-    try:
-        _run_worker(options, reuse_port=True)
-    except KeyboardInterrupt:
-        pass
-
-
-def _supervise(options: _Options, workers: int) -> int:
-    """N worker processes share the port (SO_REUSEPORT) and the store; quotas stay exact
-    because reservations are atomic in the store. Metrics are whole across workers through
-    prometheus-client's multiprocess mode, set up here before any worker imports it."""
-    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    context = multiprocessing.get_context("spawn")
-    procs: list[multiprocessing.process.BaseProcess] = []
-    stopping = False
-
-    def spawn() -> multiprocessing.process.BaseProcess:
-        proc = context.Process(target=_worker_main, args=(options,), daemon=False)
-        proc.start()
-        return proc
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    procs.extend(spawn() for _ in range(workers))
-    log.info("supervising %d workers on port %d", workers, options.port)
-    try:
-        while not stopping:
-            for i, proc in enumerate(procs):
-                if not proc.is_alive() and not stopping:
-                    log.error(
-                        "worker pid %s exited with %s; starting another", proc.pid, proc.exitcode
-                    )
-                    _mark_dead(proc.pid)
-                    procs[i] = spawn()
-            time.sleep(0.2)
-        for proc in procs:
-            proc.join()
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
-
-
-def _mark_dead(pid: int | None) -> None:
-    if pid is None:
-        return
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
