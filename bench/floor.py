@@ -7,17 +7,22 @@ With --proxy-to it is the floor of the miss path instead: a bare proxy that read
 POSTs the same bytes (same Content-Type) to that URL over one keep-alive session and relays
 the answer; no parsing, no key swap, no store.
 
-It runs like ``gateway serve`` does (``web.run_app``, uvloop when installed, no access log),
-so the ratio gateway/floor measures what the gateway adds to reading an upload, nothing else.
+It runs like ``gateway serve`` does (``web.run_app``, no access log) on the loop the gateway
+picks (``gateway.event_loop``, ``--event-loop`` as ``server.event_loop``: uvloop when
+installed), so the ratio gateway/floor measures what the gateway adds to reading an upload.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import sys
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gateway.event_loop import EVENT_LOOPS, use_event_loop
 
 BODY = b'{"status":200,"message":"Success","data":{"error":0,"quota":0}}'
 
@@ -52,19 +57,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                        help="as server.event_loop (default auto: uvloop when installed)")
     parser.add_argument("--proxy-to", metavar="URL",
                         help="be the miss path's floor: forward every body to URL")
     parser.add_argument("--reuse-port", action="store_true",
                         help="SO_REUSEPORT, to run several floor processes on one port")
     args = parser.parse_args()
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    use_event_loop(args.event_loop)
     # Large enough for the 5 MB (and 50 MB) bodies: request.read() refuses past it.
     app = web.Application(client_max_size=64 * 1024 * 1024)
     if args.proxy_to:

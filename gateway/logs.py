@@ -123,7 +123,7 @@ class AccessLog:
             head = {"time": self._time(now), "level": "info", "logger": ACCESS.name}
             line = json.dumps({**head, "message": "request", **fields}, separators=(",", ":"))
         else:
-            pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+            pairs = " ".join([f"{k}={v}" for k, v in fields.items()])
             line = f"{self._time(now)} INFO {ACCESS.name}: request {pairs}"
         return line + "\n"
 
