@@ -6,14 +6,16 @@ upstream's own envelope, before any upstream call and without charging quota.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from gateway.cache_key import TYPE_PARAMS, analysis_params
-from gateway.config import TeamConfig
+from gateway.config import ServerConfig, TeamConfig
+from gateway.deadlines import Deadlines
 from gateway.envelope import HEADERS, content_type_for
 from gateway.errors import (
     GatewayError,
@@ -46,18 +48,32 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     started = time.perf_counter()
     team_label, type_label, outcome, status = "unknown", "invalid", "none", 500
-    if state.inflight >= state.config.server.max_inflight or state.draining:
+    server = state.config.server
+    if state.draining or state.receiving >= server.max_receiving:
         state.metrics.count_request(team_label, type_label, 503, outcome, 0.0)
         raise Unavailable(
             "Gateway draining" if state.draining else "Gateway overloaded",
             headers={"Retry-After": "1"},  # another replica, or this one a moment later
         )
-    state.inflight += 1
-    state.metrics.inflight_changed()
-    form: Form | None = None
-    answer: Answer | None = None
+    # The body first: max_inflight counts requests whose body is in, so clients that
+    # declare a body and trickle it hold a socket (bounded by max_receiving, the idle
+    # timeout and the minimum rate) but never a slot that a team's request needs.
+    state.receiving += 1
     try:
         form = await _read(request, state)
+    except GatewayError as exc:
+        state.metrics.count_request(team_label, type_label, exc.status, outcome, 0.0)
+        raise
+    finally:
+        state.receiving -= 1
+    if state.inflight >= server.max_inflight:
+        form.close()
+        state.metrics.count_request(team_label, type_label, 503, outcome, 0.0)
+        raise Unavailable("Gateway overloaded", headers={"Retry-After": "1"})
+    state.inflight += 1
+    state.metrics.inflight_changed()
+    answer: Answer | None = None
+    try:
         if request.method == "GET" and form.fields.get("type") != "cache":
             raise NoData()  # upstream: GET only with type=cache, checked before the key
         team = _authorize(form, state)
@@ -89,13 +105,12 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         status = 503  # the middleware answers it so: spend fails closed
         raise
     finally:
-        if form is not None:
-            form.close()
+        form.close()
         state.inflight -= 1  # the gauge follows at the fold count_request schedules
         elapsed = time.perf_counter() - started
         state.metrics.count_request(team_label, type_label, status, outcome, elapsed)
         if state.config.server.access_log:
-            upload = form.file if form is not None else None
+            upload = form.file
             log_access(
                 {
                     "team": team_label,
@@ -117,19 +132,58 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         return Form(fields=parse_query(request.rel_url.raw_query_string), file=None)
     if request.method != "POST":
         raise NoData()
+    if request.content.is_eof():  # the whole body is already here: no deadline to set
+        return await read_form(
+            request.headers.get("Content-Type"),
+            request.content_length,
+            request.content,
+            spool_dir=state.spool_dir,
+        )
+    server = state.config.server
+    body = _PacedBody(request.content, state.deadlines, server)
     reading = read_form(
         request.headers.get("Content-Type"),
         request.content_length,
-        request.content,
+        body,
         spool_dir=state.spool_dir,
     )
-    if request.content.is_eof():  # the whole body is already here: no deadline to set
-        return await reading
     try:
-        # A client trickling its body must not hold a slot (and a spool file) for ever.
-        return await state.deadlines.within(reading, state.config.server.body_timeout_s)
+        # A client trickling its body must not hold a socket (and a spool file) for ever.
+        return await state.deadlines.within(reading, body.next_due() - body.start)
     except TimeoutError:
         raise RequestTimeout() from None
+
+
+class _PacedBody:
+    """The request body, with a deadline that follows its progress: ``body_timeout_s`` in
+    all, at most ``body_idle_timeout_s`` between two chunks, and once 5 s old at least
+    ``body_min_rate`` bytes a second on average."""
+
+    GRACE_S = 5.0
+
+    def __init__(self, stream: StreamReader, deadlines: Deadlines, server: ServerConfig):
+        self.stream = stream
+        self.deadlines = deadlines
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        self.hard = self.start + server.body_timeout_s
+        self.idle_s = server.body_idle_timeout_s
+        self.min_rate = server.body_min_rate
+        self.received = 0
+
+    def next_due(self) -> float:
+        return min(self.hard, self.loop.time() + self.idle_s)
+
+    async def readany(self) -> bytes:
+        chunk: bytes = await self.stream.readany()
+        self.received += len(chunk)
+        now = self.loop.time()
+        elapsed = now - self.start
+        if elapsed > self.GRACE_S and self.received < self.min_rate * elapsed:
+            self.deadlines.move(now)  # too slow: the sweeper ends it as a timeout (408)
+        else:
+            self.deadlines.move(min(self.hard, now + self.idle_s))
+        return chunk
 
 
 def _authorize(form: Form, state: GatewayState) -> TeamConfig:

@@ -72,6 +72,11 @@ class ServerConfig:
     access_log_flush_ms: int = 1000  # ...or this long after the first one, off the loop
     event_loop: str = "auto"  # uvloop where installed, or "asyncio" / "uvloop"
     body_timeout_s: float = 60.0
+    # Bodies still arriving are bounded on their own, not by max_inflight (which counts
+    # requests whose body is in): a client trickling its body costs a socket, not a slot.
+    max_receiving: int = 4096
+    body_idle_timeout_s: float = 10.0  # no byte of the body for this long: 408
+    body_min_rate: int = 1024  # bytes/s on average, checked once a body is 5 s old
     keepalive_timeout_s: float = 75.0
 
 
@@ -281,6 +286,9 @@ def parse_config(
             "access_log_flush_ms",
             "event_loop",
             "body_timeout_s",
+            "max_receiving",
+            "body_idle_timeout_s",
+            "body_min_rate",
             "keepalive_timeout_s",
         },
     )
@@ -311,6 +319,9 @@ def parse_config(
         access_log_flush_ms=flush_ms,
         event_loop=event_loop,
         body_timeout_s=s.number("body_timeout_s", 60.0),
+        max_receiving=s.integer("max_receiving", 4096),
+        body_idle_timeout_s=s.number("body_idle_timeout_s", 10.0),
+        body_min_rate=s.integer("body_min_rate", 1024, minimum=0),
         keepalive_timeout_s=s.number("keepalive_timeout_s", 75.0),
     )
 

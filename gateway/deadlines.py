@@ -43,6 +43,12 @@ class Deadlines:
         finally:
             self._due.pop(task, None)
 
+    def move(self, due: float) -> None:
+        """Move the current task's deadline (inside ``within``) to loop time ``due``."""
+        task = asyncio.current_task()
+        if task in self._due:
+            self._due[task] = due  # type: ignore[index]
+
     def sweep(self) -> None:
         now = asyncio.get_running_loop().time()
         late = [task for task, due in self._due.items() if due <= now]

@@ -45,7 +45,8 @@ class GatewayState:
     teams_by_key: dict[str, TeamConfig] = field(default_factory=dict)  # accepted raw keys
     limiter: RateLimiter = field(default_factory=RateLimiter)
     deadlines: Deadlines = field(default_factory=Deadlines)
-    inflight: int = 0
+    inflight: int = 0  # requests whose body is in, not yet answered
+    receiving: int = 0  # requests whose body is still arriving
     draining: bool = False
 
     def __post_init__(self) -> None:
