@@ -13,7 +13,7 @@ from gateway.sample_images import make_jpeg
 from tests.conftest import TEAM_KEYS, Gateway, Sim
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED = ROOT.parent / "shared" / "seed" / "imagerecognize-api-v2.txt"
+SEED = ROOT / "docs" / "upstream-api-v2.txt"  # the upstream's own document, kept in the repo
 README_URL, README_KEY = "http://gateway.internal:8080/api/v2/", "YOUR-TEAM-KEY"
 
 
@@ -61,3 +61,9 @@ async def test_readme_python_example_runs_against_a_gateway(
     body = json.loads(printed[0])
     assert body["status"] == 200 and body["data"]["type"] == "objects"
     assert body["data"]["quota"] == 999 and sim.state.calls == 1
+
+
+def test_browser_test_page_is_the_documents_own() -> None:
+    # tests/test_browser.py serves this copy to a real browser; it must not drift from the doc.
+    page = (ROOT / "tests" / "browser" / "seed-example.html").read_text(encoding="utf-8")
+    assert page.rstrip() == seed_example("<!DOCTYPE html>", None).rstrip()
