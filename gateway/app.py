@@ -163,6 +163,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
                 except StoreUnavailable as exc:
                     log.warning("could not record this process as alive: %s", exc)
                 await _reclaim(state)
+                await state.service.reconcile()
             if ticks % PURGE_EVERY == 0:
                 await _purge_expired(state)
 

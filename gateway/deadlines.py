@@ -47,7 +47,7 @@ class Deadlines:
         """Move the current task's deadline (inside ``within``) to loop time ``due``."""
         task = asyncio.current_task()
         if task in self._due:
-            self._due[task] = due  # type: ignore[index]
+            self._due[task] = due
 
     def sweep(self) -> None:
         now = asyncio.get_running_loop().time()

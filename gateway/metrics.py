@@ -106,6 +106,13 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         self.upstream_quota_remaining.set(float("nan"))  # unknown until the upstream answers
+        self.ledger_drift = Gauge(
+            "gateway_ledger_drift_calls",
+            "Calls the upstream counted (from its data.quota) minus calls the ledger charged, "
+            "since the gateway first saw the account's quota (or since it last rose)",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.cache_entries = Gauge(
             "gateway_cache_entries",
             "Results held in the store",

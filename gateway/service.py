@@ -108,6 +108,7 @@ class RecognitionService:
         self._generation = store.generation
         self._shared_generation: str | None = _UNREAD
         self._upstream_quota: int | None = None  # latest account quota, written by flush()
+        self._account_quota: int | None = None  # latest account quota, for reconcile()
         # Ledger writes refused by the store after the upstream call ended: retried by flush().
         self._unended: list[tuple[str, Reservation]] = []
 
@@ -331,7 +332,7 @@ class RecognitionService:
                     raise BadGateway() from None
                 raise
             if recognition.account_quota is not None:
-                self._upstream_quota = recognition.account_quota
+                self._upstream_quota = self._account_quota = recognition.account_quota
             try:
                 if store:
                     # Stored and settled in one transaction, before anyone is answered.
@@ -460,6 +461,34 @@ class RecognitionService:
                 await self.store.set_meta("upstream_quota", str(value))
             except StoreUnavailable:
                 self._upstream_quota = value
+
+    async def reconcile(self) -> None:
+        """Set ``gateway_ledger_drift_calls``: the calls the upstream counted since a
+        baseline (its ``data.quota`` then minus now) minus the calls the ledger charged
+        since then. The baseline is taken at the first answer seen, and again whenever the
+        account's quota rises by more than the calls that can be in flight (a reset or a
+        top-up). Calls in flight make it briefly negative by their number; it stays
+        positive when something else spends the account's key or the upstream billed calls
+        the gateway refunded, and negative when the gateway kept charges the upstream did
+        not bill."""
+        remaining = self._account_quota
+        if remaining is None:
+            return
+        slack = self.config.upstream.max_concurrency
+        try:
+            charged = await self.store.charged_total()
+            parts = (await self.store.get_meta("drift_base") or "").split()
+            if len(parts) != 3 or remaining > int(parts[2]) + slack:
+                base_remaining, base_charged = remaining, charged
+            else:
+                base_remaining, base_charged = int(parts[0]), int(parts[1])
+            if parts[:1] != [str(base_remaining)] or parts[2:] != [str(remaining)]:
+                await self.store.set_meta(
+                    "drift_base", f"{base_remaining} {base_charged} {remaining}"
+                )
+        except (StoreUnavailable, ValueError):
+            return
+        self.metrics.ledger_drift.set((base_remaining - remaining) - (charged - base_charged))
 
     async def drain(self) -> None:
         """Wait for upstream calls already running (they were paid for), then flush."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import requests
 
 from gateway.sample_images import make_png
 from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, make_config
@@ -125,3 +126,39 @@ async def test_no_cache_and_plain_requests_for_one_image_at_quota_never_500(
     assert (usage.charged, usage.undelivered) == (20, 0)
     assert await gw.state.store.pending_owners() == []
     assert sim.state.calls == 20
+
+
+async def drift(gw_state: object) -> float:
+    from gateway.state import GatewayState
+
+    assert isinstance(gw_state, GatewayState)
+    await gw_state.service.reconcile()
+    return gw_state.metrics.ledger_drift._value.get()  # type: ignore[attr-defined]
+
+
+async def test_the_ledger_is_reconciled_against_the_upstreams_own_count(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) -> None:
+    gw = await gateway_factory(upstream={"timeout_s": 1})
+    async with aiohttp.ClientSession() as session:
+        for seed in range(3):
+            assert (await post(session, gw.url, 500 + seed))[0] == 200
+        assert await drift(gw.state) == 0  # three calls charged, three counted upstream
+        # Someone spends the account's key behind the gateway's back: the upstream counts
+        # a call the ledger never saw.
+        form = aiohttp.FormData()
+        for name, value in (("apikey", sim.state.api_key), ("type", "objects"),
+                            ("max_labels", "5"), ("min_confidence", "50")):
+            form.add_field(name, value)
+        form.add_field("file", make_png(600), filename="i.png", content_type="image/png")
+        async with session.post(sim.url, data=form) as r:
+            assert r.status == 200
+        assert (await post(session, gw.url, 601))[0] == 200
+        assert await drift(gw.state) == 1
+        # A failure the gateway kept charged (it may have been billed) that the upstream did
+        # not count: the drift shows the over-charge.
+        sim.state.fault, sim.state.fault_count = "500", 1
+        assert (await post(session, gw.url, 602))[0] == 502
+        assert (await post(session, gw.url, 603))[0] == 200
+        assert await drift(gw.state) == 0
+    body = await asyncio.to_thread(requests.get, f"{gw.base}/metrics", timeout=5)
+    assert "gateway_ledger_drift_calls 0.0" in body.text

@@ -372,6 +372,15 @@ class RedisStore:
     async def used(self, team: str, period: str) -> int:
         return int(await self._call(self._r.hget(self._k("used:", period), team)) or 0)
 
+    async def charged_total(self) -> int:
+        total = 0
+        try:
+            async for name in self._r.scan_iter(match=self._k("used:*"), count=1000):
+                total += sum(int(v) for v in await self._call(self._r.hvals(name)))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        return total
+
     async def record_hits(self, hits: list[Hit]) -> None:
         if not hits:
             return

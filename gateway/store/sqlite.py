@@ -731,6 +731,10 @@ class SQLiteStore:
             rows = await self._read(sql, (team, period))
         return int(rows[0][0]) if rows else 0
 
+    async def charged_total(self) -> int:
+        rows = await self._read("SELECT COALESCE(SUM(used), 0) FROM quota_usage")
+        return int(rows[0][0])
+
     async def usage(self, period: str) -> list[TeamUsage]:
         rows = await self._read(
             "SELECT team, period, used, hits, coalesced, undelivered FROM quota_usage "
