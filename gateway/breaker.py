@@ -1,8 +1,15 @@
 """A circuit breaker for the upstream: after repeated failures answer 503 at once instead of
-piling up waiters; after a cooldown let one probe through; close when it succeeds."""
+piling up waiters; after a cooldown let one probe through; close when it succeeds.
+
+The caller ends every admitted call with exactly one of ``success()``, ``failure()`` or
+``abandon()`` (``UpstreamClient.recognize`` does it in a ``finally``), so the single probe of
+the half-open state is always given back: a probe that raised can never leave the breaker
+refusing every call while the upstream is healthy. Every state change is logged once.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -10,6 +17,9 @@ from collections.abc import Callable
 from gateway.errors import Unavailable
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half-open"}
+
+log = logging.getLogger("gateway.breaker")
 
 
 class CircuitBreaker:
@@ -30,10 +40,23 @@ class CircuitBreaker:
         self._probing = False
 
     def _set(self, state: int) -> None:
-        if state != self.state:
-            self.state = state
-            if self.on_change is not None:
-                self.on_change(state)
+        if state == self.state:
+            return
+        before, self.state = self.state, state
+        if state == OPEN:
+            log.warning(
+                "upstream circuit breaker %s -> open after %d consecutive failures; "
+                "refusing upstream calls for %gs",
+                NAMES[before],
+                self.failures,
+                self.cooldown_s,
+            )
+        elif state == HALF_OPEN:
+            log.info("upstream circuit breaker open -> half-open: letting one probe call through")
+        else:
+            log.info("upstream circuit breaker %s -> closed: the upstream answers", NAMES[before])
+        if self.on_change is not None:
+            self.on_change(state)
 
     def is_open(self) -> bool:
         """Cheap check before charging quota: True while calls would be refused."""
@@ -64,6 +87,11 @@ class CircuitBreaker:
         if self.state == HALF_OPEN or self.failures >= self.threshold:
             self.opened_at = self.clock()
             self._set(OPEN)
+
+    def abandon(self) -> None:
+        """An admitted call that ended before it could tell anything about the upstream
+        (cancelled, or stopped before sending): no verdict, but the probe is given back."""
+        self._probing = False
 
     def _refusal(self, wait: float) -> Unavailable:
         return Unavailable(

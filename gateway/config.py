@@ -90,6 +90,7 @@ class UpstreamConfig:
     retries: int = 2
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
+    max_answer_kb: int = 1024  # a longer upstream answer is not read past this (502)
     api_key: Secret = field(default_factory=lambda: Secret(""), repr=False)
 
 
@@ -338,6 +339,7 @@ def parse_config(
             "retries",
             "breaker_failures",
             "breaker_cooldown_s",
+            "max_answer_kb",
         },
     )
     url: str = u.get("url", str, UpstreamConfig.url)
@@ -361,6 +363,7 @@ def parse_config(
         retries=u.integer("retries", 2, minimum=0),
         breaker_failures=u.integer("breaker_failures", 5),
         breaker_cooldown_s=u.number("breaker_cooldown_s", 10.0),
+        max_answer_kb=u.integer("max_answer_kb", UpstreamConfig.max_answer_kb),
         api_key=Secret(api_key),
     )
 
