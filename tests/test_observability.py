@@ -1,5 +1,6 @@
-"""Observability: the metrics contract (DESIGN.md §4), the Prometheus config and alert rules,
-and the Grafana dashboard, checked against a real gateway scraped by a real Prometheus.
+"""Observability: the metrics contract (docs/observability.md, "Metrics"), the Prometheus
+config and alert rules, and the Grafana dashboard, checked against a real gateway scraped by a
+real Prometheus.
 
 Needs ``promtool`` and ``prometheus`` (Debian: ``apt-get install -y prometheus``); without them
 these tests fail, they are not skipped.
@@ -38,7 +39,8 @@ DASHBOARD_PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "gatewa
 BAD_KEY = "not-a-team-key-at-all"
 QUOTAS = {"search": 1000, "ads": 1000, "tiny": 3}
 ANALYSIS_TYPES = {"objects", "celebrities", "detect_faces", "detect_text", "nsfw"}
-# DESIGN.md §4, as prometheus_client's parser names the families (counters without _total).
+# docs/observability.md's metrics table, as prometheus_client's parser names the families
+# (counters without _total).
 CONTRACT: dict[str, tuple[str, set[str]]] = {
     "gateway_requests": ("counter", {"team", "type", "status", "cache"}),
     "gateway_request_duration_seconds": ("histogram", {"type", "cache"}),
@@ -269,7 +271,8 @@ tests:
     interval: 1m
     input_series:
       - series: 'gateway_upstream_quota_remaining{job="g",instance="fresh"}'
-        values: 'NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN'
+        values: 'NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN
+                 NaN NaN NaN NaN NaN NaN NaN NaN NaN NaN'
       - series: 'gateway_upstream_requests_total{job="g",instance="fresh",status="200"}'
         values: '0x20'
       - series: 'gateway_upstream_quota_remaining{job="g",instance="low"}'
@@ -438,7 +441,8 @@ async def test_metrics_match_the_workload(gateway: Gateway, sim: Sim) -> None:
     text = await scrape(gateway)
     samples = parse_samples(text)
 
-    # The contract: every metric of DESIGN.md §4, its type, exactly its labels, bounded values.
+    # The contract: every metric of docs/observability.md, its type, exactly its labels,
+    # bounded values.
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name, (kind, labels) in CONTRACT.items():
         assert name in families, f"{name} missing from /metrics"
@@ -506,9 +510,33 @@ class PrometheusServer:
     log: Path
 
 
+def wait_ready(url: str, what: str, proc: subprocess.Popen[bytes], log: Path,
+               within_s: float = 60) -> None:
+    """Until ``url`` answers 200: a server's readiness endpoint, not its first answer (a
+    Prometheus still opening its TSDB answers its API with 503)."""
+    deadline = time.monotonic() + within_s
+    last = "no answer"
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = requests.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.1)
+    pytest.fail(f"{what} not ready at {url} ({last}); log:\n{log.read_text()[-3000:]}")
+
+
+async def gateway_ready(client: aiohttp.ClientSession, gw: Gateway) -> None:
+    async with client.get(f"{gw.base}/readyz") as r:
+        assert r.status == 200, await r.text()
+
+
 @pytest.fixture
 def prometheus(gateway: Gateway, tmp_path: Path) -> Iterator[PrometheusServer]:
-    """A real Prometheus scraping the test's gateway every second, with alerts.yml loaded."""
+    """A real Prometheus scraping the test's gateway every second, with alerts.yml loaded,
+    ready (/-/ready) before the test starts."""
     exe = tool("prometheus")
     port = free_port()
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
@@ -531,7 +559,9 @@ scrape_configs:
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        yield PrometheusServer(f"http://127.0.0.1:{port}", log)
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/-/ready", "Prometheus", proc, log)
+        yield PrometheusServer(url, log)
     finally:
         proc.terminate()
         try:
@@ -541,15 +571,23 @@ scrape_configs:
             proc.wait()
 
 
+async def api_get(client: aiohttp.ClientSession, url: str) -> Any:
+    """The ``data`` of a Prometheus API answer; anything but a 200 success fails the test (the
+    server is ready by now, so a 503 is a finding, not something to wait out)."""
+    async with client.get(url) as r:
+        text = await r.text()
+        assert r.status == 200, f"{url}: HTTP {r.status}: {text[:500]}"
+    body = json.loads(text)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str, server: PrometheusServer,
                      within_s: float = 20) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        try:
-            if await check():
-                return
-        except aiohttp.ClientConnectionError:
-            pass
+        if await check():
+            return
         await asyncio.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}; prometheus log:\n{server.log.read_text()[-3000:]}")
 
@@ -558,14 +596,17 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
         gateway: Gateway, sim: Sim, prometheus: PrometheusServer,
         client: aiohttp.ClientSession) -> None:
     api = f"{prometheus.url}/api/v1"
+    await gateway_ready(client, gateway)  # the in-process gateway: ready before it is scraped
 
     async def query(expr: str) -> dict[str, Any]:
         async with client.post(f"{api}/query", data={"query": expr}) as r:
-            return dict(await r.json())
+            text = await r.text()
+            # 400/422 carry the error of a bad expression, which the caller reports
+            assert r.status in (200, 400, 422), f"query: HTTP {r.status}: {text[:500]}"
+            return dict(json.loads(text))
 
     async def target_up() -> bool:
-        async with client.get(f"{api}/targets") as r:
-            targets = (await r.json())["data"]["activeTargets"]
+        targets = (await api_get(client, f"{api}/targets"))["activeTargets"]
         return bool(targets) and all(t["health"] == "up" for t in targets)
 
     await wait_until(target_up, "the gateway target to be up", prometheus)
@@ -594,8 +635,7 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
     assert not problems, "dashboard queries failing:\n" + "\n".join(problems)
 
     async def rules_evaluated() -> bool:
-        async with client.get(f"{api}/rules") as r:
-            groups = (await r.json())["data"]["groups"]
+        groups = (await api_get(client, f"{api}/rules"))["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
         return len(rules) == ALERTS.read_text().count("- alert:") and all(
             rule["health"] == "ok" and not rule.get("lastError") for rule in rules)
@@ -604,15 +644,13 @@ async def test_dashboard_and_alerts_on_a_real_prometheus(
 
     # The tiny team is at 3 of 3: its alert is pending (for: 1m), and only that one.
     async def tiny_exhausted() -> bool:
-        async with client.get(f"{api}/alerts") as r:
-            alerts = (await r.json())["data"]["alerts"]
+        alerts = (await api_get(client, f"{api}/alerts"))["alerts"]
         return any(a["labels"]["alertname"] == "GatewayTeamQuotaExhausted"
                    and a["labels"]["team"] == "tiny" for a in alerts)
 
     await wait_until(tiny_exhausted, "GatewayTeamQuotaExhausted for team tiny", prometheus)
-    async with client.get(f"{api}/alerts") as r:
-        active = {(a["labels"]["alertname"], a["labels"].get("team"))
-                  for a in (await r.json())["data"]["alerts"]}
+    active = {(a["labels"]["alertname"], a["labels"].get("team"))
+              for a in (await api_get(client, f"{api}/alerts"))["alerts"]}
     assert ("GatewayTeamQuotaHigh", "tiny") not in active
     assert not any(name in ("GatewayUpstreamQuotaLow", "GatewayUpstreamQuotaExhausted",
                             "GatewayUpstreamCredentialsRefused") for name, _ in active), active
