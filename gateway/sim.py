@@ -3,7 +3,9 @@
 It follows ``seed/imagerecognize-api-v2.txt`` and nothing else: it is an independent reference,
 so it imports no other ``gateway`` module. Results are deterministic functions of the image
 bytes and the type. Fault switches (``/_sim/control``) make it fail the ways a real upstream
-can: 500/503 pages, hangs, resets, non-JSON bodies and trickled responses.
+can: 500/503 pages, hangs, resets, non-JSON bodies and trickled responses; and the ways a
+hostile one could: a redirect elsewhere (``redirect``), a success nested too deep to re-encode
+(``deep``), an error message echoing the request, key included (``echo``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,19 @@ from aiohttp import web
 
 MAX_FILE_BYTES = 50 * 1024 * 1024
 TYPES = ("objects", "celebrities", "detect_faces", "detect_text", "nsfw", "cache")
-FAULTS = ("none", "500", "timeout", "reset", "garbage", "trickle", "503")
+FAULTS = (
+    "none",
+    "500",
+    "timeout",
+    "reset",
+    "garbage",
+    "trickle",
+    "503",
+    "redirect",
+    "deep",
+    "echo",
+)
+DEEP_NESTING = 100_000
 HISTORY_LEN = 100
 TRICKLE_INTERVAL_S = 0.05
 HANG_S = 3600.0
@@ -347,6 +361,19 @@ async def _api(request: web.Request) -> web.StreamResponse:
     if fault == "garbage":
         entry["status"] = 200
         return web.Response(text="<html>not json</html>", content_type="text/html")
+    if fault == "redirect":  # anything re-POSTed there would carry the key
+        entry["status"] = 307
+        raise web.HTTPTemporaryRedirect("/_sim/elsewhere")
+    if fault == "deep":
+        entry["status"] = 200
+        nested = "[" * DEEP_NESTING + "]" * DEEP_NESTING
+        return web.Response(text=f'{{"status":200,"message":"Success","data":{{"x":{nested}}}}}')
+    if fault == "echo":
+        entry["status"] = 430
+        echo = "&".join(f"{k}={v}" for k, v in form.fields.items())
+        message = f"Invalid parameter in request:\r\n{echo}"
+        envelope = {"status": 430, "status_message": message, "data": None}
+        return web.Response(status=430, body=_encode(envelope), content_type="text/plain")
     if fault in ("timeout", "reset"):
         if fault == "timeout":
             try:

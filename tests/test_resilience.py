@@ -4,11 +4,15 @@ breaker, load shedding, stale-if-error, and exact refunds."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
-from gateway.sample_images import make_png
+import requests
+
+from gateway.sample_images import make_png, make_png_of_size
 from tests.conftest import (
     TEAM_KEYS,
+    UPSTREAM_KEY,
     Gateway,
     GatewayFactory,
     Sim,
@@ -162,3 +166,59 @@ async def test_stale_if_error_serves_an_expired_entry_marked_stale(
     sim.state.fault = "500"
     late = await post_requests(gw.url, *objects_form(SEARCH, image))
     assert late.status_code == 502
+
+
+def hostile_upload(key: str, image: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart body whose file part names itself with CR/LF (RFC 5987 ``filename*``)."""
+    boundary = "hostile-boundary-7f3a"
+    fields = {"apikey": key, "type": "objects", "max_labels": "10", "min_confidence": "80"}
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items())
+    body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+             f"filename*=UTF-8''evil%0D%0AX-Injected%3A%201%0D%0A.png\r\n"
+             f"Content-Type: image/png\r\n\r\n").encode()
+    body += image + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+async def test_a_probe_with_a_large_hostile_upload_closes_the_breaker(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    """Once a 500 and a breaker stuck probing for ever; now the upload is sent, sanitized."""
+    gw = await gateway_factory(upstream={"breaker_failures": 1, "breaker_cooldown_s": 60})
+    sim.state.fault, sim.state.fault_count = "500", 1
+    assert (await post_requests(gw.url, *objects_form(SEARCH, make_png(80)))).status_code == 502
+    gw.state.upstream.breaker.opened_at = -1e9  # the cooldown is over: the next call probes
+    image = make_png_of_size(1_200_000, 81)  # past the in-memory limit: spooled to disk
+    body, headers = hostile_upload(SEARCH, image)
+    r = await asyncio.to_thread(requests.post, gw.url, data=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert sim.state.history[-1]["file_sha256"] == hashlib.sha256(image).hexdigest()
+    assert gw.state.metrics.upstream_breaker_state._value.get() == 0
+    assert (await post_requests(gw.url, *objects_form(SEARCH, make_png(82)))).status_code == 200
+
+
+async def test_hostile_upstream_answers_are_502_and_the_breaker_recovers(
+        gateway_factory: GatewayFactory, sim: Sim) -> None:
+    gw = await gateway_factory(upstream={"breaker_failures": 1, "breaker_cooldown_s": 60})
+    sim.state.fault, sim.state.fault_count = "500", 1
+    assert (await post_requests(gw.url, *objects_form(SEARCH, make_png(89)))).status_code == 502
+    for i, fault in enumerate(("deep", "redirect")):  # each one a probe that fails
+        gw.state.upstream.breaker.opened_at = -1e9
+        sim.state.fault, sim.state.fault_count = fault, 1
+        calls = sim.state.calls
+        r = await post_requests(gw.url, *objects_form(SEARCH, make_png(90 + i)))
+        assert r.status_code == 502 and r.json()["data"] is None, fault
+        assert sim.state.calls == calls + 1  # the redirect was not followed
+    gw.state.upstream.breaker.opened_at = -1e9
+    assert (await post_requests(gw.url, *objects_form(SEARCH, make_png(95)))).status_code == 200
+    assert gw.state.metrics.upstream_breaker_state._value.get() == 0
+
+
+async def test_an_upstream_echoing_the_key_relays_no_key(gateway: Gateway, sim: Sim) -> None:
+    sim.state.fault, sim.state.fault_count = "echo", 1
+    r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(96)))
+    assert r.status_code == 430
+    message = r.json()["status_message"]
+    assert "max_labels=10" in message and "\r" not in message and "\n" not in message
+    assert UPSTREAM_KEY not in r.text and UPSTREAM_KEY[:8] not in r.text
