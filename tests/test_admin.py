@@ -122,6 +122,7 @@ BAD_AUTH = [
     pytest.param({}, id="missing"),
     pytest.param({"Authorization": "Bearer not-the-token"}, id="wrong"),
     pytest.param({"Authorization": f"Bearer {TOKEN}x"}, id="longer"),
+    pytest.param({"Authorization": f"Bearer {TOKEN[:-1]}"}, id="shorter"),
     pytest.param({"Authorization": "Bearer "}, id="empty"),
     pytest.param({"Authorization": TOKEN}, id="no-scheme"),
     pytest.param({"Authorization": f"Token {TOKEN}"}, id="other-scheme"),
@@ -170,6 +171,58 @@ async def test_status_page_wants_the_token_when_admin_is_on(
         basic = "Basic " + base64.b64encode(f"ops:{TOKEN}".encode()).decode()
         assert (await call(client, "GET", admin_gw.base + path,
                            headers={"Authorization": basic}))[0] == 200
+
+
+def near_misses(token: str) -> list[tuple[str, str]]:
+    """Strings that are almost ``token``: each is refused wherever the token is asked for."""
+    misses = [(f"prefix-{n}", token[:n]) for n in range(1, len(token))]
+    misses += [(f"extended-{i}", s) for i, s in enumerate(
+        (token + "x", token + "=", token + token, "x" + token, token + " x", token + ":x"))]
+    misses += [("upper", token.upper()), ("swapcase", token.swapcase())]
+    misses += [(f"case-{i}", token[:i] + c.swapcase() + token[i + 1:])
+               for i, c in enumerate(token) if c.isalpha()]
+    misses += [("inner-double-space", token[:5] + "  " + token[5:]),
+               ("inner-space", token[:5] + " " + token[5:])]
+    assert all(miss != token for _, miss in misses)
+    return misses
+
+
+def basic(password: str, user: str = "ops") -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_a_near_miss_of_the_token_is_refused_everywhere(
+    admin_gw: Gateway, client: aiohttp.ClientSession
+) -> None:
+    """Every proper prefix, extension and case change of the token, as Bearer on the admin API
+    and the status page and as Basic on the status page, is a 401 (a mutant comparing with
+    startswith passed the table above, which had no shorter token)."""
+    usage, status = f"{admin_gw.base}/admin/usage", f"{admin_gw.base}/status.json"
+    headers = [(f"bearer-{name}", f"Bearer {miss}") for name, miss in near_misses(TOKEN)]
+    headers += [(f"basic-{name}", basic(miss)) for name, miss in near_misses(TOKEN)]
+    headers += [("bearer-alone", "Bearer"), ("bearer-two-spaces", "Bearer  "),
+                ("basic-alone", "Basic"), ("basic-no-password", basic("")),
+                ("basic-token-as-user", basic("x", user=TOKEN)),
+                ("basic-unencoded", f"Basic ops:{TOKEN}"),
+                ("bearer-tab", f"Bearer\t{TOKEN}"), ("scheme-glued", f"Bearer{TOKEN}")]
+    accepted = []
+    for name, value in headers:
+        for url in (usage, status):
+            got, body, r = await call(client, "GET", url, headers={"Authorization": value})
+            if got != 401 or body != UNAUTHORIZED:
+                accepted.append((name, url.rsplit("/", 1)[1], got))
+            assert TOKEN not in str(body) and TOKEN not in str(dict(r.headers))
+    assert not accepted, accepted
+
+    # What is accepted: the token itself, the scheme in any case, spaces before the token
+    # (RFC 7235: 1*SP), Basic with any user name (status page only).
+    for value in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER {TOKEN}", f"Bearer  {TOKEN}"):
+        for url in (usage, status):
+            got, _, _ = await call(client, "GET", url, headers={"Authorization": value})
+            assert got == 200, (value, url)
+    for value in (basic(TOKEN), basic(TOKEN, user=""), "basic " + basic(TOKEN)[6:]):
+        assert (await call(client, "GET", status, headers={"Authorization": value}))[0] == 200
+        assert (await call(client, "GET", usage, headers={"Authorization": value}))[0] == 401
 
 
 async def test_the_token_is_never_logged(
