@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from pathlib import Path
 
 import requests
 
@@ -20,12 +21,18 @@ from tests.conftest import (
     objects_form,
     post_requests,
 )
+from tests.test_observability import ALERTS, rules_without_annotations, run, tool
 
 SEARCH = TEAM_KEYS["search"]
 
 
 async def charged(gw: Gateway) -> int:
     return await gw.state.store.used("search", gw.state.ledger.period())
+
+
+async def undelivered(gw: Gateway) -> int:
+    rows = await gw.state.store.usage(gw.state.ledger.period())
+    return sum(u.undelivered for u in rows if u.team == "search")
 
 
 def upstream_counts(gw: Gateway) -> dict[str, float]:
@@ -64,7 +71,8 @@ async def test_a_sent_request_that_fails_is_never_retried(gateway: Gateway, sim:
         r = await post_requests(gateway.url, *objects_form(SEARCH, make_png(3)))
         assert r.status_code == 502
         assert sim.state.calls == calls + 1, fault
-    assert await charged(gateway) == 0
+    # Each reached the upstream, which may have billed it: charged, counted undelivered.
+    assert await charged(gateway) == 3 and await undelivered(gateway) == 3
     # A non-envelope 200 (garbage) is an error, not a success; a reset is an error.
     assert upstream_counts(gateway) == {"500": 1, "error": 2}
 
@@ -96,7 +104,7 @@ async def test_breaker_opens_answers_503_at_once_then_probes_and_closes(
     assert gw.state.metrics.upstream_breaker_state._value.get() == 0
     after = await post_requests(gw.url, *objects_form(SEARCH, make_png(22)))
     assert after.status_code == 200
-    assert await charged(gw) == 2
+    assert await charged(gw) == 5 and await undelivered(gw) == 3  # the 500s reached upstream
 
 
 async def test_cache_hits_are_served_while_the_breaker_is_open(
@@ -121,16 +129,17 @@ async def test_upstream_queue_overflow_is_shed_with_503(gateway_factory: Gateway
     assert await charged(gw) == 2 and sim.state.calls == 2
 
 
-async def test_slow_trickle_past_the_timeout_is_504_and_refunded(
+async def test_slow_trickle_past_the_timeout_is_504_and_stays_charged(
         gateway_factory: GatewayFactory, sim: Sim) -> None:
     gw = await gateway_factory(upstream={"timeout_s": 1})
     sim.state.fault, sim.state.fault_count = "trickle", 1
     r = await post_requests(gw.url, *objects_form(SEARCH, make_png(50)))
     assert r.status_code == 504
-    assert await charged(gw) == 0
+    # The upstream had the request and was answering: it may bill it.
+    assert await charged(gw) == 1 and await undelivered(gw) == 1
 
 
-async def test_flapping_upstream_charges_exactly_the_successes(
+async def test_flapping_upstream_charges_every_sent_call_and_counts_the_undelivered(
         gateway_factory: GatewayFactory, sim: Sim) -> None:
     gw = await gateway_factory(upstream={"breaker_failures": 100})
     ok = 0
@@ -138,7 +147,7 @@ async def test_flapping_upstream_charges_exactly_the_successes(
         sim.state.fault = ("500", "none", "reset", "none", "garbage", "none")[i % 6]
         r = await post_requests(gw.url, *objects_form(SEARCH, make_png(60 + i)))
         ok += r.status_code == 200
-    assert ok == 6 and await charged(gw) == 6
+    assert ok == 6 and await charged(gw) == 12 and await undelivered(gw) == 6
 
 
 async def test_stale_if_error_serves_an_expired_entry_marked_stale(
@@ -156,7 +165,8 @@ async def test_stale_if_error_serves_an_expired_entry_marked_stale(
     assert stale.headers["Cache-Status"].startswith("imagerecognize-gateway; hit; ttl=-")
     assert "stale" in stale.headers["Warning"].lower()
     assert stale.json()["data"]["objects"] == fresh.json()["data"]["objects"]
-    assert await charged(gw) == 1  # the failed refresh was refunded
+    assert await charged(gw) == 2  # the failed refresh reached the upstream: kept charged
+    assert await undelivered(gw) == 1
     # The good entry was not overwritten: once the upstream is back it is refreshed.
     sim.state.fault = "none"
     refreshed = await post_requests(gw.url, *objects_form(SEARCH, image))
@@ -222,3 +232,37 @@ async def test_an_upstream_echoing_the_key_relays_no_key(gateway: Gateway, sim: 
     message = r.json()["status_message"]
     assert "max_labels=10" in message and "\r" not in message and "\n" not in message
     assert UPSTREAM_KEY not in r.text and UPSTREAM_KEY[:8] not in r.text
+
+
+BREAKER_RULE_TESTS = """
+rule_files: [alerts.yml]
+evaluation_interval: 1m
+tests:
+  - name: a breaker out of closed while misses arrive is critical; a quiet one is not
+    interval: 1m
+    input_series:
+      - series: 'gateway_upstream_breaker_state{job="g",instance="failing"}'
+        values: '0 0 0 1 2 1 2 1 2 1 2 1 2 1 2'
+      - series: 'gateway_upstream_requests_total{job="g",instance="failing",status="500"}'
+        values: '0+6x14'
+      - series: 'gateway_upstream_breaker_state{job="g",instance="quiet"}'
+        values: '1x14'
+      - series: 'gateway_upstream_requests_total{job="g",instance="quiet",status="500"}'
+        values: '5x14'
+      - series: 'gateway_upstream_breaker_state{job="g",instance="recovered"}'
+        values: '0 1 2 0 0 0 0 0 0 0 0 0 0 0 0'
+      - series: 'gateway_upstream_requests_total{job="g",instance="recovered",status="200"}'
+        values: '0+6x14'
+    alert_rule_test:
+      - {eval_time: 4m, alertname: GatewayUpstreamBreakerOpen, exp_alerts: []}
+      - eval_time: 10m
+        alertname: GatewayUpstreamBreakerOpen
+        exp_alerts: [{exp_labels: {severity: critical, instance: failing}}]
+"""
+
+
+def test_the_breaker_alert_fires_while_misses_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "alerts.yml").write_text(rules_without_annotations(ALERTS.read_text()))
+    (tmp_path / "tests.yml").write_text(BREAKER_RULE_TESTS)
+    result = run(tool("promtool"), "test", "rules", "tests.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
