@@ -23,7 +23,7 @@ from gateway.hot_cache import HotCache, UsageCache
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
 from gateway.store.base import CachedResult, Hit, Reservation, Store, StoreUnavailable
-from gateway.upstream import UpstreamClient
+from gateway.upstream import UpstreamClient, was_billed
 
 log = logging.getLogger("gateway.service")
 
@@ -310,8 +310,9 @@ class RecognitionService:
 
             started = time.perf_counter()
             try:
-                await on_send()  # TODO(upstream on_send): right before the request leaves
-                recognition = await self.upstream.recognize(call.type, call.params, call.file)
+                recognition = await self.upstream.recognize(
+                    call.type, call.params, call.file, on_send=on_send
+                )
                 failpoints.hit("answered")
                 upstream_s = time.perf_counter() - started
                 result = CachedResult(
@@ -324,7 +325,7 @@ class RecognitionService:
                     created_at=self.ledger.clock(),
                 )
             except BaseException as exc:
-                await self._end_unanswered(reservation, billed=getattr(exc, "billed", True))
+                await self._end_unanswered(reservation, billed=was_billed(exc))
                 if isinstance(exc, Exception) and not isinstance(
                     exc, GatewayError | StoreUnavailable
                 ):

@@ -15,6 +15,7 @@ import random
 import signal
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,9 +164,12 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 
 def backend_config(tmp_path: Path, sim: Sim, backend: str, port: int, name: str,
                    quota: int = 100) -> Path:
+    prefix = tmp_path / "redis-prefix"  # one fresh prefix per test, shared by its processes
+    if not prefix.exists():
+        prefix.write_text(f"crash:{uuid.uuid4().hex}:")
     storage = (f'backend = "sqlite"\npath = "{tmp_path / "step.db"}"' if backend == "sqlite"
                else f'backend = "redis"\nredis_url = "{REDIS_URL}"\n'
-                    f'redis_prefix = "crash:{tmp_path.name}:"')
+                    f'redis_prefix = "{prefix.read_text()}"')
     path = tmp_path / f"{name}.toml"
     path.write_text(f"""
 [server]
