@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ def supervise(options: Options, config: Config) -> int:
     workers = config.server.workers
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Started before the markers below, so that only workers carry them (see occupancy).
+    resource_tracker.ensure_running()
     os.environ[WORKER_OF] = str(os.getpid())
     os.environ[STORE_ID] = store_id(config.storage)
     context = multiprocessing.get_context("spawn")
@@ -191,6 +194,9 @@ def worker_main(options: Options, report: Connection) -> None:
 
         def parent_gone() -> None:
             loop.remove_reader(sentinel)
+            # The kernel's SIGTERM for the same death may come a moment later: held back, it
+            # can't find the loop closed (SIGTERM's default again) and end us before cleanup.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             log.warning("the supervisor is gone: draining and exiting")
             begin_drain(app, loop)
 
@@ -208,6 +214,7 @@ def worker_main(options: Options, report: Connection) -> None:
         sys.exit(STARTUP_FAILED)
     finally:
         if os.getppid() != supervisor:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             _leave_metrics_dir()
 
 
@@ -257,6 +264,10 @@ def _leave_metrics_dir() -> None:
 
 
 def _alive(pid: int) -> bool:
+    try:  # a zombie has exited: it holds no metrics any more
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
