@@ -58,7 +58,6 @@ USED_FIELDS = frozenset(
 _CACHED_HEAD = 512  # header blocks up to this size are memoised (they repeat across requests)
 
 _Part = tuple[str, str | None, str | None]  # name, filename, content type
-_CLOSE: tuple[int, _Part] = (-1, ("", None, None))  # _parse_head's answer for `--boundary--`
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 # A shortcut for the common shape; anything else takes the general path, with the same result.
@@ -380,43 +379,51 @@ class _MultipartParser(_Parser):
             buf = data
         else:
             buf = held + data if held else data
+        fields, names, max_field = self.fields, self._names, self.lim.max_field_bytes
         while True:
             if state == _HEAD:
-                head = _parse_head(buf, pos)
-                if head is None:
-                    break
-                start, part = head
-                if start < 0:
+                if buf[pos : pos + 2] == b"--":  # the close delimiter: the rest is epilogue
                     self.done = True
                     break
-                pos = start
-                if part[0] == "file" and self.sink is None:
+                # The common case, one find and a memoised parse; else the general path.
+                stop = buf.find(b"\r\n\r\n", pos, pos + _CACHED_HEAD + 4)
+                if stop >= 0 and (part := _parse_small_block(buf[pos:stop])) is not None:
+                    pos = stop + 4
+                elif (head := _parse_head(buf, pos)) is not None:
+                    pos, part = head
+                else:
+                    break
+                name = part[0]
+                if name == "file" and self.sink is None:
                     self.sink = _FileSink(part, self.lim)
                     state = _FILE
                     continue
-                self._counted()
-                if part[0] == "file" or part[0] in self._names:
+                self._count += 1
+                if self._count > self.lim.max_fields:
+                    raise NoData(self._TOO_MANY.format(self.lim.max_fields))
+                if name == "file" or name in names:
                     state = _SKIP  # the first of a name decides, the first "file" too
                 else:
-                    self._names.add(part[0])
-                    self._name, state, scan = part[0], _FIELD, pos
+                    names.add(name)
+                    self._name, state, scan = name, _FIELD, pos
             elif state == _FIELD:
-                stop = pos + self.lim.max_field_bytes + dl  # the delimiter must start by then
+                stop = pos + max_field + dl  # the delimiter must start by then
                 i = buf.find(delim, scan, stop)
                 if i >= 0:
-                    self.fields[self._name] = str(memoryview(buf)[pos:i], "utf-8", "replace")
+                    fields[self._name] = buf[pos:i].decode("utf-8", "replace")
                     pos, state = i + dl, _HEAD
                     continue
                 if len(buf) < stop:
                     scan = max(pos, len(buf) - dl + 1)
                     break
                 if self._name in USED_FIELDS:
-                    raise _invalid(f"field {self._name} over {self.lim.max_field_bytes} bytes")
+                    raise _invalid(f"field {self._name} over {max_field} bytes")
                 pos, state = stop - dl + 1, _SKIP  # too long to keep and not needed: skip it
             else:  # _PREAMBLE, _FILE, _SKIP: all up to the next delimiter is content
                 i = buf.find(delim, pos)
                 if i >= 0:
-                    self._content(state, memoryview(buf)[pos:i])
+                    if state == _FILE:
+                        self._content(state, memoryview(buf)[pos:i])
                     pos, state = i + dl, _HEAD
                     continue
                 # Keep back a tail that could begin a delimiter. Boundaries hold no CR, so only
@@ -442,15 +449,13 @@ class _MultipartParser(_Parser):
 
 
 def _parse_head(buf: bytes, pos: int) -> tuple[int, _Part] | None:
-    """Parse what follows a `--boundary` at `pos`: the close marker, or padding and part headers.
+    """Parse the padding and part headers after a `--boundary` at `pos` (not the close one).
 
-    Returns (content start, part), _CLOSE, or None when buf does not hold all of it yet.
+    Returns (content start, part), or None when buf does not hold all of it yet.
     """
     end = len(buf)
     if end - pos < 2:
         return None
-    if buf.startswith(b"--", pos):
-        return _CLOSE
     limit = min(end, pos + MAX_PART_HEAD)
     stop = buf.find(b"\r\n\r\n", pos, limit)
     if stop >= 0 and (part := _parse_block(buf[pos:stop])) is not None:
