@@ -1,42 +1,52 @@
-"""Upload parsing cost: gateway.form.read_form against the floor and against aiohttp.
+"""Upload parsing cost: gateway.form.read_form, old and new, per upload size and boundary length.
 
-    python bench/form_bench.py
+    python bench/form_bench.py [--quick] [--old REV]
 
-Bodies are the seed's Python example (`requests`, four fields then the file), fed in 64 KiB
-chunks as aiohttp's StreamReader.readany() hands them out. Columns, in microseconds per call:
+Bodies are the seed's Python example (four fields, then the file), fed in 64 KiB chunks as
+aiohttp's StreamReader.readany() hands them out, with boundaries of 1, 8, 32 (requests and
+urllib3: 32 hex digits) and 38 characters (Chrome: ----WebKitFormBoundary + 16). Bodies up
+to 1 MiB are read whole (read_form's memory_limit), larger ones streamed and spooled to a temp
+file. Columns, in microseconds per call (best of five rounds):
 
-    join       b"".join(chunks): the floor for any parse of a body held in memory
-    read       the readany() loop plus the join: what `await request.read()` costs here
-    hash       xxh3-128 of the file's bytes
-    read_form  gateway.form.read_form, default limits (5 MB: streamed, spooled to a temp file)
-    in-memory  read_form with memory_limit above the body: always the read-whole fast path
-    aiohttp    aiohttp.MultipartReader, every part read into memory
-    post()     aiohttp's `await request.post()` (the handler's alternative; spools files too)
-    parse cost in-memory - read - hash: what parsing adds to reading and hashing
-    ratios     post() / read_form (both spool a large file to disk), aiohttp / in-memory
+    read      the readany() loop plus b"".join: what `await request.read()` costs here
+    hash      xxh3-128 of the file's bytes
+    find      one bytes.find of the delimiter over the whole body: the scan's floor
+    old       read_form as of REV (default 30877d4: the in-memory path walked back from the
+              body's end and did not scan the file)
+    new       read_form as it is now: one forward scan of every body
+    new-old   what the scan costs the hit path (read_form runs on every request)
+    parse     new - read - hash: what parsing adds to reading and hashing
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 
-import requests
 import xxhash
-from aiohttp import MultipartReader, StreamReader
-from aiohttp.test_utils import make_mocked_request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.form import read_form
+from gateway import form as new_form
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHUNK = 64 * 1024
-SIZES = [("10 KB", 10_000, 4000), ("100 KB", 100_000, 3000), ("5 MB", 5_000_000, 100)]
-FIELDS = {"apikey": "YOUR-API-KEY", "type": "objects", "max_labels": 10, "min_confidence": 80}
+OLD_REV = "30877d4"
+SIZES = [("10 KB", 10_000, 2000), ("100 KB", 100_000, 400), ("1 MB", 1_000_000, 40),
+         ("5 MB", 5_000_000, 8)]
+BOUNDARIES = ["x", "a1B2c3D4", "8b7a8a7e4b7f4b0f9b2f0e7c2d3a1b4c",
+              "----WebKitFormBoundary7MA4YWxkTrZu0gW"]
+FIELDS = [("apikey", "YOUR-API-KEY"), ("type", "objects"), ("max_labels", "10"),
+          ("min_confidence", "80")]
 
 
 class ChunkStream:
@@ -52,20 +62,29 @@ class ChunkStream:
         return self.chunks[i]
 
 
-class _Protocol:  # what a StreamReader needs of its protocol when it is never paused
-    _reading_paused = False
+def old_module(rev: str) -> ModuleType | None:
+    """gateway/form.py as of `rev`, imported as its own module; None outside a git checkout."""
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:gateway/form.py"], cwd=ROOT,
+                                capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="form-bench-old-")) / "form_old.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("form_old", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
-    def pause_reading(self) -> None: ...
 
-    def resume_reading(self, resume_parser: bool = True) -> None: ...
-
-
-def aiohttp_stream(chunks: list[bytes]) -> StreamReader:
-    stream = StreamReader(_Protocol(), 2**30, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
-    for chunk in chunks:
-        stream.feed_data(chunk)
-    stream.feed_eof()
-    return stream
+def body_of(image: bytes, boundary: str) -> bytes:
+    out = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+           .encode() for name, value in FIELDS]
+    out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+               f'filename="file"\r\n\r\n'.encode() + image + f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(out)
 
 
 async def per_call(fn: Callable[[], Awaitable[object]], n: int) -> float:
@@ -79,18 +98,13 @@ async def per_call(fn: Callable[[], Awaitable[object]], n: int) -> float:
     return best * 1e6
 
 
-def contenders(size: int, spool: str) -> list[Callable[[], Awaitable[object]]]:
-    """The seed's Python example with a `size`-byte image, parsed every way the table shows."""
-    image = b"\xff\xd8\xff\xe0" + os.urandom(size - 4)
-    prepared = requests.Request("POST", "http://x/", data=FIELDS, files={"file": image}).prepare()
-    content_type, body = prepared.headers["Content-Type"], prepared.body
-    assert isinstance(body, bytes)
+def contenders(image: bytes, boundary: str, spool: str, modules: list[ModuleType]
+               ) -> list[Callable[[], Awaitable[object]]]:
+    body = body_of(image, boundary)
+    content_type = f"multipart/form-data; boundary={boundary}"
     chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
-    headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
     view = memoryview(image)
-
-    async def join() -> bytes:
-        return b"".join(chunks)
+    delim = b"\r\n--" + boundary.encode()
 
     async def read() -> bytes:
         stream, parts = ChunkStream(chunks), []
@@ -101,42 +115,48 @@ def contenders(size: int, spool: str) -> list[Callable[[], Awaitable[object]]]:
     async def hash_only() -> str:
         return xxhash.xxh3_128_hexdigest(view)
 
-    async def gateway_form(memory_limit: int = 1024 * 1024) -> None:
-        form = await read_form(content_type, len(body), ChunkStream(chunks),
-                               memory_limit=memory_limit, spool_dir=spool)
-        assert form.file is not None and form.file.size == size
-        form.close()
+    file_start = body.index(b"\r\n\r\n", body.index(b'name="file"')) + 4
 
-    async def gateway_form_in_memory() -> None:
-        await gateway_form(memory_limit=len(body))
+    async def find() -> int:
+        return body.find(delim, file_start)  # over the file: the next delimiter ends it
 
-    async def aiohttp_reader() -> None:
-        reader = MultipartReader(headers, aiohttp_stream(chunks))
-        while (part := await reader.next()) is not None:
-            await part.read()  # type: ignore[union-attr]
+    def parse_with(module: ModuleType) -> Callable[[], Awaitable[object]]:
+        async def parse() -> None:
+            form = await module.read_form(content_type, len(body), ChunkStream(chunks),
+                                          spool_dir=spool)
+            assert form.file is not None and form.file.size == len(image)
+            form.close()
 
-    async def aiohttp_post() -> None:
-        request = make_mocked_request("POST", "/api/v2/", headers=headers,
-                                      payload=aiohttp_stream(chunks), client_max_size=2**30)
-        post = await request.post()
-        post["file"].file.close()  # type: ignore[union-attr]
+        return parse
 
-    return [join, read, hash_only, gateway_form, gateway_form_in_memory, aiohttp_reader,
-            aiohttp_post]
+    return [read, hash_only, find, *(parse_with(m) for m in modules)]
 
 
 async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 calls a round")
+    parser.add_argument("--old", default=OLD_REV, help="the revision to compare with")
+    args = parser.parse_args()
+    old = old_module(args.old)
+    modules = [m for m in (old, new_form) if m is not None]
     spool = tempfile.mkdtemp(prefix="form-bench-")
-    print(f"{'body':>7} {'join':>8} {'read':>8} {'hash':>8} {'read_form':>10} {'in-memory':>10} "
-          f"{'aiohttp':>9} {'post()':>9}  {'parse cost':>10} {'post()/read_form':>16} "
-          f"{'aiohttp/in-memory':>17}")
+    print(f"{'body':>6} {'boundary':>8} {'read':>8} {'hash':>8} {'find':>8} "
+          + (f"{'old':>8} " if old else "") + f"{'new':>8} "
+          + (f"{'new-old':>8} " if old else "") + f"{'parse':>8}")
     for label, size, n in SIZES:
-        join, read, hash_, form, in_memory, reader, post = [
-            await per_call(fn, n) for fn in contenders(size, spool)]
-        print(f"{label:>7} {join:>8.1f} {read:>8.1f} {hash_:>8.1f} {form:>10.1f} "
-              f"{in_memory:>10.1f} {reader:>9.1f} {post:>9.1f}  "
-              f"{in_memory - read - hash_:>10.1f} {post / form:>15.1f}x "
-              f"{reader / in_memory:>16.1f}x")
+        image = b"\xff\xd8\xff\xe0" + os.urandom(size - 4)
+        for boundary in BOUNDARIES:
+            costs = [await per_call(fn, 2 if args.quick else n)
+                     for fn in contenders(image, boundary, spool, modules)]
+            read, hash_, find, *parses = costs
+            new = parses[-1]
+            row = f"{label:>6} {len(boundary):>8} {read:>8.1f} {hash_:>8.1f} {find:>8.1f} "
+            if old:
+                row += f"{parses[0]:>8.1f} "
+            row += f"{new:>8.1f} "
+            if old:
+                row += f"{new - parses[0]:>+8.1f} "
+            print(row + f"{new - read - hash_:>8.1f}")
     os.rmdir(spool)
 
 
