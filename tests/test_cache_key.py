@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from gateway import cache_key as cache_key_module
 from gateway.cache_key import TYPE_PARAMS, analysis_params, cache_key
 from gateway.errors import InvalidParameter
 from gateway.sample_images import make_png
@@ -29,6 +30,13 @@ EVERY_PARAMETER = [
     pytest.param(type_, name, id=f"{type_}-{name}")
     for type_, params in TYPE_PARAMS.items() for name, _, _ in params
 ]
+
+
+@pytest.fixture(autouse=True)
+def parse_afresh() -> None:
+    # Parsed values are cached process-wide; mutmut forks each mutant's run from a process whose
+    # cache is already full, so without this the mutated parsing code would never run.
+    cache_key_module._parse.cache_clear()
 
 
 def form(type_: str, **values: str) -> dict[str, str]:
@@ -108,6 +116,8 @@ H = "0" * 32
                  f"{H}/objects?max_labels=1&min_confidence=0", id="objects-lowest"),
     pytest.param("objects", {"max_labels": "2147483647", "min_confidence": "100"},
                  f"{H}/objects?max_labels=2147483647&min_confidence=100", id="objects-highest"),
+    pytest.param("objects", {"max_labels": "0" * 5000 + "5", "min_confidence": "5"},
+                 f"{H}/objects?max_labels=5&min_confidence=5", id="objects-5000-leading-zeros"),
     pytest.param("objects", {"max_labels": "00000", "min_confidence": "5"}, None,
                  id="objects-zeros-are-zero"),
     pytest.param("nsfw", {"nsfw_min_confidence": "0", "max_labels": "3"},
