@@ -1,0 +1,125 @@
+"""Mutation testing of the code that decides money and trust, by hand (docs/testing.md).
+
+    python scripts/mutation.py                      # every module below
+    python scripts/mutation.py cache_key cors       # some of them
+    python scripts/mutation.py --score cache_key    # only print the scores of the last run
+    python scripts/mutation.py --at HEAD quota      # on a clean export of a commit
+
+Runs mutmut (``[tool.mutmut]`` in pyproject.toml) at nice 19 with one child process: the
+machine is shared, and a mutant run is hours of CPU otherwise. For each module it mutates only
+the functions named below and collects coverage only from that module's test files; mutmut
+then runs, for each mutant, only the tests that executed the mutated function. The work folder
+``mutants/`` (git-ignored) is made afresh each run: mutmut keeps its copies of files it does
+not mutate, which would go stale while others change them.
+Survivors: ``mutmut show NAME``; the score is killed / (killed + survived + no tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SQLITE, REDIS = "gateway.store.sqlite.xǁSQLiteStoreǁ", "gateway.store.redis.xǁRedisStoreǁ"
+STORE_PARTS = ("reserve", "mark_sent", "settle", "keep_undelivered", "refund", "save_result")
+
+# name: (file, mutant name globs, test files that can kill them)
+MODULES: dict[str, tuple[str, list[str], list[str]]] = {
+    "quota": ("gateway/quota.py", ["gateway.quota.*"],
+              ["tests/test_quota.py", "tests/test_api.py"]),
+    "cache_key": ("gateway/cache_key.py", ["gateway.cache_key.*"],
+                  ["tests/test_cache_key.py", "tests/test_api.py"]),
+    "cors": ("gateway/cors.py", ["gateway.cors.*"], ["tests/test_cors.py"]),
+    "admin_auth": ("gateway/admin.py",
+                   [f"gateway.admin.x_{f}*"
+                    for f in ("token_matches", "_admin", "_status_denied")],
+                   ["tests/test_admin.py"]),
+    "service": ("gateway/service.py", ["gateway.service.*"],
+                ["tests/test_api.py", "tests/test_resilience.py", "tests/test_cache_key.py"]),
+    "sqlite": ("gateway/store/sqlite.py",
+               [f"{SQLITE}{part}*" for part in STORE_PARTS]
+               + ["gateway.store.sqlite.x__transact*"],
+               ["tests/test_store_contract.py", "tests/test_store_faults.py",
+                "tests/test_quota.py"]),
+    "redis": ("gateway/store/redis.py",
+              [f"{REDIS}{part}*" for part in (*STORE_PARTS, "_end_one")],
+              ["tests/test_store_contract.py", "tests/test_quota.py"]),
+    "upstream": ("gateway/upstream.py",
+                 ["gateway.upstream.xǁUpstreamClientǁ_interpret*",
+                  "gateway.upstream.x_mark_billed*",
+                  "gateway.upstream.x_was_billed*",
+                  "gateway.upstream.x__parse_envelope*",
+                  "gateway.upstream.x__sound*"],
+                 ["tests/test_upstream.py", "tests/test_resilience.py"]),
+    "form": ("gateway/form.py", ["gateway.form.*"], ["tests/test_form.py"]),
+}
+KILLED = {1, 3, 36, 37, -24, 24, 152, 255}  # a failing test, a timeout, the type checker
+SURVIVED, NO_TESTS = {0}, {5, 33}
+
+
+def run(names: list[str]) -> None:
+    from mutmut import configuration  # imported here: it reads pyproject.toml from the cwd
+
+    cfg = configuration.config()
+    cfg.only_mutate = sorted({MODULES[n][0] for n in names})
+    cfg.pytest_add_cli_args_test_selection = sorted({t for n in names for t in MODULES[n][2]})
+    from mutmut.__main__ import cli
+
+    globs = [g for n in names for g in MODULES[n][1]]
+    cli(["run", "--max-children", "1", *globs], standalone_mode=False)
+
+
+def score(root: Path, name: str) -> str:
+    file, globs, _ = MODULES[name]
+    meta = root / "mutants" / (file + ".meta")
+    if not meta.exists():
+        return f"{name:<11} not run"
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    mine = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, g) for g in globs)}
+    killed = sum(v in KILLED for v in mine.values())
+    survived = sorted(k for k, v in mine.items() if v in SURVIVED)
+    untested = sorted(k for k, v in mine.items() if v in NO_TESTS)
+    other = len(mine) - killed - len(survived) - len(untested)
+    judged = killed + len(survived) + len(untested)
+    pct = f"{100 * killed / judged:5.1f}%" if judged else "  n/a"
+    lines = [f"{name:<11} {pct}  killed {killed}, survived {len(survived)}, "
+             f"no tests {len(untested)}, not checked {other} (of {len(mine)})"]
+    lines += [f"    survived: {k}" for k in survived] + [f"    no tests: {k}" for k in untested]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help=f"some of: {', '.join(MODULES)} (default: all)")
+    parser.add_argument("--score", action="store_true", help="print the last run's scores")
+    parser.add_argument("--at", metavar="REV", help="run on `git archive REV` in mutation-work/"
+                        " instead of the work tree (which others may be changing)")
+    args = parser.parse_args()
+    if unknown := [n for n in args.modules if n not in MODULES]:
+        parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
+    names = args.modules or list(MODULES)
+    root = ROOT if args.at is None else ROOT / "mutation-work"
+    if args.at is not None and not args.score:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.at],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    os.chdir(root)
+    if not args.score:
+        os.nice(19)
+        shutil.rmtree(root / "mutants", ignore_errors=True)
+        run(names)
+    print("\n".join(score(root, n) for n in names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
