@@ -256,11 +256,11 @@ async def test_usage_endpoint_json_and_csv(
     assert status == 200 and r.content_type == "text/csv"
     assert f'filename="gateway-usage-{month}.csv"' in r.headers["Content-Disposition"]
     assert text.splitlines() == [
-        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved",
-        f"{month},search,2,1000,998,3,0,3",
-        f"{month},ads,1,1000,999,1,2,3",
-        f"{month},tiny,3,3,0,1,0,1",
-        f"{month},(total),6,2003,1997,5,2,7",
+        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered",
+        f"{month},search,2,1000,998,3,0,3,0",
+        f"{month},ads,1,1000,999,1,2,3,0",
+        f"{month},tiny,3,3,0,1,0,1,0",
+        f"{month},(total),6,2003,1997,5,2,7,0",
     ]
 
 
