@@ -372,8 +372,8 @@ async def _api(request: web.Request) -> web.StreamResponse:
         entry["status"] = 430
         echo = "&".join(f"{k}={v}" for k, v in form.fields.items())
         message = f"Invalid parameter in request:\r\n{echo}"
-        envelope = {"status": 430, "status_message": message, "data": None}
-        return web.Response(status=430, body=_encode(envelope), content_type="text/plain")
+        echoed = {"status": 430, "status_message": message, "data": None}
+        return web.Response(status=430, body=_encode(echoed), content_type="text/plain")
     if fault in ("timeout", "reset"):
         if fault == "timeout":
             try:

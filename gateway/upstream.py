@@ -415,10 +415,15 @@ def _refuse_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
-# What could hide a lone surrogate (a \uD800-\uDFFF escape) or a number that overflows to
-# infinity (an exponent >= 100, or 200+ digits: below both, |x| < 10**299). Only an answer
-# with one of these, or with more than MAX_DEPTH brackets, is walked by _sound().
-_SUSPECT = re.compile(r"\\u[dD][89a-fA-F]|[eE]\+?0*[1-9][0-9]{2}|[0-9]{200}")
+# What could hide a lone surrogate: a \uD800-\uDFFF escape (paired ones match too).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# What could hide a number that overflows to infinity: with every digit mapped to "0", e/E to
+# "e", "+" dropped and anything else a space, an exponent of 3+ digits or a run of 200 digits.
+# Below both (exponent <= 99, at most 199 digits before the point) every |x| < 10**298.
+_NUMBER_SHAPE = bytearray(b" " * 256)
+_NUMBER_SHAPE[ord("0") : ord("9") + 1] = b"0" * 10
+_NUMBER_SHAPE[ord("e")] = _NUMBER_SHAPE[ord("E")] = ord("e")
+_OVERFLOWS = (b"e000", b"0" * 200)
 
 
 def _parse_envelope(raw: bytes) -> dict[str, Any] | None:
@@ -432,10 +437,18 @@ def _parse_envelope(raw: bytes) -> dict[str, Any] | None:
     status = envelope.get("status")
     if not isinstance(status, int) or isinstance(status, bool) or "data" not in envelope:
         return None
-    if text.count("[") + text.count("{") > MAX_DEPTH or _SUSPECT.search(text):
-        if not _sound(envelope):
-            return None
+    if _suspect(raw) and not _sound(envelope):
+        return None
     return envelope
+
+
+def _suspect(raw: bytes) -> bool:
+    """Cheap and conservative: False only if _sound() would say True (about 5 us for 2 KB,
+    an eighth of the parse)."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH or _SURROGATE_ESCAPE.search(raw):
+        return True
+    shape = raw.translate(_NUMBER_SHAPE, b"+")
+    return any(pattern in shape for pattern in _OVERFLOWS)
 
 
 def _sound(value: Any) -> bool:
