@@ -53,6 +53,16 @@ class Secret:
         return hash(self._value)
 
 
+# Labels the gateway gives requests that belong to no team: a team may not be called so.
+RESERVED_TEAM_NAMES = frozenset({"unknown"})
+
+
+def env_secret(env: Mapping[str, str], name: str) -> str:
+    """A secret from the environment, trimmed of surrounding whitespace: a value mounted from
+    a file ends in a newline nobody means. Whoever reads a secret reads it through this."""
+    return env.get(name, "").strip()
+
+
 def hash_key(key: str) -> str:
     """The ``sha256:<hex>`` form of a key, as written in config.toml."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
@@ -348,7 +358,7 @@ def parse_config(
     key_env: str = u.get("api_key_env", str, UpstreamConfig.api_key_env)
     if not key_env.strip() or "=" in key_env or "\0" in key_env:
         u.fail("api_key_env", "must name an environment variable")
-    api_key = env.get(key_env, "")
+    api_key = env_secret(env, key_env)
     if require_api_key and not api_key:
         raise ConfigError(
             f"{source}: upstream.api_key_env: environment variable {key_env} is not set "
@@ -430,7 +440,7 @@ def parse_config(
     a = _Reader(source, "admin.", table("admin"), {"token_env"})
     token_env: str | None = a.get("token_env", str, None)
     admin = AdminConfig(
-        token_env=token_env, token=Secret(env.get(token_env, "") if token_env else "")
+        token_env=token_env, token=Secret(env_secret(env, token_env) if token_env else "")
     )
 
     teams = _parse_teams(source, table("teams"), upstream.api_key)
@@ -458,6 +468,11 @@ def _parse_teams(
             raise ConfigError(f"{source}: teams.{name}: must be a table")
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{source}: teams.{name}: team names use letters, digits, - and _")
+        if name.lower() in RESERVED_TEAM_NAMES:
+            raise ConfigError(
+                f"{source}: teams.{name}: the name is reserved (metrics and logs label "
+                "requests without a valid key as team \"unknown\"); choose another"
+            )
         t = _Reader(source, prefix, body, {"keys", "quota", "rate_per_s", "burst", "types"})
         if "keys" not in body:
             t.fail("keys", "missing (a list of team keys, plain or sha256:<hex>)")
