@@ -63,10 +63,11 @@ KILLED = {1, 3, 36, 37, -24, 24, 152, 255}  # a failing test, a timeout, the typ
 SURVIVED, NO_TESTS = {0}, {5, 33}
 
 
-def run(names: list[str]) -> None:
+def run(names: list[str], deselect: list[str]) -> None:
     from mutmut import configuration  # imported here: it reads pyproject.toml from the cwd
 
     cfg = configuration.config()
+    cfg.pytest_add_cli_args = [*cfg.pytest_add_cli_args, *(f"--deselect={d}" for d in deselect)]
     cfg.only_mutate = sorted({MODULES[n][0] for n in names})
     cfg.pytest_add_cli_args_test_selection = sorted({t for n in names for t in MODULES[n][2]})
     from mutmut.__main__ import cli
@@ -99,6 +100,8 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", metavar="MODULE",
                         help=f"some of: {', '.join(MODULES)} (default: all)")
     parser.add_argument("--score", action="store_true", help="print the last run's scores")
+    parser.add_argument("--deselect", action="append", default=[], metavar="NODEID",
+                        help="leave out a test that fails on the unmutated code (say why)")
     parser.add_argument("--at", metavar="REV", help="run on `git archive REV` in mutation-work/"
                         " instead of the work tree (which others may be changing)")
     args = parser.parse_args()
@@ -116,7 +119,7 @@ def main() -> int:
     if not args.score:
         os.nice(19)
         shutil.rmtree(root / "mutants", ignore_errors=True)
-        run(names)
+        run(names, args.deselect)
     print("\n".join(score(root, n) for n in names))
     return 0
 
