@@ -94,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "`gateway serve` will refuse to start without it",
                     file=sys.stderr,
                 )
+            if config.admin.token_env and not config.admin.token:
+                print(
+                    f"note: {config.admin.token_env} is not set here (or only whitespace): "
+                    "the admin API is off and the status page open",
+                    file=sys.stderr,
+                )
             print(
                 f"{args.config}: ok ({len(config.teams)} teams, storage {config.storage.backend}, "
                 f"quota per {config.quota.period})"

@@ -89,3 +89,18 @@ def test_an_ipv6_listen_address_is_logged_as_a_url_that_works(
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_check_config_says_when_a_blank_admin_token_leaves_the_admin_api_off(
+        tmp_path: Path, sim: Sim) -> None:
+    config = write_config(tmp_path / "c.toml", sim_url=sim.url, db=tmp_path / "c.db",
+                          port=free_port(), teams={"t": ("k", 5)},
+                          extra='[admin]\ntoken_env = "TEST_ADMIN_TOKEN"\n')
+    run = subprocess.run([*gateway_command(), "check-config", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TEST_ADMIN_TOKEN": " \n",
+                              "TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+    assert run.returncode == 0
+    assert run.stderr.splitlines() == [
+        "note: TEST_ADMIN_TOKEN is not set here (or only whitespace): the admin API is off "
+        "and the status page open"]
