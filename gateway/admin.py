@@ -1,11 +1,12 @@
 """The admin HTTP API (``/admin/...``) and the status page (``/status``, ``/status.json``).
 
 The admin API exists only while ``[admin] token_env`` names a variable that is set: otherwise
-``/admin/*`` is 404 and the status page is open. With a token, every one of these routes wants
-``Authorization: Bearer <token>`` (the status page also takes HTTP Basic with the token as the
-password, so a browser can ask for it). The token is compared as sha256 digests in constant
-time and never logged or echoed. Handlers read the live config (``state.config``), which a
-reload replaces.
+``/admin/*`` is 404. It wants ``Authorization: Bearer <token>``. The status page shows every
+team's name and usage, so it wants a token too: the admin token or the read-only viewer token
+(``[admin] status_token_env``), as Bearer or as the password of HTTP Basic (so a browser can
+ask for it); with neither set it is refused (403) unless ``[admin] public_status = true``.
+Tokens are compared as sha256 digests in constant time and never logged or echoed. Handlers
+read the live config (``state.config``), which a reload replaces.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class AdminUnauthorized(GatewayError):
 
     def __init__(self) -> None:
         super().__init__(headers={"WWW-Authenticate": "Bearer"})
+
+
+class StatusOff(GatewayError):
+    status = 403
+    message = "Status page off: set [admin] status_token_env or token_env, or public_status = true"
 
 
 class AdminBadRequest(GatewayError):
@@ -236,12 +242,15 @@ async def handle_status(request: web.Request) -> web.Response:
 
 
 def _status_denied(request: web.Request) -> web.Response | None:
-    """Open while the admin API is off; otherwise the admin token, as Bearer or as the
-    password of HTTP Basic (two challenges, so a browser offers a login)."""
+    """Open only with ``public_status``; otherwise the admin or the viewer token, as Bearer or
+    as the password of HTTP Basic (two challenges, so a browser offers a login)."""
     admin = request.app[STATE].config.admin
-    if not admin.enabled or token_matches(
-        request.headers.get("Authorization"), admin.token, basic=True
-    ):
+    if admin.public_status:
+        return None
+    if not admin.token and not admin.status_token:
+        raise StatusOff()
+    given = request.headers.get("Authorization")
+    if any(token_matches(given, t, basic=True) for t in (admin.token, admin.status_token)):
         return None
     headers = CIMultiDict(
         [("WWW-Authenticate", "Bearer"), ("WWW-Authenticate", 'Basic realm="gateway status"')]

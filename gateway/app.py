@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, ServerError, Unavailable, error_envelop
 from gateway.metrics import Metrics
 from gateway.owners import BEAT_INTERVAL_S
 from gateway.quota import Clock, QuotaLedger
+from gateway.response import name_the_server
 from gateway.service import RecognitionService
 from gateway.state import STATE, GatewayState
 from gateway.store import StoreUnavailable, open_store
@@ -107,6 +108,7 @@ def create_app(
     )
     app[STATE] = state
     metrics.track_inflight(lambda: state.inflight)
+    app.on_response_prepare.append(name_the_server)
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

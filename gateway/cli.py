@@ -89,9 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             config = load_config(args.config, require_api_key=False)
             if not config.upstream.api_key:
+                where = (
+                    f"upstream.api_key_file {config.upstream.api_key_file} is not readable"
+                    if config.upstream.api_key_file
+                    else f"{config.upstream.api_key_env} is not set"
+                )
                 print(
-                    f"note: {config.upstream.api_key_env} is not set here; "
-                    "`gateway serve` will refuse to start without it",
+                    f"note: {where} here; `gateway serve` will refuse to start without it",
                     file=sys.stderr,
                 )
             if config.admin.token_env and not config.admin.token:

@@ -63,6 +63,27 @@ def env_secret(env: Mapping[str, str], name: str) -> str:
     return env.get(name, "").strip()
 
 
+def file_secret(path: str, *, source: str, key: str) -> str:
+    """A secret from a file (a Docker or Kubernetes secret), trimmed like ``env_secret``."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        problem = f"cannot read the secret file {path}: {reason}"
+        raise ConfigError(f"{source}: {key}: {problem}") from None
+
+
+def env_or_file_secret(env: Mapping[str, str], name: str, *, source: str, key: str) -> str:
+    """The variable ``name``, or else the file named by ``name_FILE`` (the container
+    convention for secrets); both set is a mistake, refused rather than guessed."""
+    from_file = env.get(f"{name}_FILE", "").strip()
+    if from_file and env.get(name, "").strip():
+        raise ConfigError(f"{source}: {key}: both {name} and {name}_FILE are set; set one")
+    if from_file:
+        return file_secret(from_file, source=source, key=f"{key} ({name}_FILE)")
+    return env_secret(env, name)
+
+
 def hash_key(key: str) -> str:
     """The ``sha256:<hex>`` form of a key, as written in config.toml."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
@@ -101,6 +122,7 @@ class UpstreamConfig:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
     max_answer_kb: int = 1024  # a longer upstream answer is not read past this (502)
+    api_key_file: str = ""  # read the key from this file instead of api_key_env
     api_key: Secret = field(default_factory=lambda: Secret(""), repr=False)
 
 
@@ -141,8 +163,11 @@ class QuotaConfig:
 
 @dataclass(frozen=True)
 class AdminConfig:
-    token_env: str | None = None  # admin API and /status are off unless this names a set var
+    token_env: str | None = None  # the admin API is off unless this names a set var
     token: Secret = field(default_factory=lambda: Secret(""), repr=False)
+    status_token_env: str | None = None  # a read-only token: /status and /status.json only
+    status_token: Secret = field(default_factory=lambda: Secret(""), repr=False)
+    public_status: bool = False  # /status for anyone, without a token
 
     @property
     def enabled(self) -> bool:
@@ -350,6 +375,7 @@ def parse_config(
             "breaker_failures",
             "breaker_cooldown_s",
             "max_answer_kb",
+            "api_key_file",
         },
     )
     url: str = u.get("url", str, UpstreamConfig.url)
@@ -358,11 +384,24 @@ def parse_config(
     key_env: str = u.get("api_key_env", str, UpstreamConfig.api_key_env)
     if not key_env.strip() or "=" in key_env or "\0" in key_env:
         u.fail("api_key_env", "must name an environment variable")
-    api_key = env_secret(env, key_env)
+    key_file: str = u.get("api_key_file", str, "")
+    if key_file:
+        # A missing secret file is refused only where the key is needed: check-config runs
+        # where the container's /run/secrets is not mounted.
+        api_key = (
+            file_secret(key_file, source=source, key="upstream.api_key_file")
+            if require_api_key or Path(key_file).exists()
+            else ""
+        )
+        if require_api_key and not api_key:
+            u.fail("api_key_file", f"{key_file} is empty")
+    else:
+        api_key = env_or_file_secret(env, key_env, source=source, key="upstream.api_key_env")
     if require_api_key and not api_key:
         raise ConfigError(
             f"{source}: upstream.api_key_env: environment variable {key_env} is not set "
-            "(the upstream key comes from the environment, never the file)"
+            "(the upstream key comes from the environment or upstream.api_key_file, "
+            "never the config file)"
         )
     upstream = UpstreamConfig(
         url=url,
@@ -374,6 +413,7 @@ def parse_config(
         breaker_failures=u.integer("breaker_failures", 5),
         breaker_cooldown_s=u.number("breaker_cooldown_s", 10.0),
         max_answer_kb=u.integer("max_answer_kb", UpstreamConfig.max_answer_kb),
+        api_key_file=key_file,
         api_key=Secret(api_key),
     )
 
@@ -437,11 +477,28 @@ def parse_config(
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
 
-    a = _Reader(source, "admin.", table("admin"), {"token_env"})
-    token_env: str | None = a.get("token_env", str, None)
-    admin = AdminConfig(
-        token_env=token_env, token=Secret(env_secret(env, token_env) if token_env else "")
+    a = _Reader(
+        source, "admin.", table("admin"), {"token_env", "status_token_env", "public_status"}
     )
+    token_env: str | None = a.get("token_env", str, None)
+    status_env: str | None = a.get("status_token_env", str, None)
+    admin = AdminConfig(
+        token_env=token_env,
+        token=Secret(
+            env_or_file_secret(env, token_env, source=source, key="admin.token_env")
+            if token_env
+            else ""
+        ),
+        status_token_env=status_env,
+        status_token=Secret(
+            env_or_file_secret(env, status_env, source=source, key="admin.status_token_env")
+            if status_env
+            else ""
+        ),
+        public_status=a.get("public_status", bool, False),
+    )
+    if admin.token and admin.token == admin.status_token:
+        a.fail("status_token_env", "the viewer token must differ from the admin token")
 
     teams = _parse_teams(source, table("teams"), upstream.api_key)
     return Config(
@@ -513,7 +570,11 @@ def _parse_teams(
         )
     if not teams:
         # Every request would be a 401: a config mistake, not a way to run.
-        raise ConfigError(f"{source}: teams: no team is configured (add a [teams.NAME] table)")
+        raise ConfigError(
+            f"{source}: teams: no team is configured (add a [teams.NAME] table; the "
+            "container image's config has none on purpose: mount a config with your teams "
+            "over it)"
+        )
     return tuple(teams)
 
 

@@ -32,6 +32,7 @@ from aiohttp.web_request import BaseRequest
 
 from gateway.envelope import CONTENT_TYPE, HEADERS
 from gateway.errors import NoData, ServerError, error_envelope
+from gateway.response import SERVER_NAME
 
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access")
 
@@ -104,7 +105,7 @@ class EnvelopeRequestHandler(RequestHandler):
             status=status,
             body=error_envelope(status, text),
             content_type=CONTENT_TYPE,
-            headers=HEADERS,
+            headers={**HEADERS, "Server": SERVER_NAME},  # no app here: its signal never runs
         )
         resp.force_close()
         return resp

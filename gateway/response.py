@@ -8,20 +8,26 @@ are built once, the rest is joined per answer, and the whole answer goes to the 
 one ``write``. What aiohttp would send is kept (Date, Server, Content-Length, Connection for
 HTTP/1.0 and for a closing connection), and so is the ``headers`` multidict: it is made only
 when something asks for it (the CORS middleware), and then it is what gets written.
+
+Every answer names the server ``SERVER_NAME``, without versions (aiohttp's default,
+``Python/3.11 aiohttp/3.x``, tells a scanner which known bugs to try): the envelope here,
+every other answer through ``name_the_server`` (an ``on_response_prepare`` signal).
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict
 
 from gateway.envelope import BROWSER_CONTENT_TYPE, CONTENT_TYPE, HEADERS
+
+SERVER_NAME = "imagerecognize-gateway"
 
 # Per content type (envelope.content_type_for chooses it): the headers every answer carries.
 _FIXED = {
@@ -29,10 +35,10 @@ _FIXED = {
     for content_type in (CONTENT_TYPE, BROWSER_CONTENT_TYPE)
 }
 _FIXED_LINES = {
-    content_type: "".join(f"{k}: {v}\r\n" for k, v in pairs) + f"Server: {SERVER_SOFTWARE}\r\n"
+    content_type: "".join(f"{k}: {v}\r\n" for k, v in pairs) + f"Server: {SERVER_NAME}\r\n"
     for content_type, pairs in _FIXED.items()
 }
-_SERVER_LINE = f"Server: {SERVER_SOFTWARE}\r\n"
+_SERVER_LINE = f"Server: {SERVER_NAME}\r\n"
 _status_lines: dict[tuple[HttpVersion, int], str] = {}
 _date_second = -1
 _date_line = ""
@@ -86,7 +92,7 @@ class EnvelopeResponse(web.StreamResponse):
         self._req = request
         writer = self._payload_writer = request._payload_writer
         app = request.app if isinstance(request, web.Request) else None
-        if app is None or app.on_response_prepare:  # signals, if any, still see the answer
+        if app is None or _other_signals(app.on_response_prepare):  # they still see the answer
             await request._prepare_hook(self)
         keep_alive = self._keep_alive
         if keep_alive is None:
@@ -126,3 +132,15 @@ class EnvelopeResponse(web.StreamResponse):
         self._req = None
         self._body_length = len(self._payload)
         self._payload_writer = None
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: aiohttp fills in ``Server`` only where it is missing."""
+    if not isinstance(response, EnvelopeResponse):  # it writes its own, from the fixed lines
+        response.headers["Server"] = SERVER_NAME
+
+
+def _other_signals(signals: Sequence[object]) -> bool:
+    """Handlers besides ``name_the_server``, which has nothing to do for an envelope: awaiting
+    it anyway would cost ~0.8 us an answer, a quarter of what this module saves."""
+    return len(signals) > 1 or (len(signals) == 1 and signals[0] is not name_the_server)

@@ -107,14 +107,58 @@ async def test_admin_routes_are_404_when_admin_is_off(
     assert status == 404
 
 
-async def test_status_page_is_open_when_admin_is_off(
-    gateway: Gateway, client: aiohttp.ClientSession
+STATUS_OFF = {
+    "status": 403,
+    "status_message": "Status page off: set [admin] status_token_env or token_env, "
+                      "or public_status = true",
+    "data": None,
+}
+
+
+async def test_status_page_is_refused_when_no_token_is_set(
+    gateway: Gateway, sim: Sim, client: aiohttp.ClientSession
 ) -> None:
-    status, page, r = await call(client, "GET", f"{gateway.base}/status")
+    """Team names and usage are not for anyone who can reach the port."""
+    await play_workload(gateway, sim)
+    for path in ("/status", "/status.json"):
+        status, body, _ = await call(client, "GET", gateway.base + path)
+        assert (status, body) == (403, STATUS_OFF)
+        assert "search" not in json.dumps(body)
+
+
+async def test_status_page_is_open_with_public_status(
+    gateway_factory: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_factory(admin={"public_status": True})
+    status, page, r = await call(client, "GET", f"{gw.base}/status")
     assert status == 200 and r.content_type == "text/html"
     assert '<meta http-equiv="refresh" content="10">' in page
-    status, body, _ = await call(client, "GET", f"{gateway.base}/status.json")
+    status, body, _ = await call(client, "GET", f"{gw.base}/status.json")
     assert status == 200 and [t["team"] for t in body["teams"]] == ["search", "ads", "tiny"]
+    assert (await call(client, "GET", f"{gw.base}/admin/usage"))[0] == 404
+
+
+VIEWER = "viewer-t0ken-read-only-4c3b2a"
+
+
+async def test_the_viewer_token_opens_the_status_page_and_nothing_else(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    config = make_config(sim.url, tmp_path / "gateway.db")
+    gw = await gateway_factory(replace(config, admin=AdminConfig(
+        "GW_ADMIN_TOKEN", Secret(TOKEN), "GW_STATUS_TOKEN", Secret(VIEWER))))
+    for path in ("/status", "/status.json"):
+        for value in (f"Bearer {VIEWER}", basic(VIEWER), f"Bearer {TOKEN}", basic(TOKEN)):
+            assert (await call(client, "GET", gw.base + path,
+                               headers={"Authorization": value}))[0] == 200, (path, value)
+        for value in (f"Bearer {VIEWER}x", basic(VIEWER[:-1]), ""):
+            assert (await call(client, "GET", gw.base + path,
+                               headers={"Authorization": value}))[0] == 401, (path, value)
+    for method, path in (("GET", "/admin/usage"), ("GET", "/admin/cache/stats"),
+                         ("POST", "/admin/cache/purge"), ("POST", "/admin/reload")):
+        status, body, _ = await call(client, method, gw.base + path, data={"all": "true"},
+                                     headers={"Authorization": f"Bearer {VIEWER}"})
+        assert (status, body) == (401, UNAUTHORIZED), path
 
 
 # -- authentication ---------------------------------------------------------------------------

@@ -28,13 +28,14 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import load_config
+from gateway.config import Config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
 DOCKER_CONFIG = ROOT / "config.docker.toml"
 UPSTREAM_KEY_ENV = "IMAGERECOGNIZE_API_KEY"
+MOUNTED_TEAMS = {"t": {"keys": ["sha256:" + "0" * 64], "quota": 1}}
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -225,6 +226,12 @@ def is_ignored(rel: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
 # --- running the installed gateway ------------------------------------------------------------
 
 
+def docker_config() -> Config:
+    """config.docker.toml as the image runs it: with the teams an operator mounts."""
+    raw = tomllib.loads(DOCKER_CONFIG.read_text(encoding="utf-8"))
+    return parse_config({**raw, "teams": MOUNTED_TEAMS}, env={}, require_api_key=False)
+
+
 def console_script(name: str) -> str:
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
@@ -410,22 +417,28 @@ def test_image_config_is_the_one_cmd_reads(dockerfile: Dockerfile) -> None:
     )
 
 
-def test_baked_config_passes_check_config_without_the_upstream_key() -> None:
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_baked_config_refuses_to_start_until_a_config_with_teams_is_mounted(
+    command: str, tmp_path: Path
+) -> None:
+    """The image holds no team key anyone could know: it starts only on a mounted config."""
     result = subprocess.run(
-        [console_script("gateway"), "check-config", "--config", "config.docker.toml"],
-        cwd=ROOT,
-        env=env_without_upstream_key(),
+        [console_script("gateway"), command, "--config", str(DOCKER_CONFIG)],
+        cwd=tmp_path,
+        env={**os.environ, UPSTREAM_KEY_ENV: "not-a-real-key"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    assert "ok" in result.stdout
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no team is configured" in lines[0] and "mount" in lines[0]
+    assert not list(tmp_path.iterdir()), "refused before creating a store"
 
 
 def test_baked_config_fits_the_container(dockerfile: Dockerfile) -> None:
-    config = load_config(DOCKER_CONFIG, env={}, require_api_key=False)
+    config = docker_config()
     assert config.server.host == "0.0.0.0", "in a container, 127.0.0.1 is unreachable from -p"
     assert config.server.port in exposed_ports(dockerfile.runtime)
     volumes = {
@@ -440,15 +453,18 @@ def test_baked_config_fits_the_container(dockerfile: Dockerfile) -> None:
 
     docker_raw = tomllib.loads(DOCKER_CONFIG.read_text(encoding="utf-8"))
     local_raw = tomllib.loads((ROOT / "config.toml").read_text(encoding="utf-8"))
-    teams = docker_raw.pop("teams")
+    teams = docker_raw.pop("teams", {})
     local_raw.pop("teams", None)
     shape = {section: set(keys) for section, keys in docker_raw.items()}
     assert shape == {section: set(keys) for section, keys in local_raw.items()}, (
         "config.docker.toml and config.toml should set the same keys"
     )
-    keys = [key for team in teams.values() for key in team["keys"]]
-    assert keys and all(re.fullmatch(r"sha256:[0-9a-f]{64}", k) for k in keys), (
-        "a baked-in config must hold team keys only as sha256:<hex>"
+    assert teams == {}, "a baked-in team key is a public key: the image must ship none"
+    admin = config.admin
+    assert (admin.token_env, admin.status_token_env, admin.public_status) == (
+        "GATEWAY_ADMIN_TOKEN",
+        "GATEWAY_STATUS_TOKEN",
+        False,
     )
 
 
@@ -491,6 +507,7 @@ def test_image_command_serves_healthz_and_stops_on_sigterm(
     port = free_port()
     raw["server"].update(host="127.0.0.1", port=port)
     raw["storage"]["path"] = str(tmp_path / "data" / "gateway.db")
+    raw["teams"] = MOUNTED_TEAMS  # what an operator mounts: the image itself has none
     config = tmp_path / "config.toml"
     config.write_text(toml_dumps(raw), encoding="utf-8")
 
@@ -596,6 +613,10 @@ def test_compose_mounts_exist_in_the_repo(compose: dict[str, Any]) -> None:
                 problems.append(f"{name}: volume {source} is not declared under volumes:")
             if kind != "bind":
                 continue
+            if source.startswith("${"):
+                if not re.fullmatch(r"\$\{\w+:\?[^}]+\}", source):
+                    problems.append(f"{name}: {source} must be required (${{VAR:?why}})")
+                continue
             path = (COMPOSE.parent / source).resolve()
             if not path.exists():
                 # docker would create an empty directory there and the service would misread it
@@ -622,21 +643,53 @@ def test_compose_gateway_keeps_data_and_gets_the_key_from_the_host(compose: dict
 
 def test_compose_stop_grace_covers_the_drain(compose: dict[str, Any]) -> None:
     grace = seconds(str(compose["services"]["gateway"].get("stop_grace_period", "10s")))
-    drain = load_config(DOCKER_CONFIG, env={}, require_api_key=False).server.drain_timeout_s
+    drain = docker_config().server.drain_timeout_s
     assert grace > drain, f"docker would SIGKILL after {grace}s, mid-drain ({drain}s)"
 
 
-def test_compose_grafana_lets_anonymous_viewers_in(compose: dict[str, Any]) -> None:
+def test_compose_grafana_is_anonymous_only_when_asked(compose: dict[str, Any]) -> None:
     env = environment(compose["services"]["grafana"])
-    assert env.get("GF_AUTH_ANONYMOUS_ENABLED") == "true"
+    switch = re.fullmatch(r"\$\{(\w+):-(\w+)\}", env.get("GF_AUTH_ANONYMOUS_ENABLED", ""))
+    assert switch and switch.group(2) == "false", "anonymous Grafana shows every team's spend"
     assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer"
+
+
+def test_compose_gateway_runs_only_on_a_mounted_config_with_tokens_from_a_file(
+    compose: dict[str, Any], dockerfile: Dockerfile
+) -> None:
+    gateway = compose["services"]["gateway"]
+    cmd_instr = dockerfile.runtime.last("CMD")
+    assert cmd_instr is not None
+    cmd = exec_form(cmd_instr)
+    config_path = cmd[cmd.index("--config") + 1]
+    over = [source for kind, source, target in mounts(gateway) if target == config_path]
+    assert len(over) == 1 and re.fullmatch(r"\$\{\w+:\?[^}]+\}", over[0]), (
+        "compose must refuse to start without the operator's config over the image's"
+    )
+    env_files = gateway.get("env_file")
+    files = [env_files] if isinstance(env_files, str) else env_files or []
+    paths = [f if isinstance(f, str) else f["path"] for f in files]
+    assert paths == ["gateway.env"]
+    assert all(isinstance(f, str) or f.get("required", True) for f in files)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "gateway.env"], cwd=ROOT, check=False, timeout=30
+    )
+    assert ignored.returncode == 0, "gateway.env holds tokens: git must ignore it"
+    example = (ROOT / "gateway.env.example").read_text(encoding="utf-8").splitlines()
+    settings = [line for line in example if "=" in line and not line.startswith("#")]
+    names = {line.partition("=")[0] for line in settings}
+    admin = docker_config().admin
+    assert {admin.token_env, admin.status_token_env} <= names
+    assert all(line.endswith("=") for line in settings), (
+        "the example must hold no token anyone could copy"
+    )
 
 
 def test_monitoring_config_points_at_the_compose_services(compose: dict[str, Any]) -> None:
     """prometheus.yml and the grafana files are written elsewhere; these are the names and
     paths compose gives them."""
     prometheus = (ROOT / "prometheus" / "prometheus.yml").read_text(encoding="utf-8")
-    port = load_config(DOCKER_CONFIG, env={}, require_api_key=False).server.port
+    port = docker_config().server.port
     assert f"gateway:{port}" in prometheus, "prometheus.yml should scrape the gateway service"
     assert "alerts.yml" in prometheus, "prometheus.yml should load /etc/prometheus/alerts.yml"
     provisioning = ROOT / "grafana" / "provisioning"

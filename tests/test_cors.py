@@ -16,7 +16,8 @@ REFUSED = "http://evil.example"
 
 @pytest.fixture
 async def cors_gw(gateway_factory: GatewayFactory) -> Gateway:
-    return await gateway_factory(server={"cors_origins": [ALLOWED, "https://other.example"]})
+    return await gateway_factory(server={"cors_origins": [ALLOWED, "https://other.example"]},
+                                 admin={"public_status": True})
 
 
 def preflight(origin: str, headers: str = "content-type") -> dict[str, str]:
