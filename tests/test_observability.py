@@ -118,7 +118,7 @@ async def run_workload(gw: Gateway, sim: Sim) -> list[Answered]:
     await send("tiny", make_png(6))                      # hits stay free over quota
     await send("unknown", make_png(1))                   # bad key: 401
     sim.state.fault, sim.state.fault_count = "500", 1
-    await send("search", make_png(10))                   # upstream 500: 502, refunded
+    await send("search", make_png(10))                   # upstream 500: 502, charge kept
 
     seen = Counter((a.team, a.status, a.cache) for a in answered)
     assert seen[("search", "200", "miss")] == 3 and seen[("search", "200", "hit")] == 3
@@ -473,9 +473,11 @@ async def test_metrics_match_the_workload(gateway: Gateway, sim: Sim) -> None:
     assert total(samples, "gateway_upstream_calls_saved_total", ("team",)) == {
         (team,): n for team, n in saved.items()}
 
-    # Quota: charged only for misses (the failed call was refunded), against each team's limit.
+    # Quota: charged for misses and for the failed call (it reached the upstream, which may
+    # have billed it: the charge follows the bill), against each team's limit.
+    charged = misses + Counter({"search": 1})
     for team, limit in QUOTAS.items():
-        assert samples[("gateway_quota_used", frozenset({("team", team)}))] == misses[team]
+        assert samples[("gateway_quota_used", frozenset({("team", team)}))] == charged[team]
         assert samples[("gateway_quota_limit", frozenset({("team", team)}))] == limit
     assert misses["tiny"] == QUOTAS["tiny"]
 
