@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.config import ANALYSIS_TYPES, Config, hash_key, load_config
+from gateway.config import ANALYSIS_TYPES, Config, ConfigError, hash_key, load_config
 from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import CacheStats, Store
 from gateway.usage import (
@@ -88,7 +88,7 @@ def add_admin_commands(sub: Any) -> None:
         description="What the cache holds.",
     )
     _config_arg(stats)
-    stats.add_argument("--format", choices=("table", "json"), default="table")
+    stats.add_argument("--format", choices=("table", "json"), default="table", help="output")
     purge = actions.add_parser(
         "purge",
         help="remove stored results",
@@ -109,9 +109,16 @@ def add_admin_commands(sub: Any) -> None:
         "new",
         help="make a fresh random key for a team",
         description="Print a fresh random team key once, and the config line with its hash. "
-        "The gateway keeps only the hash; hand the key to the team.",
+        "The gateway keeps only the hash; hand the key to the team. The team must be in the "
+        "config; --new-team prints a whole [teams.NAME] table for a team that is not.",
     )
     new.add_argument("team", help="the team's name, as in [teams.NAME]")
+    _config_arg(new)
+    new.add_argument(
+        "--new-team",
+        action="store_true",
+        help="the team is not in the config yet: print a whole table to add",
+    )
 
     reload = sub.add_parser(
         "reload",
@@ -138,7 +145,7 @@ def run_admin_command(args: argparse.Namespace) -> int:
         if args.command == "cache":
             return _cache_stats(args) if args.cache_command == "stats" else _cache_purge(args)
         if args.command == "keys":
-            return _keys_new(args.team)
+            return _keys_new(args.team, args.config, new_team=args.new_team)
         return _reload(args)
     except (UsageError, PeriodError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
@@ -317,20 +324,41 @@ def _cache_purge(args: argparse.Namespace) -> int:
 
 
 # -- keys -------------------------------------------------------------------------------------
-def _keys_new(team: str) -> int:
+def _keys_new(team: str, config_path: str, *, new_team: bool) -> int:
     if not team or not team.replace("_", "").replace("-", "").isalnum():
         raise UsageError(f"team {team!r}: team names use letters, digits, - and _")
+    try:
+        config: Config | None = load_config(config_path, require_api_key=False)
+    except ConfigError:
+        if not new_team:
+            raise  # the caller prints each problem: no key for a config that cannot run
+        config = None  # e.g. the image's config, which has no teams yet
+    known = [t.name for t in config.teams] if config is not None else []
+    if new_team and team in known:
+        raise UsageError(f"team {team} is already in {config_path}: drop --new-team")
+    if not new_team and team not in known:
+        raise UsageError(
+            f"team {team} is not in {config_path} (teams: {', '.join(known)}); "
+            "check the name, or pass --new-team for a whole [teams.NAME] table to add"
+        )
     key = secrets.token_urlsafe(32)
     print(
         f"New key for team {team} (shown once: hand it to the team now; the gateway "
         "stores only its hash):\n"
     )
     print(f"  {key}\n")
-    print(
-        f"Add this under [teams.{team}] in the config (to rotate, list it beside the old "
-        "key, then remove the old one), and run `gateway reload`:\n"
-    )
+    if new_team:
+        print("Add this table to the config, set its quota, and run `gateway reload`:\n")
+    else:
+        print(
+            f"Add this under [teams.{team}] in the config (to rotate, list it beside the old "
+            "key, then remove the old one), and run `gateway reload`:\n"
+        )
+    if new_team:
+        print(f"[teams.{team}]")
     print(f'keys = ["{hash_key(key)}"]')
+    if new_team:
+        print("quota = 1000  # upstream calls per quota.period: set this team's")
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from gateway import __version__
 from gateway.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
@@ -14,25 +15,53 @@ from gateway.config import ConfigError, hash_key, load_config
 from gateway.store.base import StoreUnavailable
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after each option's help, unless the help says its default itself or
+    there is none to say (no value, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every ``--help`` of every subcommand shows each option's default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gateway", description="Caching, quota-enforcing proxy for the ImageRecognize v2 API"
     )
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = sub.add_parser("serve", help="run the gateway", description="Run the gateway.")
     serve.add_argument("--config", default="config.toml", help="path to config.toml")
-    serve.add_argument("--host", help="override server.host")
-    serve.add_argument("--port", type=int, help="override server.port")
-    serve.add_argument("--log-format", choices=("text", "json"), default="text")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--host", help="override server.host (default: the config's)")
+    serve.add_argument("--port", type=int, help="override server.port (default: the config's)")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log line format"
+    )
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("--config", default="config.toml")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and exit",
+        description="Validate a config file: every problem, one line each, then exit 2; "
+        "or one ok line and exit 0.",
+    )
+    check.add_argument("--config", default="config.toml", help="path to config.toml")
 
     cs = sub.add_parser("check-store", help="verify the store; --repair fixes what SQLite can")
-    cs.add_argument("--config", default="config.toml")
+    cs.add_argument("--config", default="config.toml", help="path to config.toml")
     cs.add_argument(
         "--repair",
         action="store_true",
@@ -42,12 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     hk = sub.add_parser("hash-key", help="print the sha256: form of a team key for config.toml")
     hk.add_argument("key", nargs="?", help="the key (read from stdin when omitted)")
 
-    sim = sub.add_parser("sim", help="run the upstream simulator (tests and demos only)")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8090)
-    sim.add_argument("--api-key", default=os.environ.get("IMAGERECOGNIZE_API_KEY", "sim-key"))
-    sim.add_argument("--quota", type=int, default=10000)
-    sim.add_argument("--latency-ms", type=float, default=0.0)
+    sim = sub.add_parser(
+        "sim",
+        help="run the upstream simulator (tests and demos only)",
+        description="A local stand-in for the ImageRecognize v2 API: deterministic fake "
+        "results, its own account quota, optional latency. Never bills anything.",
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sim.add_argument("--port", type=int, default=8090, help="port to listen on")
+    sim.add_argument(
+        "--api-key",
+        default=os.environ.get("IMAGERECOGNIZE_API_KEY", "sim-key"),
+        help="the one key it accepts (default: $IMAGERECOGNIZE_API_KEY, else sim-key)",
+    )
+    sim.add_argument(
+        "--quota", type=int, default=10000, help="the account's calls before it answers 402"
+    )
+    sim.add_argument(
+        "--latency-ms", type=float, default=0.0, help="added to every answer, milliseconds"
+    )
 
     demo = sub.add_parser("demo", help="simulator + gateway + a short workload, then a table")
     demo.add_argument("--requests", type=_positive, default=40, help="requests per team")
@@ -136,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(requests_per_team=args.requests, images=args.images)
     except ConfigError as exc:
-        print(f"gateway: config error: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():  # every problem of the file, one line each
+            print(f"gateway: config error: {problem}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
         print(f"gateway: store error: {exc}", file=sys.stderr)

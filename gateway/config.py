@@ -12,7 +12,7 @@ import hmac
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,16 +200,27 @@ class Config:
 
 
 class _Reader:
-    """Typed access to one TOML table, with errors that name file and key."""
+    """Typed access to one TOML table, with errors that name file and key.
 
-    def __init__(self, source: str, prefix: str, table: Mapping[str, Any], known: set[str]):
-        self.source, self.prefix, self.table = source, prefix, table
+    A problem is noted in ``problems`` (shared by every table of one file) and reading goes
+    on with the key's default, so one run of ``check-config`` reports them all;
+    ``parse_config`` raises them together at the end."""
+
+    def __init__(
+        self,
+        problems: list[str],
+        source: str,
+        prefix: str,
+        table: Mapping[str, Any],
+        known: set[str],
+    ):
+        self.problems, self.source, self.prefix, self.table = problems, source, prefix, table
         for key in table:
             if key not in known:
                 self.fail(key, f"unknown key (known: {', '.join(sorted(known))})")
 
     def fail(self, key: str, problem: str) -> None:
-        raise ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
+        self.problems.append(f"{self.source}: {self.prefix}{key}: {problem}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
         if key not in self.table:
@@ -217,8 +228,10 @@ class _Reader:
         value = self.table[key]
         if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
             self.fail(key, f"must be {_kind_name(kind)}, got a boolean")
+            return default
         if not isinstance(value, kind):
             self.fail(key, f"must be {_kind_name(kind)}, got {type(value).__name__}")
+            return default
         return value
 
     def number(
@@ -227,18 +240,21 @@ class _Reader:
         value = float(self.get(key, (int, float), default))
         if value < minimum or (strict and value == minimum):
             self.fail(key, f"must be {'>' if strict else '>='} {minimum:g}")
+            return default
         return value
 
     def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
         value: int = self.get(key, int, default)
         if value < minimum:
             self.fail(key, f"must be an integer >= {minimum}")
+            return default
         return value
 
     def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self.get(key, list, list(default))
         if not all(isinstance(v, str) and v for v in value):
             self.fail(key, "must be a list of non-empty strings")
+            return default
         return tuple(value)
 
 
@@ -297,8 +313,13 @@ def parse_config(
     require_api_key: bool = True,
 ) -> Config:
     env = os.environ if env is None else env
+    problems: list[str] = []
     top = _Reader(
-        source, "", raw, {"server", "upstream", "storage", "cache", "quota", "admin", "teams"}
+        problems,
+        source,
+        "",
+        raw,
+        {"server", "upstream", "storage", "cache", "quota", "admin", "teams"},
     )
 
     def table(name: str) -> Mapping[str, Any]:
@@ -306,6 +327,7 @@ def parse_config(
         return value  # type: ignore[no-any-return]
 
     s = _Reader(
+        problems,
         source,
         "server.",
         table("server"),
@@ -362,6 +384,7 @@ def parse_config(
     )
 
     u = _Reader(
+        problems,
         source,
         "upstream.",
         table("upstream"),
@@ -385,23 +408,26 @@ def parse_config(
     if not key_env.strip() or "=" in key_env or "\0" in key_env:
         u.fail("api_key_env", "must name an environment variable")
     key_file: str = u.get("api_key_file", str, "")
+    unread = len(problems)
     if key_file:
         # A missing secret file is refused only where the key is needed: check-config runs
         # where the container's /run/secrets is not mounted.
         api_key = (
-            file_secret(key_file, source=source, key="upstream.api_key_file")
+            _noted(problems, file_secret, key_file, source=source, key="upstream.api_key_file")
             if require_api_key or Path(key_file).exists()
             else ""
         )
-        if require_api_key and not api_key:
+        if require_api_key and not api_key and len(problems) == unread:
             u.fail("api_key_file", f"{key_file} is empty")
     else:
-        api_key = env_or_file_secret(env, key_env, source=source, key="upstream.api_key_env")
-    if require_api_key and not api_key:
-        raise ConfigError(
-            f"{source}: upstream.api_key_env: environment variable {key_env} is not set "
-            "(the upstream key comes from the environment or upstream.api_key_file, "
-            "never the config file)"
+        api_key = _noted(
+            problems, env_or_file_secret, env, key_env, source=source, key="upstream.api_key_env"
+        )
+    if require_api_key and not api_key and not key_file and len(problems) == unread:
+        u.fail(
+            "api_key_env",
+            f"environment variable {key_env} is not set (the upstream key comes from the "
+            "environment or upstream.api_key_file, never the config file)",
         )
     upstream = UpstreamConfig(
         url=url,
@@ -418,6 +444,7 @@ def parse_config(
     )
 
     st = _Reader(
+        problems,
         source,
         "storage.",
         table("storage"),
@@ -451,6 +478,7 @@ def parse_config(
         st.fail("redis_url", "must be a redis:// URL")
 
     c = _Reader(
+        problems,
         source,
         "cache.",
         table("cache"),
@@ -472,26 +500,39 @@ def parse_config(
         memory_mb=c.number("memory_mb", 64.0, strict=False),
     )
 
-    q = _Reader(source, "quota.", table("quota"), {"period"})
+    q = _Reader(problems, source, "quota.", table("quota"), {"period"})
     period: str = q.get("period", str, "month")
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
 
     a = _Reader(
-        source, "admin.", table("admin"), {"token_env", "status_token_env", "public_status"}
+        problems,
+        source,
+        "admin.",
+        table("admin"),
+        {"token_env", "status_token_env", "public_status"},
     )
     token_env: str | None = a.get("token_env", str, None)
     status_env: str | None = a.get("status_token_env", str, None)
     admin = AdminConfig(
         token_env=token_env,
         token=Secret(
-            env_or_file_secret(env, token_env, source=source, key="admin.token_env")
+            _noted(
+                problems, env_or_file_secret, env, token_env, source=source, key="admin.token_env"
+            )
             if token_env
             else ""
         ),
         status_token_env=status_env,
         status_token=Secret(
-            env_or_file_secret(env, status_env, source=source, key="admin.status_token_env")
+            _noted(
+                problems,
+                env_or_file_secret,
+                env,
+                status_env,
+                source=source,
+                key="admin.status_token_env",
+            )
             if status_env
             else ""
         ),
@@ -500,7 +541,9 @@ def parse_config(
     if admin.token and admin.token == admin.status_token:
         a.fail("status_token_env", "the viewer token must differ from the admin token")
 
-    teams = _parse_teams(source, table("teams"), upstream.api_key)
+    teams = _parse_teams(problems, source, table("teams"), upstream.api_key)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return Config(
         server=server,
         upstream=upstream,
@@ -513,8 +556,17 @@ def parse_config(
     )
 
 
+def _noted(problems: list[str], read: Callable[..., str], *args: Any, **kwargs: Any) -> str:
+    """A secret read by ``read``; "" once its ConfigError is noted in ``problems``."""
+    try:
+        return read(*args, **kwargs)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return ""
+
+
 def _parse_teams(
-    source: str, raw: Mapping[str, Any], upstream_key: Secret
+    problems: list[str], source: str, raw: Mapping[str, Any], upstream_key: Secret
 ) -> tuple[TeamConfig, ...]:
     teams: list[TeamConfig] = []
     owner: dict[str, str] = {}
@@ -522,32 +574,35 @@ def _parse_teams(
     for name, body in raw.items():
         prefix = f"teams.{name}."
         if not isinstance(body, dict):
-            raise ConfigError(f"{source}: teams.{name}: must be a table")
+            problems.append(f"{source}: teams.{name}: must be a table")
+            continue
         if not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"{source}: teams.{name}: team names use letters, digits, - and _")
+            problems.append(f"{source}: teams.{name}: team names use letters, digits, - and _")
         if name.lower() in RESERVED_TEAM_NAMES:
-            raise ConfigError(
+            problems.append(
                 f"{source}: teams.{name}: the name is reserved (metrics and logs label "
                 "requests without a valid key as team \"unknown\"); choose another"
             )
-        t = _Reader(source, prefix, body, {"keys", "quota", "rate_per_s", "burst", "types"})
+        known = {"keys", "quota", "rate_per_s", "burst", "types"}
+        t = _Reader(problems, source, prefix, body, known)
         if "keys" not in body:
             t.fail("keys", "missing (a list of team keys, plain or sha256:<hex>)")
         if "quota" not in body:
             t.fail("quota", "missing (upstream calls per quota.period)")
         hashes: set[str] = set()
-        for key in t.strings("keys", ()):
+        listed = t.strings("keys", ())
+        for key in listed:
             h = _key_hash(key)
             if h is None:
                 t.fail("keys", "a sha256: key must be 64 hex digits")
-            assert h is not None
+                continue
             if h == upstream_hash:
                 t.fail("keys", "the upstream key must never be a team key")
             if h in owner and owner[h] != name:
                 t.fail("keys", f"a key is also listed for team {owner[h]!r}")
             owner[h] = name
             hashes.add(h)
-        if not hashes:
+        if body.get("keys") == []:
             t.fail("keys", "must list at least one key")
         rate = t.get("rate_per_s", (int, float), None)
         if rate is not None and rate <= 0:
@@ -568,9 +623,9 @@ def _parse_teams(
                 types=frozenset(types) if types is not None else None,
             )
         )
-    if not teams:
+    if not raw:
         # Every request would be a 401: a config mistake, not a way to run.
-        raise ConfigError(
+        problems.append(
             f"{source}: teams: no team is configured (add a [teams.NAME] table; the "
             "container image's config has none on purpose: mount a config with your teams "
             "over it)"

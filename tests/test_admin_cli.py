@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from gateway.cli import build_parser
 from gateway.config import hash_key, load_config
 from gateway.quota import period_key
 from gateway.sample_images import make_png
@@ -315,20 +317,23 @@ async def test_cache_purge_older_than(
 async def test_keys_new_round_trips_through_the_config(
     gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = cli("keys", "new", "data-science")
+    path = config_for(tmp_path, sim)
+    out = cli("keys", "new", "ads", "--config", str(path))
     assert out.returncode == 0 and out.stderr == ""
     lines = out.stdout.splitlines()
     key = next(line.strip() for line in lines if line.startswith("  "))
     config_line = lines[-1]
     assert re.fullmatch(r'keys = \["sha256:[0-9a-f]{64}"\]', config_line)
     assert config_line == f'keys = ["{hash_key(key)}"]'
-    assert len(key) >= 43 and "[teams.data-science]" in out.stdout
-    assert key not in cli("keys", "new", "data-science").stdout      # fresh every time
+    assert len(key) >= 43 and "[teams.ads]" in out.stdout
+    assert key not in cli("keys", "new", "ads", "--config", str(path)).stdout  # fresh each time
 
-    # pasted under [teams.NAME], the key is accepted and the team is known by it
-    path = write_config(tmp_path / "config.toml", sim_url=sim.url, db=tmp_path / "gateway.db",
-                        port=free_port(), teams={})
-    path.write_text(path.read_text() + f"[teams.data-science]\n{config_line}\nquota = 7\n")
+    # a new team: the whole table, pasted as printed, is a team the gateway knows by the key
+    out = cli("keys", "new", "data-science", "--new-team", "--config", str(path))
+    assert out.returncode == 0 and out.stderr == ""
+    key = next(line.strip() for line in out.stdout.splitlines() if line.startswith("  "))
+    table = out.stdout[out.stdout.index("[teams.data-science]"):]
+    path.write_text(path.read_text() + "\n" + table.replace("quota = 1000", "quota = 7"))
     monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
     gw = await gateway_factory(load_config(path))
     r = await post_requests(gw.url, *objects_form(key, make_png(5)))
@@ -340,6 +345,27 @@ async def test_keys_new_round_trips_through_the_config(
 def test_keys_new_refuses_a_bad_team_name(team: str) -> None:
     out = cli("keys", "new", team)
     assert out.returncode == 2 and out.stdout == "" and "team names" in out.stderr
+
+
+def test_keys_new_refuses_a_team_the_config_does_not_have(tmp_path: Path) -> None:
+    """A typo must not print a key nobody can use: exit 2, one line, no key."""
+    path = config_for(tmp_path, None)
+    out = cli("keys", "new", "serach", "--config", str(path))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [
+        f"gateway keys: team serach is not in {path} (teams: search, ads, tiny); check the "
+        "name, or pass --new-team for a whole [teams.NAME] table to add"
+    ]
+    out = cli("keys", "new", "search", "--new-team", "--config", str(path))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr.splitlines() == [
+        f"gateway keys: team search is already in {path}: drop --new-team"]
+    # the container's config has no teams: --new-team is how its first team starts
+    docker = Path(__file__).resolve().parent.parent / "config.docker.toml"
+    out = cli("keys", "new", "search", "--config", str(docker))
+    assert out.returncode == 2 and out.stdout == "" and "no team is configured" in out.stderr
+    out = cli("keys", "new", "search", "--new-team", "--config", str(docker))
+    assert out.returncode == 0 and "[teams.search]" in out.stdout
 
 
 # -- reload -----------------------------------------------------------------------------------
@@ -456,3 +482,31 @@ def test_admin_commands_have_help() -> None:
                     ["reload"]):
         out = cli(*command, "--help")
         assert out.returncode == 0 and out.stdout.startswith(f"usage: gateway {' '.join(command)}")
+
+
+COMMANDS = [["serve"], ["check-config"], ["check-store"], ["hash-key"], ["sim"], ["demo"],
+            ["usage"], ["cache", "stats"], ["cache", "purge"], ["keys", "new"], ["reload"]]
+
+
+def subparser(command: list[str]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for word in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return parser
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_help_explains_every_option_and_shows_its_default(command: list[str]) -> None:
+    out = cli(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    shown = re.sub(r"\s+", " ", out.stdout)
+    for action in subparser(command)._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        assert action.help, f"gateway {' '.join(command)}: {name} has no help text"
+        if action.default not in (None, False) and "default" not in action.help:
+            assert f"(default: {action.default})" in shown, f"{name}: default not shown"
+    if any(a.dest == "config" for a in subparser(command)._actions):
+        assert "(default: config.toml)" in shown
