@@ -81,7 +81,11 @@ def create_app(
 ) -> web.Application:
     metrics = Metrics(registry)
     metrics.preinitialize(config)
-    store = store if store is not None else open_store(config.storage)
+    store = (
+        store
+        if store is not None
+        else open_store(config.storage, max_inflight=config.server.max_inflight)
+    )
     ledger = QuotaLedger(store, config, clock=clock)
     upstream = UpstreamClient(config.upstream, metrics)
     service = RecognitionService(config, store, ledger, upstream, metrics)

@@ -135,6 +135,10 @@ class StorageConfig:
     busy_timeout_ms: int = 5000  # SQLite: how long a write waits for another process's lock
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "gw:"
+    # Connections a process may open; a request waits for a free one rather than failing.
+    # 0: server.max_inflight plus room for the background work.
+    redis_max_connections: int = 0
+    require_persistence: bool = False  # refuse a Redis that saves neither AOF nor RDB
 
 
 @dataclass(frozen=True)
@@ -456,6 +460,8 @@ def parse_config(
             "busy_timeout_ms",
             "redis_url",
             "redis_prefix",
+            "redis_max_connections",
+            "require_persistence",
         },
     )
     backend: str = st.get("backend", str, "sqlite")
@@ -469,6 +475,8 @@ def parse_config(
         busy_timeout_ms=st.integer("busy_timeout_ms", 5000, minimum=0),
         redis_url=st.get("redis_url", str, StorageConfig.redis_url),
         redis_prefix=st.get("redis_prefix", str, StorageConfig.redis_prefix),
+        redis_max_connections=st.integer("redis_max_connections", 0, minimum=0),
+        require_persistence=st.get("require_persistence", bool, False),
     )
     if storage.synchronous not in ("normal", "full"):
         st.fail("synchronous", 'must be "normal" or "full"')

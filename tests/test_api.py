@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import aiohttp
 import pytest
@@ -337,8 +338,9 @@ async def test_identical_concurrent_uploads_coalesce(gateway: Gateway, sim: Sim)
 
 
 @pytest.mark.parametrize("fault", ["500", "timeout", "reset", "garbage"])
-async def test_upstream_faults_are_refunded_and_not_cached(gateway_factory: GatewayFactory,
-                                                           sim: Sim, fault: str) -> None:
+async def test_upstream_faults_after_sending_keep_the_charge_and_are_not_cached(
+        gateway_factory: GatewayFactory, sim: Sim, fault: str) -> None:
+    # Each reached the upstream, which may have billed it: the charge follows the bill.
     gw = await gateway_factory(upstream={"timeout_s": 1})
     sim.state.fault, sim.state.fault_count = fault, 1
     image = make_png(10)
@@ -347,12 +349,28 @@ async def test_upstream_faults_are_refunded_and_not_cached(gateway_factory: Gate
     body = r.json()
     assert body["status"] == r.status_code and body["data"] is None
     assert UPSTREAM_KEY not in r.text
-    assert await used(gw, "search") == 0
+    assert await used(gw, "search") == 1
+    usage = {u.team: u for u in await gw.state.store.usage(gw.state.ledger.period())}
+    assert usage["search"].undelivered == 1
     # Not cached: the next request goes upstream and succeeds.
     again = await post_requests(gw.url, *objects_form(SEARCH, image))
     assert again.status_code == 200
     assert "fwd=miss" in again.headers["Cache-Status"]
-    assert await used(gw, "search") == 1
+    assert await used(gw, "search") == 2
+    assert sim.state.calls == 2
+
+
+async def test_an_upstream_that_cannot_be_reached_is_refunded(
+        gateway_factory: GatewayFactory) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gw = await gateway_factory(upstream={"url": f"http://127.0.0.1:{port}/api/v2/"})
+    r = await post_requests(gw.url, *objects_form(SEARCH, make_png(13)))
+    assert r.status_code == 502 and r.json()["status"] == 502
+    assert await used(gw, "search") == 0
+    usage = await gw.state.store.usage(gw.state.ledger.period())
+    assert all(u.undelivered == 0 for u in usage)
 
 
 async def test_upstream_account_exhausted_is_relayed_as_402(gateway: Gateway, sim: Sim) -> None:

@@ -29,14 +29,22 @@ __all__ = [
 ]
 
 
-def open_store(config: StorageConfig, *, repair_cache: bool = True) -> Store:
+def open_store(
+    config: StorageConfig, *, repair_cache: bool = True, max_inflight: int = 1024
+) -> Store:
     """The configured backend, not yet opened. ``repair_cache=False`` (reports, admin
     commands): a corrupt cache file is refused, not moved aside; only the gateway and
     ``check-store --repair`` change the files."""
     if config.backend == "redis":
         from gateway.store.redis import RedisStore
 
-        return RedisStore(config.redis_url, prefix=config.redis_prefix)
+        return RedisStore(
+            config.redis_url,
+            prefix=config.redis_prefix,
+            # Enough for every admitted request plus the background work, unless set.
+            max_connections=config.redis_max_connections or max_inflight + 64,
+            require_persistence=config.require_persistence,
+        )
     from gateway.store.sqlite import SQLiteStore
 
     return SQLiteStore(

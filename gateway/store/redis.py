@@ -20,11 +20,16 @@ Keys (under ``prefix``):
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.owners import Owner
 from gateway.store.base import (
@@ -37,6 +42,8 @@ from gateway.store.base import (
     StoreUnavailable,
     TeamUsage,
 )
+
+log = logging.getLogger("gateway.store")
 
 _FIELDS = ("content_hash", "type", "params", "scope", "data", "created_at")
 
@@ -194,10 +201,27 @@ return {refunded, undelivered, ended}
 """
 
 
+POOL_WAIT_S = 5.0  # how long a command waits for a free connection before 503
+
+
 class RedisStore:
-    def __init__(self, url: str, *, prefix: str = "gw:"):
+    """Connections come from a bounded pool that makes a command wait for a free one (not
+    fail), are health-checked when idle, and a command that meets a dropped connection is
+    sent once more on a new one: every script and ledger write here is idempotent (by
+    reservation id for the ledger), so a retry cannot charge twice."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "gw:",
+        max_connections: int = 1088,
+        require_persistence: bool = False,
+    ):
         self.url = url
         self.prefix = prefix
+        self.max_connections = max_connections
+        self.require_persistence = require_persistence
         self.generation = 0
         self._redis: aioredis.Redis | None = None
 
@@ -214,17 +238,56 @@ class RedisStore:
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
 
     async def open(self) -> None:
-        self._redis = aioredis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=POOL_WAIT_S,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._save = self._redis.register_script(_SAVE)
         self._delete = self._redis.register_script(_DELETE)
         self._reserve = self._redis.register_script(_RESERVE)
         self._mark_sent = self._redis.register_script(_MARK_SENT)
         self._end = self._redis.register_script(_END)
         await self.ping()
+        await self._check_persistence()
+
+    async def _check_persistence(self) -> None:
+        """A Redis that keeps nothing on disk loses every team's spend when it restarts."""
+        try:
+            config = await self._r.config_get("appendonly")
+            config.update(await self._r.config_get("save"))
+        except (RedisError, OSError):
+            return  # CONFIG may be renamed or forbidden (managed Redis): nothing to tell
+        aof = str(config.get("appendonly", "")).lower() == "yes"
+        rdb = bool(str(config.get("save", "")).strip())
+        if aof or rdb:
+            return
+        message = (
+            f"Redis at {self._safe_url()} saves neither AOF nor RDB snapshots: a restart "
+            "of it loses the quota ledger (every team's spend) and the cache"
+        )
+        if self.require_persistence:
+            await self.close()
+            raise StoreUnavailable(
+                message + "; refusing to start (storage.require_persistence = true): set "
+                "appendonly yes on the server"
+            )
+        log.warning("%s; set appendonly yes (or storage.require_persistence = true)", message)
+
+    def _safe_url(self) -> str:
+        """The URL without a password."""
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
 
     async def close(self) -> None:
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
             self._redis = None
 
     async def ping(self) -> None:
@@ -423,7 +486,11 @@ class RedisStore:
         oldest = await self._call(self._r.zrange(self._k("created"), 0, 0, withscores=True))
         hits = int(await self._call(self._r.hget(self._k("hitcount"), "all")) or 0)
         by_type = []
-        async for name in self._r.scan_iter(match=self._k("t:*"), count=1000):
+        try:
+            names = [n async for n in self._r.scan_iter(match=self._k("t:*"), count=1000)]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        for name in names:
             type_ = name.decode()[len(self._k("t:")) :]
             keys = [k.decode() for k in await self._call(self._r.smembers(name))]
             sizes = [

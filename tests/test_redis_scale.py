@@ -1,0 +1,143 @@
+"""The Redis store under a company's load and faults: a bounded pool that waits instead of
+failing, connections that survive a Redis restart, and the persistence it needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.config import Config
+from gateway.sample_images import make_png
+from gateway.store import StoreUnavailable
+from gateway.store.redis import RedisStore
+from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, free_port, make_config
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+class RedisProcess:
+    """A private redis-server on a loopback port, for tests that stop and start it."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.dir = tmp
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.dir), *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket_to(self.port):
+                return
+            time.sleep(0.02)
+        raise TimeoutError("redis-server did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextlib.contextmanager
+def socket_to(port: int) -> Iterator[None]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        yield
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    r = RedisProcess(tmp_path, "--save", "", "--appendonly", "no")
+    yield r
+    if r.proc is not None and r.proc.poll() is None:
+        r.kill()
+
+
+def redis_config(sim: Sim, tmp_path: Path, url: str, **sections: dict[str, int]) -> Config:
+    return make_config(sim.url, tmp_path / "unused.db",
+                       storage={"backend": "redis", "redis_url": url,
+                                "redis_prefix": f"scale:{uuid.uuid4().hex}:"},
+                       **sections)
+
+
+async def post(session: aiohttp.ClientSession, url: str, seed: int) -> int:
+    form = aiohttp.FormData()
+    for name, value in (("apikey", TEAM_KEYS["search"]), ("type", "objects"),
+                        ("max_labels", "10"), ("min_confidence", "80")):
+        form.add_field(name, value)
+    form.add_field("file", make_png(seed), filename="i.png", content_type="image/png")
+    try:
+        async with session.post(url, data=form) as r:
+            await r.read()
+            return r.status
+    except aiohttp.ClientError as exc:
+        print("client error", repr(exc))
+        return -1
+
+
+async def test_a_thousand_concurrent_misses_on_one_replica_get_no_503_from_the_store(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path,
+        private_redis: RedisProcess) -> None:
+    config = redis_config(sim, tmp_path, private_redis.url, server={"max_inflight": 2048},
+                          upstream={"max_concurrency": 256, "max_queue": 2048})
+    gw = await gateway_factory(config)
+    sim.state.latency_ms = 50
+    connector = aiohttp.TCPConnector(limit=1000)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        statuses = await asyncio.gather(*(post(session, gw.url, 10_000 + i)
+                                          for i in range(1000)))
+    counts = {s: statuses.count(s) for s in set(statuses)}
+    assert counts == {200: 1000}, str(counts)
+
+
+async def test_a_redis_restart_costs_at_most_the_requests_in_flight(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path,
+        private_redis: RedisProcess) -> None:
+    gw = await gateway_factory(redis_config(sim, tmp_path, private_redis.url))
+    async with aiohttp.ClientSession() as session:
+        assert set(await asyncio.gather(*(post(session, gw.url, i) for i in range(40)))) == {200}
+        private_redis.kill()  # every pooled connection is now dead
+        private_redis.start()
+        # The first commands on the stale connections fail and are sent again on new ones.
+        statuses = await asyncio.gather(*(post(session, gw.url, 100 + i) for i in range(40)))
+    assert statuses.count(200) == 40, statuses
+
+
+async def test_a_redis_that_keeps_nothing_on_disk_is_named_or_refused(
+        tmp_path: Path, private_redis: RedisProcess, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "gateway.store"):
+        store = RedisStore(private_redis.url)
+        await store.open()
+        await store.close()
+    assert "saves neither AOF nor RDB" in caplog.text
+    strict = RedisStore(private_redis.url, require_persistence=True)
+    with pytest.raises(StoreUnavailable, match="refusing to start"):
+        await strict.open()
+    durable = RedisProcess(tmp_path, "--save", "", "--appendonly", "yes")
+    try:
+        ok = RedisStore(durable.url, require_persistence=True)
+        await ok.open()
+        await ok.close()
+    finally:
+        durable.kill()
