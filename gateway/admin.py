@@ -40,6 +40,7 @@ from gateway.usage import (
     iso_utc,
     parse_age,
     parse_period,
+    range_period,
     stats_dict,
 )
 
@@ -107,7 +108,16 @@ async def handle_usage(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "csv"):
         raise AdminBadRequest("format must be json or csv")
-    report = await _usage(state, request.query.get("period", "current"))
+    start, end = request.query.get("from"), request.query.get("to")
+    if (start is None) != (end is None):
+        raise AdminBadRequest("from and to go together")
+    if start is not None and end is not None:
+        if "period" in request.query:
+            raise AdminBadRequest("give period or from/to, not both")
+        period = range_period(start, end)
+    else:
+        period = request.query.get("period", "current")
+    report = await _usage(state, period)
     if fmt == "json":
         return web.json_response(report.as_dict())
     lines = [",".join(str(v) for v in row) for row in report.csv_rows()]

@@ -27,6 +27,7 @@ from gateway.config import ANALYSIS_TYPES, Config, ConfigError, hash_key, load_c
 from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import CacheStats, Store
 from gateway.usage import (
+    PERIOD_FORMS,
     PeriodError,
     TeamLine,
     UsageReport,
@@ -37,6 +38,7 @@ from gateway.usage import (
     iso_utc,
     parse_age,
     parse_period,
+    range_period,
     stats_dict,
 )
 
@@ -66,8 +68,16 @@ def add_admin_commands(sub: Any) -> None:
     usage.add_argument(
         "--period",
         default="current",
-        help="YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), total, or current "
-        "(default: the quota period now)",
+        help=f"{PERIOD_FORMS} (default: current, the quota period now)",
+    )
+    usage.add_argument(
+        "--from",
+        dest="start",
+        metavar="YYYY-MM-DD",
+        help="with --to: the days from this one (included), instead of --period",
+    )
+    usage.add_argument(
+        "--to", dest="end", metavar="YYYY-MM-DD", help="with --from: up to this day (included)"
     )
     usage.add_argument(
         "--format",
@@ -178,8 +188,13 @@ def _with_store(config: Config, action: Callable[[Store], Awaitable[T]]) -> T:
 
 # -- usage ------------------------------------------------------------------------------------
 def _usage(args: argparse.Namespace) -> int:
+    if (args.start is None) != (args.end is None):
+        raise UsageError("--from and --to go together")
+    if args.start is not None and args.period != "current":
+        raise UsageError("give --period or --from/--to, not both")
+    period = args.period if args.start is None else range_period(args.start, args.end)
     config = load_config(args.config, require_api_key=False)
-    asked = parse_period(args.period, ledger=config.quota.period, now=time.time())
+    asked = parse_period(period, ledger=config.quota.period, now=time.time())
     report = _with_store(config, lambda store: compute_usage(store, config, asked))
     if args.format == "json":
         print(json.dumps(report.as_dict(), indent=2))

@@ -6,6 +6,10 @@ period than the ledger's is the sum of the ledger rows inside it (the days of a 
 month; for a month over a weekly ledger, the ISO weeks whose Thursday falls in it, the same
 rule ISO 8601 uses to give a week to a year, so every week is counted in exactly one month).
 A finer period cannot be split out of a ledger row and is refused (``PeriodError``).
+Quarters (``2026-Q4``), years (``2026``) and date ranges (``2026-01-05..2026-02-15``, both
+days included) are summed the same way; a range must start and end on ledger row boundaries
+(any days for a daily ledger, Monday to Sunday for a weekly one, whole months for a monthly
+one), so that no row is counted in part.
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ CSV_HEADER = (
     "undelivered",
 )
 _GRAIN = {"day": 0, "week": 1, "month": 2, "total": 3}
+_SPANS = ("quarter", "year", "range")  # summed from whatever rows the ledger keeps
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_QUARTER = re.compile(r"(\d{4})-Q([1-4])")
+_YEAR = re.compile(r"\d{4}")
+_RANGE = re.compile(r"(\d{4}-\d{2}-\d{2})\.\.(\d{4}-\d{2}-\d{2})")
 _WEEK = re.compile(r"(\d{4})-W(\d{2})")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
 _AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
@@ -46,13 +54,23 @@ class PeriodError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Period:
-    kind: str  # day | week | month | total
-    key: str  # "2026-11-24", "2026-W48", "2026-11", "total"
+    kind: str  # day | week | month | quarter | year | range | total
+    key: str  # "2026-11-24", "2026-W48", "2026-11", "2026-Q4", "2026", "A..B", "total"
+
+
+PERIOD_FORMS = (
+    "YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), YYYY-Qn (quarter), YYYY (year), "
+    "YYYY-MM-DD..YYYY-MM-DD (days included), total or current"
+)
+
+
+def range_period(start: str, end: str) -> str:
+    """``--from``/``--to`` as one period text."""
+    return f"{start.strip()}..{end.strip()}"
 
 
 def parse_period(text: str, *, ledger: str, now: float) -> Period:
-    """``current`` (the ledger's period now), ``total``, ``YYYY-MM``, ``YYYY-MM-DD`` or
-    ``YYYY-Www``."""
+    """``current`` (the ledger's period now), ``total``, or one of ``PERIOD_FORMS``."""
     text = text.strip()
     if text in ("", "current"):
         return Period(ledger, period_key(ledger, now))
@@ -67,11 +85,68 @@ def parse_period(text: str, *, ledger: str, now: float) -> Period:
             return Period("week", text)
         if (m := _MONTH.fullmatch(text)) and 1 <= int(m[2]) <= 12:
             return Period("month", text)
+        if _QUARTER.fullmatch(text):
+            return Period("quarter", text)
+        if _YEAR.fullmatch(text) and int(text) >= 1:
+            return Period("year", text)
+        if (m := _RANGE.fullmatch(text)) and date.fromisoformat(m[1]) <= date.fromisoformat(
+            m[2]
+        ):
+            return Period("range", text)
+        if m:
+            raise PeriodError(f"period {text}: the range ends before it starts")
+    except PeriodError:
+        raise
     except ValueError:
         pass
-    raise PeriodError(
-        f"period {text!r}: use YYYY-MM, YYYY-MM-DD, YYYY-Www (ISO week), total or current"
+    raise PeriodError(f"period {text!r}: use {PERIOD_FORMS}")
+
+
+def _span(asked: Period) -> tuple[date, date]:
+    """First and last day of a quarter, a year or a range."""
+    if asked.kind == "range":
+        first, _, last = asked.key.partition("..")
+        return date.fromisoformat(first), date.fromisoformat(last)
+    if asked.kind == "year":
+        return date(int(asked.key), 1, 1), date(int(asked.key), 12, 31)
+    year, quarter = int(asked.key[:4]), int(asked.key[-1])
+    end_month = quarter * 3
+    return (
+        date(year, end_month - 2, 1),
+        date(year, end_month, calendar.monthrange(year, end_month)[1]),
     )
+
+
+def _answerable(ledger: str) -> str:
+    """What a ledger of ``ledger`` rows can be asked for, for error messages."""
+    return {
+        "day": "a day, week, month, quarter, year or any range of days",
+        "week": "a week, month, quarter, year or a range from a Monday to a Sunday",
+        "month": "a month, quarter, year or a range of whole months",
+        "total": "total (or current)",
+    }[ledger]
+
+
+def _span_keys(asked: Period, ledger: str) -> tuple[str, ...]:
+    start, end = _span(asked)
+    days = [start + timedelta(days=n) for n in range((end - start).days + 1)]
+    hint = f'the quota ledger keeps one row per {ledger} (quota.period = "{ledger}")'
+    if ledger == "day":
+        return tuple(d.isoformat() for d in days)
+    if ledger == "week":
+        if asked.kind == "range" and (start.isoweekday(), end.isoweekday()) != (1, 7):
+            raise PeriodError(
+                f"period {asked.key}: {hint}; a range must run from a Monday to a Sunday"
+            )
+        thursdays = [d for d in days if d.isoweekday() == 4]
+        return tuple(f"{t.isocalendar()[0]}-W{t.isocalendar()[1]:02d}" for t in thursdays)
+    last_day = calendar.monthrange(end.year, end.month)[1]
+    if asked.kind == "range" and (start.day, end.day) != (1, last_day):
+        raise PeriodError(
+            f"period {asked.key}: {hint}; a range must start on the 1st of a month and end "
+            "on the last day of one"
+        )
+    return tuple(sorted({f"{d.year}-{d.month:02d}" for d in days}))
 
 
 def ledger_keys(asked: Period, ledger: str) -> tuple[str, ...]:
@@ -79,12 +154,16 @@ def ledger_keys(asked: Period, ledger: str) -> tuple[str, ...]:
     if asked.kind == ledger:
         return (asked.key,)
     hint = f'the quota ledger keeps one row per {ledger} (quota.period = "{ledger}")'
+    if ledger == "total":
+        raise PeriodError(f"period {asked.key}: {hint}; ask for {_answerable(ledger)}")
     if asked.kind == "total":
-        raise PeriodError(f"period total: {hint}; ask for a day, week or month")
+        raise PeriodError(f"period total: {hint}; ask for {_answerable(ledger)}")
+    if asked.kind in _SPANS:
+        return _span_keys(asked, ledger)
     if _GRAIN[asked.kind] < _GRAIN[ledger] or (asked.kind, ledger) == ("week", "month"):
         raise PeriodError(
             f"period {asked.key} is a {asked.kind}, finer than {hint}, which "
-            f"cannot be split; ask for a {ledger} or a longer period"
+            f"cannot be split; ask for {_answerable(ledger)}"
         )
     if asked.kind == "week":
         year, week = (int(p) for p in asked.key.split("-W"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
 import json
 import logging
 from dataclasses import replace
@@ -313,6 +314,11 @@ async def test_usage_endpoint_json_and_csv(
     pytest.param({"period": "2026-11-24"}, "finer than", id="day-of-a-month-ledger"),
     pytest.param({"period": "2026-W48"}, "finer than", id="week-of-a-month-ledger"),
     pytest.param({"format": "xml"}, "format must be json or csv", id="format"),
+    pytest.param({"from": "2026-01-01"}, "from and to go together", id="from-alone"),
+    pytest.param({"from": "2026-01-01", "to": "2026-01-31", "period": "2026-01"}, "not both",
+                 id="range-and-period"),
+    pytest.param({"from": "2026-01-01", "to": "2026-01-30"}, "end on the last day",
+                 id="range-of-part-of-a-month"),
 ])
 async def test_usage_endpoint_refuses_what_it_cannot_answer(
     admin_gw: Gateway, client: aiohttp.ClientSession, query: dict[str, str], problem: str
@@ -321,6 +327,22 @@ async def test_usage_endpoint_refuses_what_it_cannot_answer(
                                  headers=BEARER)
     assert status == 400 and body["status"] == 400 and body["data"] is None
     assert problem in body["status_message"]
+
+
+async def test_usage_endpoint_sums_quarters_years_and_ranges(
+    admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession
+) -> None:
+    await play_workload(admin_gw, sim)
+    month = admin_gw.state.ledger.period()  # "YYYY-MM": the workload's row
+    year, number = int(month[:4]), int(month[5:])
+    last = calendar.monthrange(year, number)[1]
+    for query in ({"period": f"{year}-Q{(number - 1) // 3 + 1}"}, {"period": str(year)},
+                  {"from": f"{month}-01", "to": f"{month}-{last}"}):
+        status, report, _ = await call(client, "GET", f"{admin_gw.base}/admin/usage",
+                                       params=query, headers=BEARER)
+        assert status == 200, report
+        assert {k: v[0] for k, v in team_rows(report).items()} == {
+            k: v[0] for k, v in EXPECTED.items()}, query
 
 
 async def test_cache_stats_endpoint(

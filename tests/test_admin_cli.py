@@ -150,6 +150,44 @@ async def test_usage_sums_day_rows_into_weeks_and_months(
     assert out.returncode == 2 and "one row per day" in out.stderr
 
 
+async def test_usage_for_quarters_years_and_date_ranges(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path
+) -> None:
+    now = [0.0]
+    gw = await gateway_factory(quota={"period": "day"}, clock=lambda: now[0])
+    for day, seed in (("2025-12-31", 1), ("2026-01-01", 2), ("2026-03-31", 3),
+                      ("2026-04-01", 4), ("2026-10-15", 5), ("2026-12-31", 6)):
+        now[0] = datetime.fromisoformat(f"{day}T12:00:00+00:00").timestamp()
+        r = await post_requests(gw.url, *objects_form(TEAM_KEYS["search"], make_png(seed)))
+        assert r.status_code == 200
+    await gw.state.service.flush()
+    config = str(config_for(tmp_path, sim, period="day"))
+
+    async def charged(*args: str) -> tuple[int, int]:
+        out = await acli("usage", "--config", config, "--format", "json", *args)
+        assert out.returncode == 0, out.stderr
+        search = json.loads(out.stdout)["teams"][0]
+        return search["charged"], search["quota"]
+
+    assert await charged("--period", "2026-Q1") == (2, 90_000)       # 90 days of 1000
+    assert await charged("--period", "2026-Q4") == (2, 92_000)
+    assert await charged("--period", "2026") == (5, 365_000)
+    assert await charged("--period", "2025") == (1, 365_000)
+    assert await charged("--from", "2025-12-31", "--to", "2026-01-01") == (2, 2000)
+    assert await charged("--from", "2026-03-31", "--to", "2026-03-31") == (1, 1000)
+    out = await acli("usage", "--config", config, "--from", "2026-01-01", "--to", "2026-03-31")
+    assert "Usage for 2026-01-01..2026-03-31" in out.stdout
+
+    for args, problem in ((["--from", "2026-02-01"], "--from and --to go together"),
+                          (["--from", "2026-02-01", "--to", "2026-01-01"], "ends before"),
+                          (["--period", "2026-Q1", "--from", "2026-01-01", "--to",
+                            "2026-01-02"], "not both"),
+                          (["--period", "2026-Q5"], "YYYY-Qn (quarter)")):
+        out = await acli("usage", "--config", config, *args)
+        assert (out.returncode, out.stdout) == (2, ""), args
+        assert len(out.stderr.splitlines()) == 1 and problem in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize(("period", "problem"), [
     pytest.param("2026-11-24", "is a day, finer than the quota ledger", id="day"),
     pytest.param("2026-W48", "is a week, finer than the quota ledger", id="week"),
@@ -189,6 +227,19 @@ def test_usage_says_when_there_is_no_store_or_no_config(sim: Sim, tmp_path: Path
     pytest.param(Period("month", "2026-10"), "week",
                  ("2026-W40", "2026-W41", "2026-W42", "2026-W43", "2026-W44"), id="oct-weeks"),
     pytest.param(Period("total", "total"), "total", ("total",), id="total"),
+    pytest.param(Period("quarter", "2026-Q4"), "month", ("2026-10", "2026-11", "2026-12"),
+                 id="quarter-of-months"),
+    pytest.param(Period("year", "2026"), "month", tuple(f"2026-{m:02d}" for m in range(1, 13)),
+                 id="year-of-months"),
+    # the weeks whose Thursday is in the quarter, as for months: 2026-W01 starts in 2025
+    pytest.param(Period("quarter", "2026-Q1"), "week",
+                 tuple(f"2026-W{w:02d}" for w in range(1, 14)), id="quarter-of-weeks"),
+    pytest.param(Period("range", "2026-11-30..2026-12-06"), "week", ("2026-W49",),
+                 id="range-monday-to-sunday"),
+    pytest.param(Period("range", "2026-01-01..2026-02-28"), "month", ("2026-01", "2026-02"),
+                 id="range-of-whole-months"),
+    pytest.param(Period("range", "2026-02-27..2026-03-02"), "day",
+                 ("2026-02-27", "2026-02-28", "2026-03-01", "2026-03-02"), id="range-of-days"),
 ])
 def test_ledger_keys(asked: Period, ledger: str, keys: tuple[str, ...]) -> None:
     assert ledger_keys(asked, ledger) == keys
@@ -202,7 +253,8 @@ def test_every_week_lands_in_exactly_one_month() -> None:
 
 @pytest.mark.parametrize(("asked", "ledger"), [
     ("2026-11-24", "week"), ("2026-11-24", "month"), ("2026-W48", "month"),
-    ("2026-11", "total"), ("total", "day"),
+    ("2026-11", "total"), ("total", "day"), ("2026-Q1", "total"),
+    ("2026-11-03..2026-11-09", "week"), ("2026-11-01..2026-11-29", "month"),
 ])
 def test_ledger_keys_refuses(asked: str, ledger: str) -> None:
     with pytest.raises(PeriodError):
