@@ -8,6 +8,7 @@ import calendar
 import json
 import logging
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.admin import render_status
+from gateway.usage import iso_utc, period_resets_at
 from gateway.config import AdminConfig, Secret, load_config
 from gateway.sample_images import make_jpeg, make_png
 from tests.conftest import (
@@ -249,13 +251,14 @@ async def test_a_near_miss_of_the_token_is_refused_everywhere(
                 ("basic-alone", "Basic"), ("basic-no-password", basic("")),
                 ("basic-token-as-user", basic("x", user=TOKEN)),
                 ("basic-unencoded", f"Basic ops:{TOKEN}"),
-                ("bearer-tab", f"Bearer\t{TOKEN}"), ("scheme-glued", f"Bearer{TOKEN}")]
+                ("bearer-tab", f"Bearer\t{TOKEN}"), ("scheme-glued", f"Bearer{TOKEN}"),
+                ("basic-not-base64", basic(TOKEN)[:10] + "*" + basic(TOKEN)[10:])]
     accepted = []
     for name, value in headers:
         for url in (usage, status):
             got, body, r = await call(client, "GET", url, headers={"Authorization": value})
-            if got != 401 or body != UNAUTHORIZED:
-                accepted.append((name, url.rsplit("/", 1)[1], got))
+            if got != 401 or body != UNAUTHORIZED or r.content_type != "application/json":
+                accepted.append((name, url.rsplit("/", 1)[1], got, r.content_type))
             assert TOKEN not in str(body) and TOKEN not in str(dict(r.headers))
     assert not accepted, accepted
 
@@ -268,6 +271,20 @@ async def test_a_near_miss_of_the_token_is_refused_everywhere(
     for value in (basic(TOKEN), basic(TOKEN, user=""), "basic " + basic(TOKEN)[6:]):
         assert (await call(client, "GET", status, headers={"Authorization": value}))[0] == 200
         assert (await call(client, "GET", usage, headers={"Authorization": value}))[0] == 401
+
+
+async def test_a_token_with_colons_works_as_the_basic_password(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    # RFC 7617: the user name ends at the first colon; the password may hold more of them.
+    token = "colon:in:the:token"
+    config = make_config(sim.url, tmp_path / "gateway.db")
+    gw = await gateway_factory(replace(config, admin=AdminConfig("GW_ADMIN_TOKEN", Secret(token))))
+    url = f"{gw.base}/status.json"
+    assert (await call(client, "GET", url, headers={"Authorization": basic(token)}))[0] == 200
+    for wrong in ("the:token", "token", "colon"):
+        got = await call(client, "GET", url, headers={"Authorization": basic(wrong, user="x")})
+        assert got[0] == 401, wrong
 
 
 async def test_the_token_is_never_logged(
@@ -486,7 +503,46 @@ async def test_status_json_and_page_show_the_numbers(
     assert "<script" not in page and "http" not in page.replace('http-equiv', '')
 
 
-def test_status_page_escapes_what_it_shows() -> None:
+async def test_status_shows_refusals_and_when_the_quota_resets(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """A team refused 402 and 429 sees it on the page, not just "1 / 1 used"."""
+    noon = datetime(2026, 11, 24, 12, tzinfo=UTC).timestamp()
+    config = make_config(sim.url, tmp_path / "gateway.db", teams={
+        "search": {"keys": [TEAM_KEYS["search"]], "quota": 1000},
+        "tiny": {"keys": [TEAM_KEYS["tiny"]], "quota": 1},
+        "ads": {"keys": [TEAM_KEYS["ads"]], "quota": 1000, "rate_per_s": 0.001, "burst": 1},
+    })
+    gw = await gateway_factory(replace(config, admin=AdminConfig("GW_ADMIN_TOKEN", Secret(TOKEN))),
+                               clock=lambda: noon)
+    codes = [(await post_requests(gw.url, *objects_form(TEAM_KEYS[team], make_png(seed))))
+             .status_code for team, seed in (("tiny", 801), ("tiny", 802), ("tiny", 803),
+                                             ("ads", 804), ("ads", 805), ("ads", 806))]
+    assert codes == [200, 402, 402, 200, 429, 429]
+    _, s, _ = await call(client, "GET", f"{gw.base}/status.json", headers=BEARER)
+    refused = {t["team"]: t["refused_since_start"] for t in s["teams"]}
+    assert refused == {"search": {"402": 0, "429": 0}, "tiny": {"402": 2, "429": 0},
+                       "ads": {"402": 0, "429": 2}}
+    assert (s["quota_resets_at"], s["quota_resets_in_s"]) == ("2026-12-01T00:00:00Z", 561600)
+    _, page, _ = await call(client, "GET", f"{gw.base}/status", headers=BEARER)
+    assert "Quotas reset 2026-12-01T00:00:00Z (in 6d 12h)." in page
+    assert '<td class="num">2 &times; 402</td>' in page
+    assert '<td class="num">2 &times; 429</td>' in page
+
+
+@pytest.mark.parametrize(("period", "now", "resets"), [
+    pytest.param("day", "2026-12-31T23:59:59", "2027-01-01T00:00:00Z", id="day-at-year-end"),
+    pytest.param("week", "2026-11-29T10:00:00", "2026-11-30T00:00:00Z", id="week-on-sunday"),
+    pytest.param("week", "2026-11-30T00:00:00", "2026-12-07T00:00:00Z", id="week-on-monday"),
+    pytest.param("month", "2026-12-15T00:00:00", "2027-01-01T00:00:00Z", id="december"),
+    pytest.param("total", "2026-12-15T00:00:00", None, id="total-never"),
+])
+def test_quota_reset_times(period: str, now: str, resets: str | None) -> None:
+    at = period_resets_at(period, datetime.fromisoformat(now + "+00:00").timestamp())
+    assert (iso_utc(at) if at is not None else None) == resets
+
+
+
     team = {"team": "<img src=x onerror=alert(1)>", "charged": 1, "quota": 2, "remaining": 1,
             "cache_hits": 0, "coalesced": 0, "calls_saved": 0, "hit_ratio": None}
     page = render_status({
