@@ -36,10 +36,12 @@ from gateway.usage import (
     UsageReport,
     cache_report,
     compute_usage,
+    human_age,
     human_bytes,
     iso_utc,
     parse_age,
     parse_period,
+    period_resets_at,
     range_period,
     stats_dict,
 )
@@ -273,18 +275,48 @@ def _status_denied(request: web.Request) -> web.Response | None:
     )
 
 
+REFUSALS = ("402", "429")  # quota used up, rate limit: what a team notices as "refused"
+
+
 async def _status(state: GatewayState) -> dict[str, Any]:
     report = await _usage(state, "current")
     entries, size = await state.store.totals()
+    now = state.ledger.clock()
+    resets = period_resets_at(report.quota_period, now)
+    refused = _refusals(state)
     return {
         "generated_at": iso_utc(time.time()),
         "period": report.period.key,
         "quota_period": report.quota_period,
-        "teams": [{**t.as_dict(), "hit_ratio": t.hit_ratio} for t in report.teams],
+        "quota_resets_at": iso_utc(resets) if resets is not None else None,
+        "quota_resets_in_s": round(resets - now) if resets is not None else None,
+        "teams": [
+            {
+                **t.as_dict(),
+                "hit_ratio": t.hit_ratio,
+                "refused_since_start": refused.get(t.team, dict.fromkeys(REFUSALS, 0)),
+            }
+            for t in report.teams
+        ],
         "total": {**report.total.as_dict(), "hit_ratio": report.total.hit_ratio},
         "cache": {"entries": entries, "size_bytes": size, "size": human_bytes(size)},
         "upstream": await _upstream_health(state),
     }
+
+
+def _refusals(state: GatewayState) -> dict[str, dict[str, int]]:
+    """Per team, its requests answered 402 and 429, every worker's, since the gateway started
+    (gateway_requests_total: the counters are per process, not in the store)."""
+    out: dict[str, dict[str, int]] = {}
+    for family in state.metrics.whole().collect():
+        for sample in family.samples:
+            if sample.name != "gateway_requests_total":
+                continue
+            status = sample.labels.get("status", "")
+            if status in REFUSALS and sample.value:
+                team = out.setdefault(sample.labels["team"], dict.fromkeys(REFUSALS, 0))
+                team[status] += int(sample.value)
+    return out
 
 
 async def _upstream_health(state: GatewayState) -> dict[str, Any]:
@@ -326,14 +358,19 @@ def render_status(s: Mapping[str, Any]) -> str:
             f'<span style="width:{share * 100:.1f}%"></span></div>'
             f'<span class="num">{e(limit)}</span></td>'
             f'<td class="num">{_ratio(t["hit_ratio"])}</td>'
-            f'<td class="num">{t["calls_saved"]}</td></tr>'
+            f'<td class="num">{t["calls_saved"]}</td>'
+            f'<td class="num">{_refused(t.get("refused_since_start", {}))}</td></tr>'
         )
     up, cache, total = s["upstream"], s["cache"], s["total"]
     calls = ", ".join(f"{e(k)}: {v}" for k, v in sorted(up["calls_since_start"].items()))
     quota_left = up["account_quota_remaining"]
+    resets = s.get("quota_resets_at")
     return _PAGE.format(
         period=e(s["period"]),
         quota_period=e(s["quota_period"]),
+        resets="never (quota.period = total)"
+        if resets is None
+        else f"{e(resets)} (in {human_age(s.get('quota_resets_in_s') or 0)})",
         rows="\n".join(rows),
         total_used=total["charged"],
         total_quota=total["quota"],
@@ -349,6 +386,10 @@ def render_status(s: Mapping[str, Any]) -> str:
         generated=e(s["generated_at"]),
         json_link="/status.json",
     )
+
+
+def _refused(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} &times; {status}" for status, n in counts.items() if n) or "0"
 
 
 def _ratio(value: float | None) -> str:
@@ -380,15 +421,16 @@ footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
 <body>
 <h1>ImageRecognize gateway</h1>
 <h2>Team quotas, period {period} (quota per {quota_period})</h2>
+<p id="resets">Quotas reset {resets}.</p>
 <table id="teams">
 <thead><tr><th>team</th><th>upstream calls charged</th><th>hit ratio</th>
-<th>calls saved</th></tr></thead>
+<th>calls saved</th><th>refused since start (402 quota, 429 rate)</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
 <tfoot><tr data-team=""><th scope="row">all teams</th>
 <td class="num">{total_used} / {total_quota} used</td><td class="num">{total_ratio}</td>
-<td class="num">{total_saved}</td></tr></tfoot>
+<td class="num">{total_saved}</td><td></td></tr></tfoot>
 </table>
 <h2>Upstream</h2>
 <dl id="upstream">

@@ -300,6 +300,20 @@ async def compute_usage(store: Store, config: Config, asked: Period) -> UsageRep
     return UsageReport(asked, config.quota.period, keys, tuple(lines))
 
 
+def period_resets_at(period: str, now: float) -> float | None:
+    """When the quota period holding ``now`` ends (UTC), or None for ``total``."""
+    moment = datetime.fromtimestamp(now, UTC)
+    today = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    if period == "day":
+        return (today + timedelta(days=1)).timestamp()
+    if period == "week":
+        return (today + timedelta(days=8 - moment.isoweekday())).timestamp()
+    if period == "month":
+        year, month = divmod(moment.month, 12)
+        return datetime(moment.year + year, month + 1, 1, tzinfo=UTC).timestamp()
+    return None
+
+
 # -- the cache --------------------------------------------------------------------------------
 def parse_age(text: str) -> float:
     """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` (or combined: ``1d12h``) -> seconds."""

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 
 from gateway.admin import render_status
-from gateway.usage import iso_utc, period_resets_at
 from gateway.config import AdminConfig, Secret, load_config
 from gateway.sample_images import make_jpeg, make_png
+from gateway.usage import iso_utc, period_resets_at
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

@@ -193,9 +193,10 @@ async def test_status_page_in_browser(
 
     _assert_png(shot)
     assert refresh == "10"
-    assert rows["search"] == "search 1 / 1000 used, 999 left 66.7% 2"   # 1 charged, 2 hits
-    assert rows["ads"] == "ads 0 / 1000 used, 1000 left - 0"
-    assert rows["tiny"] == "tiny 3 / 3 used, 0 left 0.0% 0"
+    # charged, hit ratio, calls saved, refused (402/429) since start
+    assert rows["search"] == "search 1 / 1000 used, 999 left 66.7% 2 0"   # 1 charged, 2 hits
+    assert rows["ads"] == "ads 0 / 1000 used, 1000 left - 0 0"
+    assert rows["tiny"] == "tiny 3 / 3 used, 0 left 0.0% 0 0"
     assert rows[""] == "all teams 4 / 2003 used 33.3% 2"
     assert "entries 4 " in cache
     account_left = gw.state.metrics.registry.get_sample_value("gateway_upstream_quota_remaining")
@@ -208,5 +209,5 @@ async def test_status_page_in_browser(
     page = await login.new_page()
     response = await page.goto(f"{gw.base}/status")
     assert response is not None and response.status == 200
-    assert await _text(page, 'tr[data-team="tiny"]') == "tiny 3 / 3 used, 0 left 0.0% 0"
+    assert await _text(page, 'tr[data-team="tiny"]') == "tiny 3 / 3 used, 0 left 0.0% 0 0"
     await login.close()
