@@ -318,3 +318,50 @@ async def test_a_dead_workers_calls_are_ended_by_a_live_process_on_the_same_stor
         await asyncio.sleep(0.1)
     ledger = inspect(db)
     assert (ledger.pending, ledger.used, ledger.undelivered) == (0, 4, 3)
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def sockets_of(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+async def test_a_killed_worker_is_a_crash_of_its_calls_only(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    db = tmp_path / "workers.db"
+    port = free_port()
+    config = write_config(tmp_path / "workers.toml", sim_url=sim.url, db=db, port=port,
+                          teams={"t": (KEY, 100_000)}, server="workers = 2")
+    gw = GatewayProcess(config, port, tmp_path / "workers.log")
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    workers = worker_pids(gw.proc.pid)
+    assert len(workers) == 2, workers
+    sim.state.latency_ms = 3000
+    async with aiohttp.ClientSession() as session:
+        calls = [asyncio.create_task(post(session, gw.url, 7000 + i)) for i in range(8)]
+        for _ in range(500):
+            if sim.state.calls == 8:
+                break
+            await asyncio.sleep(0.02)
+        assert sim.state.calls == 8
+        # The worker holding more calls (each is a client and an upstream socket).
+        os.kill(max(workers, key=sockets_of), signal.SIGKILL)
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+    delivered = sum(1 for a in answers if a == (200, "imagerecognize-gateway; fwd=miss; stored"))
+    lost = sum(1 for a in answers if isinstance(a, BaseException))
+    assert delivered + lost == 8 and lost >= 1, answers
+    # The other worker kept serving; the replacement ends the dead one's calls as it starts.
+    for _ in range(200):  # at most 20 s
+        if inspect(db).pending == 0:
+            break
+        await asyncio.sleep(0.1)
+    ledger = inspect(db)
+    assert (ledger.pending, ledger.used, ledger.undelivered) == (0, 8, lost), (ledger, answers)
+    assert gw.proc.poll() is None  # the supervisor did not go down with its worker
