@@ -209,3 +209,26 @@ async def test_sqlite_files_are_private(tmp_path: Path) -> None:
     await store.close()
     for name in ("gateway.db", "gateway-cache.db"):
         assert (tmp_path / "data" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+async def test_results_of_type_are_one_images_results_of_one_type_and_scope(store: Store) -> None:
+    h, other = "d" * 32, "e" * 32
+
+    def r(key: str, **kw: object) -> CachedResult:
+        kw.setdefault("content_hash", h)
+        base = result(key, **kw)  # type: ignore[arg-type]
+        return CachedResult(base.key, base.content_hash, base.type, key.split("?")[1],
+                            base.scope, base.data_prefix, base.created_at)
+
+    wanted = [r(f"{h}/objects?max_labels={m}&min_confidence=0") for m in (5, 10)]
+    for entry in [*wanted, r(f"{h}/nsfw?nsfw_min_confidence=0", type_="nsfw"),
+                  r(f"search|{h}/objects?max_labels=1&min_confidence=0", scope="search"),
+                  r(f"{other}/objects?max_labels=5&min_confidence=0", content_hash=other)]:
+        await store.save_result(entry, max_bytes=10**9)
+    found = await store.results_of_type(h, "objects", "")
+    assert sorted((f.key, f.params, f.data_prefix) for f in found) == sorted(
+        (w.key, w.params, w.data_prefix) for w in wanted)
+    assert [f.scope for f in await store.results_of_type(h, "objects", "search")] == ["search"]
+    assert await store.results_of_type(other, "nsfw", "") == []
+    await store.purge(content_hash=h)
+    assert await store.results_of_type(h, "objects", "") == []

@@ -175,3 +175,9 @@ class Store(Protocol):
     ) -> int: ...
     async def get_meta(self, name: str) -> str | None: ...
     async def set_meta(self, name: str, value: str) -> None: ...
+
+    async def results_of_type(
+        self, content_hash: str, type_: str, scope: str
+    ) -> list[CachedResult]:
+        """The results held for one image, type and scope (fresh or not), in one indexed
+        lookup: what a derived hit chooses from (``gateway.derive``)."""

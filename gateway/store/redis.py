@@ -544,3 +544,35 @@ class RedisStore:
 
     async def set_meta(self, name: str, value: str) -> None:
         await self._call(self._r.hset(self._k("meta"), name, value))
+
+    # -- derivation ------------------------------------------------------------------------
+    async def results_of_type(
+        self, content_hash: str, type_: str, scope: str
+    ) -> list[CachedResult]:
+        script = getattr(self, "_results_of_type", None)
+        if script is None or script.registered_client is not self._r:
+            script = self._results_of_type = self._r.register_script(_RESULTS_OF_TYPE)
+        found = await self._call(script(args=[self.prefix, content_hash, type_, scope]))
+        results = []
+        for i in range(0, len(found), 1 + len(_FIELDS)):
+            result = self._result(found[i].decode(), found[i + 1 : i + 1 + len(_FIELDS)])
+            if result is not None:
+                results.append(result)
+        return sorted(results, key=lambda r: r.params)
+
+
+# The results of one image, type and scope in one round trip (the image's index set is small).
+# ARGV: prefix, content_hash, type, scope; returns key, then _FIELDS, per result.
+_RESULTS_OF_TYPE = """
+local p = ARGV[1]
+local out = {}
+for _, key in ipairs(redis.call('SMEMBERS', p .. 'h:' .. ARGV[2])) do
+  local v = redis.call('HMGET', p .. 'r:' .. key,
+                       'content_hash', 'type', 'params', 'scope', 'data', 'created_at')
+  if v[1] and v[2] == ARGV[3] and v[4] == ARGV[4] then
+    table.insert(out, key)
+    for i = 1, 6 do table.insert(out, v[i]) end
+  end
+end
+return out
+"""

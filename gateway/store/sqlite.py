@@ -765,6 +765,17 @@ class SQLiteStore:
             (name, value),
         )
 
+    # -- derivation ------------------------------------------------------------------------
+    async def results_of_type(
+        self, content_hash: str, type_: str, scope: str
+    ) -> list[CachedResult]:
+        rows = await self._read(
+            f"SELECT {_RESULT_COLUMNS} FROM results "
+            "WHERE content_hash = ? AND scope = ? AND type = ? ORDER BY params",
+            (content_hash, scope, type_),
+        )
+        return [_row_result(r) for r in rows]
+
 
 def _fetchall(conn: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
     return conn.execute(sql, args).fetchall()
