@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from gateway.quota import period_key
+from gateway.config import Config
+from gateway.owners import Owner, process_start, this_host
+from gateway.quota import QuotaLedger, period_key
 from gateway.sample_images import make_png
-from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, objects_form, post_requests
+from gateway.store.base import Reclaimed
+from gateway.store.sqlite import SQLiteStore
+from tests.conftest import (
+    TEAM_KEYS,
+    GatewayFactory,
+    Sim,
+    make_config,
+    objects_form,
+    post_requests,
+)
 
 
 def ts(text: str) -> float:
@@ -58,3 +75,76 @@ async def test_total_period_never_resets(gateway_factory: GatewayFactory, sim: S
     now[0] += 86400 * 400
     assert (await post_requests(gw.url, *objects_form(TEAM_KEYS["search"],
                                                       make_png(2)))).status_code == 402
+
+
+# -- the ledger itself (in-process, so a mutation run's mutants are what runs) ---------------
+def ledger_config(tmp_path: Path, period: str = "day") -> Config:
+    return make_config("http://127.0.0.1:9/api/v2/", tmp_path / "gateway.db",
+                       quota={"period": period}, teams={"t": {"keys": ["k"], "quota": 10}})
+
+
+@pytest.fixture
+def far_east(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time 14 hours ahead of UTC (POSIX TZ: no tz database needed)."""
+    monkeypatch.setenv("TZ", "KIR-14")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_periods_are_utc_whatever_the_local_time(far_east: None, tmp_path: Path) -> None:
+    late = ts("2026-11-30T23:30:00")  # already 2026-12-01 13:30 in local time
+    assert time.localtime(late).tm_mday == 1
+    assert period_key("day", late) == "2026-11-30" and period_key("month", late) == "2026-11"
+    ledger = QuotaLedger(None, ledger_config(tmp_path), clock=lambda: late)  # type: ignore[arg-type]
+    assert ledger.period() == "2026-11-30"
+
+
+def test_the_period_moves_on_at_the_boundary_and_with_the_config(tmp_path: Path) -> None:
+    now = [ts("2026-11-30T23:59:59") + 0.2]
+    config = ledger_config(tmp_path)
+    ledger = QuotaLedger(None, config, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert ledger.period() == "2026-11-30"
+    now[0] += 0.5                                   # the same second
+    assert ledger.period() == "2026-11-30"
+    now[0] += 0.4                                   # 00:00:00.1, the next day
+    assert ledger.period() == "2026-12-01"
+    ledger.config = replace(config, quota=replace(config.quota, period="week"))  # a reload
+    assert ledger.period() == "2026-W49"            # within the same second
+
+
+def exited_pids(n: int) -> list[int]:
+    processes = [subprocess.Popen(["true"]) for _ in range(n)]
+    for p in processes:
+        p.wait()
+    return [p.pid for p in processes]
+
+
+async def test_reclaim_ends_the_reservations_of_owners_that_are_gone(tmp_path: Path) -> None:
+    """Two dead gateway processes each left one reservation never sent and one sent: the
+    unsent are refunded, the sent stay charged as undelivered; live owners' stay pending."""
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    await store.open()
+    try:
+        config = ledger_config(tmp_path, "month")
+        team = next(t for t in config.teams if t.name == "t")
+        clock = lambda: ts("2026-11-24T12:00:00")  # noqa: E731
+        for n, pid in enumerate(exited_pids(2)):
+            owner = Owner(f"dead-{n}", this_host(), pid, "")
+            await store.register_owner(owner)
+            dead = QuotaLedger(store, config, clock=clock, owner=owner)
+            await dead.reserve(team)                       # never sent
+            assert await store.mark_sent(await dead.reserve(team))
+        me = QuotaLedger(store, config, clock=clock)
+        await store.register_owner(me.owner)
+        await me.reserve(team)                             # live: untouched
+        alive = Owner("alive", this_host(), os.getpid(), process_start(os.getpid()))
+        await store.register_owner(alive)                  # another live ledger (a worker)
+        await QuotaLedger(store, config, clock=clock, owner=alive).reserve(team)
+        assert await store.used("t", "2026-11") == 6
+        assert await me.reclaim() == Reclaimed(refunded=2, undelivered=2)
+        assert await store.used("t", "2026-11") == 4
+        assert await me.reclaim() == Reclaimed(0, 0)       # nothing left to end
+    finally:
+        await store.close()
