@@ -138,3 +138,16 @@ async def test_other_paths_are_not_cors_enabled(
         async with client.get(cors_gw.base + path, headers={"Origin": ALLOWED}) as r:
             assert r.status == 200
             assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_a_wildcard_lets_every_origin_in(
+    gateway_factory: GatewayFactory, client: aiohttp.ClientSession
+) -> None:
+    # cors_origins = ["*"]: any page may call; the answer names that page's origin.
+    gw = await gateway_factory(server={"cors_origins": ["*"]})
+    async with client.options(gw.url, headers=preflight(REFUSED)) as r:
+        assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == REFUSED
+    status, body, headers = await post(client, gw, REFUSED, TEAM_KEYS["search"], make_png(990))
+    assert status == 200 and body["status"] == 200
+    assert headers["Access-Control-Allow-Origin"] == REFUSED
+    assert "cache-status" in exposed(headers)
