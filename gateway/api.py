@@ -80,7 +80,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         team_label = team.name
         type_ = _type(form, team)
         type_label = type_
-        limits = state.limiter.check(team)
+        limits = await state.limiter.check(team)
         if type_ == "cache":
             body = await _cache_lookup(form, team, state)
             status = 200

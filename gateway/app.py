@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, ServerError, Unavailable, error_envelop
 from gateway.metrics import Metrics
 from gateway.owners import BEAT_INTERVAL_S
 from gateway.quota import Clock, QuotaLedger
+from gateway.ratelimit import RateLimiter
 from gateway.response import name_the_server
 from gateway.service import RecognitionService
 from gateway.state import STATE, GatewayState
@@ -97,6 +98,7 @@ def create_app(
         upstream=upstream,
         service=service,
         spool_dir=spool_dir,
+        limiter=RateLimiter.for_process(store),
     )
 
     middlewares: list[Middleware] = [envelope_errors]
@@ -137,6 +139,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await state.store.open()
     yield
     await state.store.close()
+    state.limiter.close()
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:

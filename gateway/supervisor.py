@@ -35,6 +35,7 @@ from typing import Any
 
 from gateway.config import Config, ConfigError
 from gateway.occupancy import STORE_ID, WORKER_OF, store_id
+from gateway.ratelimit import SHARED_BUCKETS_ENV
 from gateway.server import Options
 from gateway.store.base import StoreUnavailable
 
@@ -60,6 +61,8 @@ def supervise(options: Options, config: Config) -> int:
     workers = config.server.workers
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # Rate-limit buckets every worker maps (the Redis store keeps its own; see ratelimit).
+    os.environ[SHARED_BUCKETS_ENV] = os.path.join(metrics_dir, "rate-buckets")
     # Started before the markers below, so that only workers carry them (see occupancy).
     resource_tracker.ensure_running()
     os.environ[WORKER_OF] = str(os.getpid())

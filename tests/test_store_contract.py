@@ -232,3 +232,23 @@ async def test_results_of_type_are_one_images_results_of_one_type_and_scope(stor
     assert await store.results_of_type(other, "nsfw", "") == []
     await store.purge(content_hash=h)
     assert await store.results_of_type(h, "objects", "") == []
+
+
+async def test_a_shared_rate_bucket_admits_exactly_its_burst_under_concurrency(
+        store: Store) -> None:
+    """Redis holds one bucket per team for every replica: 30 concurrent takes from a full
+    bucket of 5 (refilling 0.01/s) get exactly 5 tokens; SQLite keeps none (None: the
+    gateway's processes keep them)."""
+    taken = await asyncio.gather(*(store.take_token("t", 0.01, 5.0) for _ in range(30)))
+    if isinstance(store, SQLiteStore):
+        assert set(taken) == {None}
+        return
+    # What a few milliseconds refill at 0.01/s is far below a token.
+    left = [int(t[1]) for t in taken if t is not None and t[0]]
+    assert left == [4, 3, 2, 1, 0]
+    refused = [t for t in taken if t is not None and not t[0]]
+    assert len(refused) == 25 and all(0.0 <= tokens < 1.0 for _, tokens in refused)
+    # Another team has its own bucket; a changed rate or burst (a reload) starts full again.
+    assert await store.take_token("u", 0.01, 5.0) == (True, 4.0)
+    assert await store.take_token("t", 0.01, 2.0) == (True, 1.0)
+    assert (await store.take_token("t", 0.01, 2.0) or (False, 0))[0]

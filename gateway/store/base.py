@@ -181,3 +181,8 @@ class Store(Protocol):
     ) -> list[CachedResult]:
         """The results held for one image, type and scope (fresh or not), in one indexed
         lookup: what a derived hit chooses from (``gateway.derive``)."""
+
+    async def take_token(self, team: str, rate: float, burst: float) -> tuple[bool, float] | None:
+        """Refill the team's shared token bucket and take one token if there is one:
+        (taken, tokens left), atomically for every process on this store; None when the
+        store keeps no buckets (the caller then keeps them itself)."""

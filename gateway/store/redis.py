@@ -560,6 +560,18 @@ class RedisStore:
                 results.append(result)
         return sorted(results, key=lambda r: r.params)
 
+    # -- rate limits (gateway.ratelimit) ---------------------------------------------------
+    async def take_token(self, team: str, rate: float, burst: float) -> tuple[bool, float] | None:
+        """Not idempotent: a retry after a dropped connection may take a second token, which
+        errs on the strict side and charges nothing."""
+        script = getattr(self, "_take_token", None)
+        if script is None or script.registered_client is not self._r:
+            script = self._take_token = self._r.register_script(_TAKE_TOKEN)
+        taken, tokens = await self._call(
+            script(keys=[self._k("rl:", team)], args=[repr(float(rate)), repr(float(burst))])
+        )
+        return bool(int(taken)), float(tokens)
+
 
 # The results of one image, type and scope in one round trip (the image's index set is small).
 # ARGV: prefix, content_hash, type, scope; returns key, then _FIELDS, per result.
@@ -575,4 +587,29 @@ for _, key in ipairs(redis.call('SMEMBERS', p .. 'h:' .. ARGV[2])) do
   end
 end
 return out
+"""
+
+
+# One team's token bucket, shared by every replica: rl:<team> hash tokens, stamp (the server's
+# clock: one for all replicas), rate, burst; it expires once it would be full again.
+# KEYS: the bucket; ARGV: rate, burst; returns {taken (0/1), tokens left as text}.
+_TAKE_TOKEN = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('HMGET', KEYS[1], 'tokens', 'stamp', 'rate', 'burst')
+local tokens, stamp = tonumber(v[1]), tonumber(v[2])
+if not tokens or not stamp or v[3] ~= ARGV[1] or v[4] ~= ARGV[2] then
+  tokens, stamp = burst, now
+end
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
+           'stamp', string.format('%.17g', now), 'rate', ARGV[1], 'burst', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return {taken, string.format('%.17g', tokens)}
 """

@@ -776,6 +776,12 @@ class SQLiteStore:
         )
         return [_row_result(r) for r in rows]
 
+    # -- rate limits -----------------------------------------------------------------------
+    async def take_token(self, team: str, rate: float, burst: float) -> tuple[bool, float] | None:
+        """None: SQLite keeps no rate buckets (a write per request, hits included, would cost
+        more than the check); the workers of one supervisor share them in memory instead."""
+        return None
+
 
 def _fetchall(conn: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
     return conn.execute(sql, args).fetchall()
