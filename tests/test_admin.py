@@ -273,6 +273,31 @@ async def test_a_near_miss_of_the_token_is_refused_everywhere(
         assert (await call(client, "GET", usage, headers={"Authorization": value}))[0] == 401
 
 
+async def test_a_near_miss_of_the_viewer_token_is_refused(
+    gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    """The viewer token as the admin token: every prefix, extension and case change, Bearer and
+    Basic, is a 401 on the status page; the viewer token itself opens it and nothing else."""
+    config = make_config(sim.url, tmp_path / "gateway.db")
+    gw = await gateway_factory(replace(config, admin=AdminConfig(
+        "GW_ADMIN_TOKEN", Secret(TOKEN), "GW_STATUS_TOKEN", Secret(VIEWER))))
+    accepted = []
+    for name, miss in near_misses(VIEWER):
+        for value in (f"Bearer {miss}", basic(miss)):
+            for path in ("/status", "/status.json"):
+                got, body, r = await call(client, "GET", gw.base + path,
+                                          headers={"Authorization": value})
+                if got != 401 or body != UNAUTHORIZED:
+                    accepted.append((name, value.split()[0], path, got))
+                assert VIEWER not in str(body) and VIEWER not in str(dict(r.headers))
+    assert not accepted, accepted
+    for value in (f"Bearer {VIEWER}", f"bearer  {VIEWER}", basic(VIEWER, user="")):
+        assert (await call(client, "GET", f"{gw.base}/status.json",
+                           headers={"Authorization": value}))[0] == 200, value
+        assert (await call(client, "GET", f"{gw.base}/admin/usage",
+                           headers={"Authorization": value}))[0] == 401, value
+
+
 async def test_a_token_with_colons_works_as_the_basic_password(
     gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
