@@ -32,7 +32,7 @@ from gateway.errors import (
 from gateway.form import Form, UploadedFile, parse_query, read_form
 from gateway.logs import log_access
 from gateway.response import EnvelopeResponse
-from gateway.service import Answer, Call, Directives
+from gateway.service import Answer, Call, Directives, NotCached
 from gateway.state import STATE, GatewayState
 from gateway.store.base import StoreUnavailable
 
@@ -100,6 +100,8 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         return respond(request, answer.body, 200, headers)
     except GatewayError as exc:
         status = exc.status
+        if isinstance(exc, NotCached):
+            outcome = exc.outcome  # not the upstream's 5xx: the 5xx alert leaves it out
         raise
     except StoreUnavailable:
         status = 503  # the middleware answers it so: spend fails closed

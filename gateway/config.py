@@ -55,6 +55,8 @@ class Secret:
 
 # Labels the gateway gives requests that belong to no team: a team may not be called so.
 RESERVED_TEAM_NAMES = frozenset({"unknown"})
+# The ledger line the gateway charges its own cache audits to (gateway.service): not a team.
+AUDIT_TEAM = "audit"
 
 
 def env_secret(env: Mapping[str, str], name: str) -> str:
@@ -154,6 +156,10 @@ class CacheConfig:
     def ttl_s(self) -> float:
         return self.ttl_days * 86400.0
 
+    derive: bool = True  # answer stricter requests from looser stored results (gateway.derive)
+    widen: bool = False  # forward objects/nsfw misses at threshold 0 and widen_max_labels
+    widen_max_labels: int = 100
+    audit_rate: float = 0.01  # share of derived answers also asked upstream and compared
     @property
     def keep_s(self) -> float:
         """How long an entry is kept: fresh for ttl, then servable if the upstream fails."""
@@ -191,6 +197,7 @@ class TeamConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
+    allow_refresh: bool = True  # false: this team's Cache-Control no-cache is a plain lookup
     upstream: UpstreamConfig = UpstreamConfig()
     storage: StorageConfig = StorageConfig()
     cache: CacheConfig = CacheConfig()
@@ -512,6 +519,10 @@ def parse_config(
     period: str = q.get("period", str, "month")
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
+            "derive",
+            "widen",
+            "widen_max_labels",
+            "audit_rate",
 
     a = _Reader(
         problems,
@@ -521,7 +532,15 @@ def parse_config(
         {"token_env", "status_token_env", "public_status"},
     )
     token_env: str | None = a.get("token_env", str, None)
+        derive=c.get("derive", bool, True),
+        widen=c.get("widen", bool, False),
+        widen_max_labels=c.integer("widen_max_labels", 100),
+        audit_rate=c.number("audit_rate", 0.01, strict=False),
     status_env: str | None = a.get("status_token_env", str, None)
+    if not 0.0 <= cache.audit_rate <= 1.0:
+        c.fail("audit_rate", "must be between 0 and 1 (a share of derived answers)")
+    if cache.widen and not cache.derive:
+        c.fail("widen", "needs derive = true (a widened miss's answer is derived)")
     admin = AdminConfig(
         token_env=token_env,
         token=Secret(
@@ -591,7 +610,12 @@ def _parse_teams(
                 f"{source}: teams.{name}: the name is reserved (metrics and logs label "
                 "requests without a valid key as team \"unknown\"); choose another"
             )
-        known = {"keys", "quota", "rate_per_s", "burst", "types"}
+        if name.lower() == AUDIT_TEAM:
+            problems.append(
+                f"{source}: teams.{name}: the name is reserved (the gateway charges its own "
+                "cache audits to a ledger line called \"audit\"); choose another"
+            )
+        known = {"keys", "quota", "rate_per_s", "burst", "types", "allow_refresh"}
         t = _Reader(problems, source, prefix, body, known)
         if "keys" not in body:
             t.fail("keys", "missing (a list of team keys, plain or sha256:<hex>)")
@@ -644,6 +668,7 @@ def _parse_teams(
 def _key_hash(key: str) -> str | None:
     if key.startswith("sha256:"):
         hexpart = key[7:].lower()
+                allow_refresh=t.get("allow_refresh", bool, True),
         if len(hexpart) != 64 or any(ch not in "0123456789abcdef" for ch in hexpart):
             return None
         return "sha256:" + hexpart

@@ -19,6 +19,8 @@ class HotCache:
         self.max_bytes = max_bytes
         self.size = 0
         self._entries: OrderedDict[str, CachedResult] = OrderedDict()
+        # (content_hash, type, scope) -> keys held: what a derived hit may answer from.
+        self._variants: dict[tuple[str, str, str], set[str]] = {}
 
     def get(self, key: str) -> CachedResult | None:
         entry = self._entries.get(key)
@@ -26,29 +28,48 @@ class HotCache:
             self._entries.move_to_end(key)
         return entry
 
+    def variants(self, content_hash: str, type_: str, scope: str) -> list[CachedResult]:
+        """The entries held for one image, type and scope, any parameters."""
+        keys = self._variants.get((content_hash, type_, scope))
+        return [self._entries[k] for k in sorted(keys)] if keys else []
+
     def put(self, entry: CachedResult) -> None:
         if entry.size > self.max_bytes:
             return
-        old = self._entries.pop(entry.key, None)
-        if old is not None:
-            self.size -= old.size
+        self.discard(entry.key)
         self._entries[entry.key] = entry
+        self._variants.setdefault(_group(entry), set()).add(entry.key)
         self.size += entry.size
         while self.size > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
+            self._unindex(evicted)
             self.size -= evicted.size
 
     def discard(self, key: str) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
+            self._unindex(old)
             self.size -= old.size
+
+    def _unindex(self, entry: CachedResult) -> None:
+        group = _group(entry)
+        keys = self._variants.get(group)
+        if keys is not None:
+            keys.discard(entry.key)
+            if not keys:
+                del self._variants[group]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._variants.clear()
         self.size = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _group(entry: CachedResult) -> tuple[str, str, str]:
+    return (entry.content_hash, entry.type, entry.scope)
 
 
 class UsageCache:

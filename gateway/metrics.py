@@ -24,7 +24,8 @@ from prometheus_client import (
 from gateway.config import ANALYSIS_TYPES, Config
 from gateway.logs import access_lines_dropped
 
-CACHE_OUTCOMES = ("hit", "miss", "coalesced", "none")
+CACHE_OUTCOMES = ("hit", "miss", "coalesced", "derived", "none")
+DERIVED_TYPES = ("objects", "nsfw")  # the types with a threshold (gateway.derive)
 ALL_TYPES = (*ANALYSIS_TYPES, "cache")
 # `_created` series double the series count and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -81,7 +82,7 @@ class Metrics:
         )
         self.calls_saved = Counter(
             "gateway_upstream_calls_saved",
-            "Upstream calls avoided (cache hits and coalesced)",
+            "Upstream calls avoided (cache hits, derived hits and coalesced)",
             ("team", "type"),
             registry=r,
         )
@@ -120,6 +121,12 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         self.cache_size = Gauge(
+        self.cache_audits = Counter(
+            "gateway_cache_audits",
+            "Derived answers also asked upstream and compared with its own answer",
+            ("type", "result"),
+            registry=r,
+        )
             "gateway_cache_size_bytes",
             "Bytes of results held",
             registry=r,
@@ -159,6 +166,9 @@ class Metrics:
         if pending is None:
             pending = self._pending_requests[key] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
         pending[0] += 1
+    def count_audit(self, type_: str, match: bool) -> None:
+        self.cache_audits.labels(type_, "match" if match else "mismatch").inc()
+
         pending[1] += seconds
         pending[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the last is +Inf
         if not self._fold_scheduled:
@@ -234,6 +244,9 @@ class Metrics:
             self._inflight = current
 
     def inflight_changed(self) -> None:
+        for type_ in DERIVED_TYPES:
+            for result in ("match", "mismatch"):
+                self.cache_audits.labels(type_, result)
         if self.multiprocess and not self._fold_scheduled:
             self._schedule_fold()
 

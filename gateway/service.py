@@ -7,17 +7,19 @@ then hands a ``Call`` here and renders the ``Answer``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import failpoints
+from gateway import derive, failpoints
 from gateway.cache_key import cache_key, params_text
-from gateway.config import Config, TeamConfig
+from gateway.config import AUDIT_TEAM, Config, TeamConfig
 from gateway.envelope import data_object, data_prefix, success_body, success_json
-from gateway.errors import BadGateway, GatewayError, GatewayTimeout, Unavailable
+from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
 from gateway.form import UploadedFile
 from gateway.hot_cache import HotCache, UsageCache
 from gateway.metrics import Metrics
@@ -30,6 +32,19 @@ log = logging.getLogger("gateway.service")
 CACHE_NAME = "imagerecognize-gateway"
 _UNREAD = "\0unread"  # the store's cache_generation before the first look at it
 USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (other processes)
+# The ledger line of the gateway's own cache audits: its limit bounds the audits a period.
+AUDIT_CALLS_PER_PERIOD = 10_000
+AUDIT_LINE = TeamConfig(AUDIT_TEAM, frozenset(), AUDIT_CALLS_PER_PERIOD)
+DERIVE_OFF_META = "derive_off:"  # + type: why the audit switched derivation off for it
+
+
+class NotCached(GatewayTimeout):
+    """only-if-cached and nothing held: a 504 the upstream had no part in (counted apart)."""
+
+    outcome = "only-if-cached"
+
+    def __init__(self) -> None:
+        super().__init__("Not in the gateway's cache (only-if-cached)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +82,7 @@ class Call:
 @dataclass(slots=True)
 class Answer:
     body: bytes
-    outcome: str  # hit | miss | coalesced | none (metric label)
+    outcome: str  # hit | miss | coalesced | derived | none (metric label)
     cache_status: str  # the Cache-Status header value
     content_hash: str
     upstream_ms: float | None = None
@@ -111,18 +126,30 @@ class RecognitionService:
         self._account_quota: int | None = None  # latest account quota, for reconcile()
         # Ledger writes refused by the store after the upstream call ended: retried by flush().
         self._unended: list[tuple[str, Reservation]] = []
+        # Types the audit found the upstream not following the model for: type -> why.
+        self.derive_off: dict[str, str] = {}
+        self._derive_off_unwritten: set[str] = set()
+        self.audit_random = random.Random()
 
     # -- the request path ------------------------------------------------------------------
     async def recognize(self, call: Call) -> Answer:
         scope = "" if self.config.cache.share_across_teams else call.team.name
         key = cache_key(call.file.content_hash, call.type, call.params, scope)
         d = call.directives
+        if d.no_cache and not call.team.allow_refresh:
+            d = dataclasses.replace(d, no_cache=False)  # this team may not force a paid call
         if d.only_if_cached and (d.no_cache or d.no_store):
             # Neither may be answered from the store, and only-if-cached forbids forwarding.
-            raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
+            raise NotCached()
         if d.no_store:
             self._refuse_if_breaker_open()
             return await self._forward(call, key, scope, store=False, cache_status="fwd=request")
+        derivable = self.derivable(call.type)
+        # A widened miss asks for every object at once, so later variants are derived hits.
+        sent = self._widened(call) if derivable and not d.no_cache else None
+        flight_key = key if sent is None else cache_key(
+            call.file.content_hash, call.type, sent.params, scope
+        )
         while True:
             period = self.ledger.period()
             entry: CachedResult | None = None
@@ -134,11 +161,15 @@ class RecognitionService:
                     if age < self.config.cache.ttl_s:
                         self._note_hit(key, call, period, now, coalesced=False)
                         return self._hit(entry, call, used, age)
+                if derivable:
+                    derived = await self._derived(call, key, scope, period, now, used)
+                    if derived is not None:
+                        return derived
                 if d.only_if_cached:
-                    raise GatewayTimeout("Not in the gateway's cache (only-if-cached)")
+                    raise NotCached()
             try:
                 if not d.no_cache:
-                    flight = self._flights.get(key)
+                    flight = self._flights.get(flight_key)
                     if flight is not None:
                         try:
                             return await self._follow(flight, key, call, scope)
@@ -146,7 +177,7 @@ class RecognitionService:
                             continue
                 self._refuse_if_breaker_open()
                 fwd = "fwd=request" if d.no_cache else "fwd=stale" if entry else "fwd=miss"
-                return await self._lead(call, key, scope, fwd)
+                return await self._lead(call, flight_key, scope, fwd, sent)
             except (BadGateway, GatewayTimeout, Unavailable) as exc:
                 stale = await self._stale(entry, key, call, period)
                 if stale is None:
@@ -176,6 +207,137 @@ class RecognitionService:
             used = await self.store.used(team, period)
             self.usage.put(team, period, used, time.monotonic())
         return used
+
+    # -- derived hits ----------------------------------------------------------------------
+    def derivable(self, type_: str) -> bool:
+        """Whether misses of ``type_`` may be answered from looser stored results."""
+        return (
+            self.config.cache.derive and type_ in derive.DERIVABLE and type_ not in self.derive_off
+        )
+
+    def _widened(self, call: Call) -> Call | None:
+        """The call a widened miss forwards instead of ``call`` (None: forward ``call``)."""
+        if not self.config.cache.widen:
+            return None
+        params = derive.widened(call.type, call.params, self.config.cache.widen_max_labels)
+        if params == call.params:
+            return None
+        return Call(call.team, call.type, params, call.file, call.directives)
+
+    def _usable(
+        self, entries: list[CachedResult], call: Call, now: float
+    ) -> tuple[CachedResult, bytes] | None:
+        """The loosest fresh entry that answers ``call`` under the model, and the answer."""
+        fresh = [e for e in entries if now - e.created_at < self.config.cache.ttl_s]
+        found = derive.best(call.type, ((e.params, e.data_prefix) for e in fresh), call.params)
+        if found is None:
+            return None
+        n, stored = found
+        return fresh[n], derive.derive(call.type, stored, call.params)
+
+    async def _derived(
+        self, call: Call, key: str, scope: str, period: str, now: float, used: int
+    ) -> Answer | None:
+        """A miss on the exact key answered from a looser result of the same image and type:
+        the in-process tier first, then one indexed store lookup. Free, like a hit."""
+        content_hash = call.file.content_hash
+        found = self._usable(self.hot.variants(content_hash, call.type, scope), call, now)
+        if found is None:
+            entries = await self.store.results_of_type(content_hash, call.type, scope)
+            found = self._usable(entries, call, now)
+            if found is None:
+                return None
+            self.hot.put(found[0])
+        source, prefix = found
+        self._note_hit(source.key, call, period, now, coalesced=False)
+        rate = self.config.cache.audit_rate
+        if rate > 0 and self.audit_random.random() < rate:
+            self._start_audit(call, key, scope, prefix)
+        return Answer(
+            success_body(prefix, self.ledger.left(call.team, used)),
+            "derived",
+            f"{CACHE_NAME}; hit; detail=derived",
+            content_hash,
+        )
+
+    def _answer_from(self, result: CachedResult, call: Call) -> bytes | None:
+        """``result``'s data prefix as the answer to ``call``: itself when its parameters
+        are the call's, else derived (None when the model cannot answer from it)."""
+        if result.params == params_text(call.params):
+            return result.data_prefix
+        found = self._usable([result], call, result.created_at)
+        return found[1] if found is not None else None
+
+    # -- the audit --------------------------------------------------------------------------
+    def _start_audit(self, call: Call, key: str, scope: str, derived: bytes) -> None:
+        """Ask the upstream the derived answer's exact question, in the background, charged
+        to the gateway's own ``audit`` ledger line (never to the team)."""
+        file = call.file
+        if file.data is None:
+            return  # a spooled upload is gone once the request ends: audit a smaller one
+        copy = dataclasses.replace(file, data=bytes(file.data))
+        audit = Call(AUDIT_LINE, call.type, call.params, copy)
+        task = asyncio.create_task(self._audit(audit, key, scope, derived))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _audit(self, call: Call, key: str, scope: str, derived: bytes) -> None:
+        if call.type in self.derive_off or self.upstream.breaker.is_open():
+            return
+        try:
+            reservation = await self._reserve(call.team)
+        except (QuotaReached, StoreUnavailable) as exc:
+            log.warning("cache audit skipped: %s", getattr(exc, "message", exc))
+            return
+        try:
+            result, _ = await self._fetch(call, key, scope, reservation, None, store=True)
+        except Exception as exc:  # billed or refunded by _fetch; the caller was answered
+            log.warning("cache audit: the upstream call failed (%s)", type(exc).__name__)
+            return
+        match = result.data_prefix == derived
+        self.metrics.count_audit(call.type, match)
+        if not match:
+            await self._model_broken(call.type, result.params)
+
+    async def _model_broken(self, type_: str, params: str) -> None:
+        if type_ in self.derive_off:
+            return
+        when = datetime.fromtimestamp(self.ledger.clock(), UTC).isoformat(timespec="seconds")
+        self.derive_off[type_] = f"audit mismatch at {params} ({when})"
+        log.error(
+            "cache audit: a derived %s answer (%s) differs from the upstream's own answer: "
+            "the upstream does not follow the threshold/label model, so derived hits and "
+            "widening are off for %s (see docs/observability.md, Derived hits)",
+            type_,
+            params,
+            type_,
+        )
+        self._derive_off_unwritten.add(type_)
+        await self._write_derive_off()
+
+    async def _write_derive_off(self) -> None:
+        """Tell the other processes (and ``gateway cache stats``) through the store."""
+        for type_ in sorted(self._derive_off_unwritten):
+            try:
+                await self.store.set_meta(DERIVE_OFF_META + type_, self.derive_off[type_])
+            except StoreUnavailable:
+                return
+            self._derive_off_unwritten.discard(type_)
+
+    async def _read_derive_off(self) -> None:
+        for type_ in derive.DERIVABLE:
+            if type_ in self._derive_off_unwritten:
+                continue
+            try:
+                why = await self.store.get_meta(DERIVE_OFF_META + type_)
+            except StoreUnavailable:
+                return
+            if why:
+                if type_ not in self.derive_off:
+                    log.error("cache audit: derived hits and widening are off for %s", type_)
+                self.derive_off[type_] = why
+            else:
+                self.derive_off.pop(type_, None)  # an operator cleared it
 
     def _drop_hot(self) -> None:
         self.hot.clear()
@@ -213,7 +375,9 @@ class RecognitionService:
             warning=f'110 {CACHE_NAME} "Response is Stale"' if stale else None,
         )
 
-    async def _lead(self, call: Call, key: str, scope: str, fwd: str) -> Answer:
+    async def _lead(
+        self, call: Call, key: str, scope: str, fwd: str, sent: Call | None = None
+    ) -> Answer:
         flight = _Flight()
         self._flights[key] = flight  # a no-cache leader may take over a plain one's key
         try:
@@ -223,7 +387,9 @@ class RecognitionService:
             flight.future.set_exception(_Retry())
             flight.future.exception()  # retrieved: followers may be none
             raise
-        return await self._call_upstream(call, key, scope, reservation, flight, store=True, fwd=fwd)
+        return await self._call_upstream(
+            call, key, scope, reservation, flight, store=True, fwd=fwd, sent=sent
+        )
 
     def _land(self, key: str, flight: _Flight) -> None:
         """Take ``flight`` off the in-flight table, unless another leader has taken its key."""
@@ -241,11 +407,14 @@ class RecognitionService:
                 self.config.cache.coalesce_wait_s,
             )
             return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
+        prefix = self._answer_from(result, call)
+        if prefix is None:  # the leader's (widened) answer does not follow the model
+            return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
         period = self.ledger.period()
-        self._note_hit(key, call, period, self.ledger.clock(), coalesced=True)
+        self._note_hit(result.key, call, period, self.ledger.clock(), coalesced=True)
         used = await self._used(call.team.name, period)
         return Answer(
-            success_body(result.data_prefix, self.ledger.left(call.team, used)),
+            success_body(prefix, self.ledger.left(call.team, used)),
             "coalesced",
             f"{CACHE_NAME}; hit; detail=coalesced",
             call.file.content_hash,
@@ -269,15 +438,27 @@ class RecognitionService:
         *,
         store: bool,
         fwd: str,
+        sent: Call | None = None,
     ) -> Answer:
+        """``sent``: the call forwarded instead of ``call`` (widened); ``call``'s answer is
+        derived from its result."""
         # The upstream call runs as its own task: a client hanging up must not cancel it for
         # the followers, nor lose a result that was paid for.
-        task = asyncio.create_task(self._fetch(call, key, scope, reservation, flight, store=store))
+        task = asyncio.create_task(
+            self._fetch(sent or call, key, scope, reservation, flight, store=store)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         result, upstream_s = await asyncio.shield(task)
+        prefix = self._answer_from(result, call) if sent is not None else result.data_prefix
+        if prefix is None:
+            # The widened answer is not the model's (not highest first): widening is off for
+            # the type from now, and this caller's exact question is asked (and paid) again.
+            await self._model_broken(call.type, result.params)
+            exact = cache_key(call.file.content_hash, call.type, call.params, scope)
+            return await self._forward(call, exact, scope, store=True, cache_status=fwd)
         return Answer(
-            success_body(result.data_prefix, self.ledger.left(call.team, reservation.used)),
+            success_body(prefix, self.ledger.left(call.team, reservation.used)),
             "miss" if store else "none",
             f"{CACHE_NAME}; {fwd}" + ("; stored" if store else ""),
             call.file.content_hash,
@@ -449,6 +630,9 @@ class RecognitionService:
             self._shared_generation = shared
         if self._unended:
             await self._retry_unended()
+        if self._derive_off_unwritten:
+            await self._write_derive_off()
+        await self._read_derive_off()
         hits, self._hits = self._hits, []
         if hits:
             try:

@@ -6,6 +6,12 @@ bytes and the type. Fault switches (``/_sim/control``) make it fail the ways a r
 can: 500/503 pages, hangs, resets, non-JSON bodies and trickled responses; and the ways a
 hostile one could: a redirect elsewhere (``redirect``), a success nested too deep to re-encode
 (``deep``), an error message echoing the request, key included (``echo``).
+
+``objects`` follows the seed's model: the candidates with confidence >= ``min_confidence``,
+highest first, at most ``max_labels``. ``/_sim/control {"model": "cap-first"}`` breaks it the
+way an engine might: it takes the first ``max_labels`` candidates in detection order, then
+filters and sorts them, so a smaller ``max_labels`` is no longer a prefix of a larger one's
+answer (the gateway's cache audit must catch that).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ FAULTS = (
     "deep",
     "echo",
 )
+MODELS = ("seed", "cap-first")
 DEEP_NESTING = 100_000
 HISTORY_LEN = 100
 TRICKLE_INTERVAL_S = 0.05
@@ -72,7 +79,7 @@ _VOCABULARY: dict[str, tuple[str, ...]] = {
         "Drugs", "Tobacco", "Alcohol", "Gambling", "Hate Symbols",
     ),
 }  # fmt: skip
-_STATS = "calls successes calls_by_type quota fault fault_count latency_ms history".split()
+_STATS = "calls successes calls_by_type quota fault fault_count latency_ms model history".split()
 _EMOTIONS = ("HAPPY", "CALM", "SURPRISED", "SAD", "ANGRY", "CONFUSED")
 
 
@@ -85,6 +92,7 @@ class SimState:
     latency_ms: float = 0.0
     fault: str = "none"
     fault_count: int = -1
+    model: str = "seed"  # or "cap-first": objects answers that break the seed's model
     calls: int = 0
     calls_by_type: dict[str, int] = field(default_factory=dict)
     successes: int = 0
@@ -113,6 +121,7 @@ class SimState:
         self.history.clear()
         self.results.clear()
         self.fault, self.fault_count = "none", -1
+        self.model = "seed"
 
 
 SIM_STATE = web.AppKey("sim_state", SimState)
@@ -216,6 +225,11 @@ def _box(rng: random.Random) -> dict[str, float]:
 
 def recognize(image: bytes, kind: str) -> list[dict[str, Any]]:
     """Every candidate the simulated engine sees in ``image``, best first (before filtering)."""
+    return sorted(_detect(image, kind), key=lambda item: -item["confidence"])
+
+
+def _detect(image: bytes, kind: str) -> list[dict[str, Any]]:
+    """Every candidate, in detection order."""
     rng = random.Random(hashlib.sha256(image + kind.encode()).digest())
     count = rng.randint(3, 15)
     names = ["Face"] * count if kind == "detect_faces" else list(_VOCABULARY[kind])
@@ -237,11 +251,16 @@ def recognize(image: bytes, kind: str) -> list[dict[str, Any]]:
             item["emotions"] = sorted(emotions, key=lambda e: -e["confidence"])
             item["age_range"] = {"low": low, "high": low + rng.randint(4, 12)}
         found.append(item)
-    found.sort(key=lambda item: -item["confidence"])
     return found
 
 
-def _analyse(image: bytes, kind: str, params: dict[str, int]) -> list[dict[str, Any]]:
+def _analyse(
+    image: bytes, kind: str, params: dict[str, int], model: str = "seed"
+) -> list[dict[str, Any]]:
+    if kind == "objects" and model == "cap-first":
+        first = _detect(image, kind)[: params["max_labels"]]
+        kept = [o for o in first if o["confidence"] >= params["min_confidence"]]
+        return sorted(kept, key=lambda item: -item["confidence"])
     found = recognize(image, kind)
     if kind == "objects":
         kept = [o for o in found if o["confidence"] >= params["min_confidence"]]
@@ -280,7 +299,7 @@ def _process(state: SimState, request: web.Request, form: _Form, *, charge: bool
     params = _check_params(kind, fields)
     if state.quota <= 0:
         raise _Rejected(402, "Quota limit reached")
-    objects = _analyse(image, kind, params)
+    objects = _analyse(image, kind, params, state.model)
     if charge:
         state.quota -= 1
         state.successes += 1
@@ -409,6 +428,7 @@ _CONTROLS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "quota": (_is_int, "an integer"),
     "fault": (lambda v: v in FAULTS, "one of " + ", ".join(FAULTS)),
     "fault_count": (lambda v: _is_int(v) and v >= -1, "an integer >= -1 (-1: until changed)"),
+    "model": (lambda v: v in MODELS, "one of " + ", ".join(MODELS)),
 }
 
 
@@ -448,7 +468,9 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 async def _control(request: web.Request) -> web.Response:
-    return await _control_request(request, ("latency_ms", "fault", "fault_count", "quota"))
+    return await _control_request(
+        request, ("latency_ms", "fault", "fault_count", "quota", "model")
+    )
 
 
 async def _reset(request: web.Request) -> web.Response:

@@ -51,6 +51,8 @@ def make_config(sim_url: str, db_path: str | Path, **overrides: Any) -> Config:
         "upstream": {"url": sim_url, "api_key_env": "TEST_UPSTREAM_KEY", "timeout_s": 5},
         "storage": {"backend": "sqlite", "path": str(db_path)},
         "quota": {"period": "month"},
+        # No sampled audits unless a test asks: each is an upstream call made at random.
+        "cache": {"audit_rate": 0},
         "teams": teams,
     }
     for section, values in overrides.items():

@@ -450,7 +450,8 @@ async def test_metrics_match_the_workload(gateway: Gateway, sim: Sim) -> None:
         for sample in families[name].samples:
             assert set(sample.labels) - {"le"} == labels, (sample.name, sample.labels)
             assert sample.labels.get("team", "unknown") in {*QUOTAS, "unknown"}
-            assert sample.labels.get("cache", "none") in {"hit", "miss", "coalesced", "none"}
+            assert sample.labels.get("cache", "none") in {"hit", "miss", "coalesced", "derived",
+                                                          "only-if-cached", "none"}
             assert sample.labels.get("type", "cache") in {*ANALYSIS_TYPES, "cache", "invalid"}
 
     # Requests: exactly what the clients saw, by team, status and cache outcome.

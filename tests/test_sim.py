@@ -439,7 +439,7 @@ async def test_control_endpoints(sim: Sim) -> None:
         assert stats["calls"] == 2 and stats["successes"] == 0 and stats["quota"] == 42
         assert set(stats) == {
             "calls", "successes", "calls_by_type", "quota", "fault", "fault_count",
-            "latency_ms", "history",
+            "latency_ms", "model", "history",
         }  # fmt: skip
 
         status, stats = await control("/_sim/reset")
