@@ -70,3 +70,17 @@ def test_hot_path_bench_smoke_prints_every_step() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = [line.split()[0] for line in proc.stdout.splitlines()[2:]]
     assert rows == ["body", "team", "parameters", "answer"]
+
+
+def test_savings_bench_smoke_derives_and_widens_below_exact_dedup() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "savings.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("exact ", "derive ", "derive+widen "))}
+    assert set(rows) == {"exact", "derive", "derive+widen"}, proc.stdout
+    calls = {mode: int(row[1]) for mode, row in rows.items()}
+    assert calls["derive+widen"] < calls["derive"] < calls["exact"], proc.stdout
+    for mode, row in rows.items():
+        assert int(row[1]) <= int(row[4]), (mode, proc.stdout)  # never above its minimum
+        assert "all equal to the simulator" in " ".join(row), proc.stdout

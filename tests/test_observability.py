@@ -358,6 +358,29 @@ tests:
         alertname: GatewayHigh5xxRatio
         exp_alerts: [{exp_labels: {severity: critical}}]
 
+  - name: only-if-cached misses are 504 by design, not a 5xx ratio
+    interval: 1m
+    input_series:
+      - series: 'gateway_requests_total{team="search",status="200",cache="hit"}'
+        values: '0+90x20'
+      - series: 'gateway_requests_total{team="search",status="504",cache="only-if-cached"}'
+        values: '0+10x20'
+    alert_rule_test:
+      - {eval_time: 12m, alertname: GatewayHigh5xxRatio, exp_alerts: []}
+
+  - name: an audit mismatch is critical
+    interval: 1m
+    input_series:
+      - series: 'gateway_cache_audits_total{type="objects",result="match"}'
+        values: '0+1x20'
+      - series: 'gateway_cache_audits_total{type="objects",result="mismatch"}'
+        values: '0x10 1x10'
+    alert_rule_test:
+      - {eval_time: 5m, alertname: GatewayCacheModelMismatch, exp_alerts: []}
+      - eval_time: 15m
+        alertname: GatewayCacheModelMismatch
+        exp_alerts: [{exp_labels: {severity: critical, type: objects}}]
+
   - name: cache hit ratio falls from 80% to 10%
     interval: 1m
     input_series:
