@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import time
 
@@ -42,11 +43,29 @@ PNG_IHDR = b"\x00\x00\x00\x0dIHDR"
 HASH_RE = re.compile(r"[0-9a-f]{32}")
 TYPES = (*TYPE_PARAMS, "cache")
 MAX_REMEMBERED_KEYS = 10_000
+MAX_REQUEST_ID = 128
+# Where the error middleware leaves the request's id for the handler (web.RequestKey since
+# aiohttp 3.12; a plain key before, which those versions take without a warning).
+REQUEST_ID: web.RequestKey[str] = (
+    web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"  # type: ignore[assignment]
+)
+
+
+def request_id(sent: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is printable ASCII of at most 128 characters,
+    else a new one: a uuid4 in hex, as uuid.uuid4().hex makes it (~1 us here, ~3.5 there)."""
+    if sent and len(sent) <= MAX_REQUEST_ID and sent.isascii() and sent.isprintable():
+        return sent
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # the RFC 4122 variant
+    return b.hex()
 
 
 async def handle_api(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     started = time.perf_counter()
+    rid = request[REQUEST_ID]
     team_label, type_label, outcome, status = "unknown", "invalid", "none", 500
     server = state.config.server
     if state.draining or state.receiving >= server.max_receiving:
@@ -84,7 +103,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         if type_ == "cache":
             body = await _cache_lookup(form, team, state)
             status = 200
-            return respond(request, body, 200, limits)
+            return respond(request, body, 200, {**limits, "X-Request-Id": rid})
         file = _image(form)
         params = analysis_params(type_, form.fields)
         directives = Directives.parse(request.headers.get("Cache-Control"))
@@ -93,6 +112,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         headers = {
             "Cache-Status": answer.cache_status,
             "X-Content-Hash": answer.content_hash,
+            "X-Request-Id": rid,
             **limits,
         }
         if answer.warning is not None:
@@ -125,6 +145,10 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
                     "upstream_ms": round(answer.upstream_ms, 2)
                     if answer is not None and answer.upstream_ms is not None
                     else None,
+                    "request_id": rid,
+                    "client": request.remote,
+                    "method": request.method,
+                    "path": request.path,
                 }
             )
 

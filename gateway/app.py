@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.admin import add_admin_routes
-from gateway.api import handle_api, respond
+from gateway.api import REQUEST_ID, handle_api, request_id, respond
 from gateway.config import Config
 from gateway.cors import cors_middleware
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
@@ -24,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.owners import BEAT_INTERVAL_S
 from gateway.quota import Clock, QuotaLedger
 from gateway.ratelimit import RateLimiter
-from gateway.response import name_the_server
+from gateway.response import EnvelopeResponse, name_the_server
 from gateway.service import RecognitionService
 from gateway.state import STATE, GatewayState
 from gateway.store import StoreUnavailable, open_store
@@ -41,25 +41,33 @@ PURGE_EVERY = int(60.0 / FLUSH_INTERVAL_S)  # ... between purges of entries past
 
 @web.middleware
 async def envelope_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every gateway error as the upstream envelope; hide internals of the rest."""
+    """Render every gateway error as the upstream envelope; hide internals of the rest.
+    Every answer carries the request's ``X-Request-Id`` (the client's, or a new one)."""
+    rid = request[REQUEST_ID] = request_id(request.headers.get("X-Request-Id"))
     try:
-        return await handler(request)
+        response = await handler(request)
     except GatewayError as exc:
-        return _error_response(exc, request)
+        return _error_response(exc, request, rid)
     except StoreUnavailable as exc:
         log.error("store unavailable, refusing to forward: %s", exc)
-        return _error_response(Unavailable("Gateway store unavailable"), request)
+        return _error_response(Unavailable("Gateway store unavailable"), request, rid)
     except web.HTTPException as exc:
         if exc.status >= 400 and request.path.startswith("/admin/"):
             # The admin API answers in the envelope too (e.g. 405 for a GET purge).
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-            return _error_response(_HTTPError(exc.status, exc.reason, allow), request)
+            return _error_response(_HTTPError(exc.status, exc.reason, allow), request, rid)
+        exc.headers["X-Request-Id"] = rid  # aiohttp's own 404 and 405
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unexpected error answering %s %s", request.method, request.path)
-        return _error_response(ServerError(), request)
+        log.exception(
+            "unexpected error answering %s %s (request id %s)", request.method, request.path, rid
+        )
+        return _error_response(ServerError(), request, rid)
+    if not isinstance(response, EnvelopeResponse):  # the API's answers carry it already
+        response.headers["X-Request-Id"] = rid
+    return response
 
 
 class _HTTPError(GatewayError):
@@ -68,8 +76,9 @@ class _HTTPError(GatewayError):
         super().__init__(reason, headers=headers)
 
 
-def _error_response(exc: GatewayError, request: web.Request) -> web.StreamResponse:
-    return respond(request, error_envelope(exc.status, exc.message), exc.status, exc.headers)
+def _error_response(exc: GatewayError, request: web.Request, rid: str) -> web.StreamResponse:
+    headers = {**exc.headers, "X-Request-Id": rid}
+    return respond(request, error_envelope(exc.status, exc.message), exc.status, headers)
 
 
 def create_app(

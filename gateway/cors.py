@@ -15,8 +15,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ALLOWED_REQUEST_METHODS = {"GET", "POST"}
 
 ALLOWED_METHODS = "GET, POST, OPTIONS"
-ALLOWED_HEADERS = {"cache-control", "content-type", "x-requested-with", "accept"}
-EXPOSED_HEADERS = "Cache-Status, X-Content-Hash, Retry-After, RateLimit, RateLimit-Policy, Warning"
+ALLOWED_HEADERS = {"cache-control", "content-type", "x-requested-with", "accept", "x-request-id"}
+EXPOSED_HEADERS = (
+    "Cache-Status, X-Content-Hash, Retry-After, RateLimit, RateLimit-Policy, Warning, X-Request-Id"
+)
 MAX_AGE_S = "600"
 
 

@@ -38,13 +38,23 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _RESERVED}
+        extra = _quoted({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if extra:
             line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         return line
 
 
 ACCESS = logging.getLogger("gateway.access")
+
+
+def _quoted(fields: dict[str, Any]) -> dict[str, Any]:
+    """A client's request id may hold spaces, quotes or ``=``: in a ``key=value`` line it is
+    written as a JSON string, so the line still splits into its fields. Other values can't."""
+    rid = fields.get("request_id")
+    if isinstance(rid, str) and (" " in rid or '"' in rid or "=" in rid):
+        return {**fields, "request_id": json.dumps(rid)}
+    return fields
+
 
 # Lines waiting (in memory, and in the write under way) past this many buffers are dropped
 # and counted, so a sink that stops taking them costs bounded memory and no request time.
@@ -123,7 +133,7 @@ class AccessLog:
             head = {"time": self._time(now), "level": "info", "logger": ACCESS.name}
             line = json.dumps({**head, "message": "request", **fields}, separators=(",", ":"))
         else:
-            pairs = " ".join([f"{k}={v}" for k, v in fields.items()])
+            pairs = " ".join([f"{k}={v}" for k, v in _quoted(fields).items()])
             line = f"{self._time(now)} INFO {ACCESS.name}: request {pairs}"
         return line + "\n"
 

@@ -34,12 +34,14 @@ from tests.conftest import (
 )
 
 FIELDS = {"team": "search", "type": "objects", "status": 200, "cache": "hit",
-          "hash": "abcdef012345", "bytes": 100000, "gateway_ms": 0.31, "upstream_ms": None}
+          "hash": "abcdef012345", "bytes": 100000, "gateway_ms": 0.31, "upstream_ms": None,
+          "request_id": "4f1c0b6e2a9d4e7f8a1b2c3d4e5f6a7b", "client": "127.0.0.1",
+          "method": "POST", "path": "/api/v2/"}
 STAMP = re.compile(r"^\S+ \S+ |^\{\"time\":\"[^\"]+\",")
 TEAM_KEY = "team-key-n0t-f0r-logs"
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway\.access: request team=\S+ "
                   r"type=\S+ status=\d+ cache=\S+ hash=\S+ bytes=\d+ gateway_ms=[0-9.]+ "
-                  r"upstream_ms=\S+$")
+                  r"upstream_ms=\S+ request_id=\S+ client=\S+ method=[A-Z]+ path=/\S*$")
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
