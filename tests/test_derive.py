@@ -331,3 +331,22 @@ async def test_an_audit_mismatch_switches_derivation_off_for_the_type(
         assert body["data"]["objects"] == three
         assert (await ask(session, gw.url, Ask(n, "objects", 0, 2)))[0] == MISS
         assert gw.state.service.derivable("nsfw")  # only the type that failed
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    pytest.param({"cache": {"audit_rate": 1.5}}, "cache.audit_rate: must be between 0 and 1",
+                 id="audit-rate-above-one"),
+    pytest.param({"cache": {"widen": True, "derive": False}}, "cache.widen: needs derive = true",
+                 id="widen-without-derive"),
+    pytest.param({"cache": {"widen_max_labels": 0}}, "cache.widen_max_labels: must be an integer",
+                 id="widen-cap-zero"),
+    pytest.param({"teams": {"audit": {"keys": ["k"], "quota": 1}}},
+                 "teams.audit: the name is reserved", id="a-team-called-audit"),
+    pytest.param({"teams": {"t": {"keys": ["k"], "quota": 1, "allow_refresh": "no"}}},
+                 "teams.t.allow_refresh: must be true or false", id="allow-refresh-not-a-bool"),
+])
+def test_smart_cache_settings_are_checked(tmp_path: Path, raw: dict[str, Any],
+                                          problem: str) -> None:
+    from gateway.config import ConfigError
+    with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
+        make_config("http://127.0.0.1:1/api/v2/", tmp_path / "g.db", **raw)
