@@ -25,6 +25,7 @@ from gateway.owners import BEAT_INTERVAL_S
 from gateway.quota import Clock, QuotaLedger
 from gateway.ratelimit import RateLimiter
 from gateway.response import EnvelopeResponse, name_the_server
+from gateway.scrape import MetricsPage
 from gateway.service import RecognitionService
 from gateway.state import STATE, GatewayState
 from gateway.store import StoreUnavailable, open_store
@@ -34,6 +35,7 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+METRICS_PAGE: web.AppKey[MetricsPage] = web.AppKey("metrics_page", MetricsPage)
 FLUSH_INTERVAL_S = 0.5
 BEAT_EVERY = int(BEAT_INTERVAL_S / FLUSH_INTERVAL_S)  # flush ticks between owner beats
 PURGE_EVERY = int(60.0 / FLUSH_INTERVAL_S)  # ... between purges of entries past keep_s
@@ -122,6 +124,7 @@ def create_app(
         },
     )
     app[STATE] = state
+    app[METRICS_PAGE] = _metrics_page(state)
     metrics.track_inflight(lambda: state.inflight)
     app.on_response_prepare.append(name_the_server)
     app.on_shutdown.append(_start_draining)
@@ -261,10 +264,18 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    await refresh_store_gauges(state)
-    body = generate_latest(state.metrics.whole())
+    body = await request.app[METRICS_PAGE].body()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _metrics_page(state: GatewayState) -> MetricsPage:
+    async def prepare() -> Callable[[], bytes]:
+        await refresh_store_gauges(state)
+        registry = state.metrics.whole()  # folds, on the loop: what this turn counted
+        teams = state.metrics.team_gauges.render()
+        return lambda: generate_latest(registry) + teams()
+
+    return MetricsPage(prepare)
 
 
 async def refresh_store_gauges(state: GatewayState) -> None:
@@ -277,9 +288,7 @@ async def refresh_store_gauges(state: GatewayState) -> None:
     except StoreUnavailable as exc:
         log.warning("metrics: quota ledger unreadable: %s", exc)
     else:
-        for team in state.config.teams:
-            m.quota_used.labels(team.name).set(usage.get(team.name, 0))
-            m.quota_limit.labels(team.name).set(team.quota)
+        m.team_gauges.set_used(usage)
     try:
         entries, size = await state.store.totals()
     except StoreUnavailable as exc:

@@ -23,6 +23,7 @@ from prometheus_client import (
 
 from gateway.config import ANALYSIS_TYPES, Config
 from gateway.logs import access_lines_dropped
+from gateway.scrape import TeamGauges
 
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "derived", "none")
 DERIVED_TYPES = ("objects", "nsfw")  # the types with a threshold (gateway.derive)
@@ -86,20 +87,8 @@ class Metrics:
             ("team", "type"),
             registry=r,
         )
-        self.quota_used = Gauge(
-            "gateway_quota_used",
-            "Upstream calls charged this period",
-            ("team",),
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
-        self.quota_limit = Gauge(
-            "gateway_quota_limit",
-            "Team sub-quota per period",
-            ("team",),
-            registry=r,
-            multiprocess_mode="mostrecent",
-        )
+        # gateway_quota_used, gateway_quota_limit: written into the scrape's text (see there)
+        self.team_gauges = TeamGauges()
         self.upstream_quota_remaining = Gauge(
             "gateway_upstream_quota_remaining",
             "The upstream account's remaining quota, from its last answer",
@@ -121,12 +110,6 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
         self.cache_size = Gauge(
-        self.cache_audits = Counter(
-            "gateway_cache_audits",
-            "Derived answers also asked upstream and compared with its own answer",
-            ("type", "result"),
-            registry=r,
-        )
             "gateway_cache_size_bytes",
             "Bytes of results held",
             registry=r,
@@ -137,6 +120,12 @@ class Metrics:
             "Upstream circuit breaker: 0 closed, 1 open (refusing at once), 2 half-open (probing)",
             registry=r,
             multiprocess_mode="mostrecent",
+        )
+        self.cache_audits = Counter(
+            "gateway_cache_audits",
+            "Derived answers also asked upstream and compared with its own answer",
+            ("type", "result"),
+            registry=r,
         )
         self.access_log_dropped = Counter(
             "gateway_access_log_dropped",
@@ -166,9 +155,6 @@ class Metrics:
         if pending is None:
             pending = self._pending_requests[key] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
         pending[0] += 1
-    def count_audit(self, type_: str, match: bool) -> None:
-        self.cache_audits.labels(type_, "match" if match else "mismatch").inc()
-
         pending[1] += seconds
         pending[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the last is +Inf
         if not self._fold_scheduled:
@@ -179,6 +165,9 @@ class Metrics:
         self._pending_saved[key] = self._pending_saved.get(key, 0) + 1
         if not self._fold_scheduled:
             self._schedule_fold()
+
+    def count_audit(self, type_: str, match: bool) -> None:
+        self.cache_audits.labels(type_, "match" if match else "mismatch").inc()
 
     def _schedule_fold(self) -> None:
         try:
@@ -244,26 +233,20 @@ class Metrics:
             self._inflight = current
 
     def inflight_changed(self) -> None:
-        for type_ in DERIVED_TYPES:
-            for result in ("match", "mismatch"):
-                self.cache_audits.labels(type_, result)
         if self.multiprocess and not self._fold_scheduled:
             self._schedule_fold()
 
     def preinitialize(self, config: Config) -> None:
-        """Create the series known at start so they exist at zero."""
-        for team in config.teams:
-            self.quota_limit.labels(team.name).set(team.quota)
-            self.quota_used.labels(team.name)
-            for type_ in ALL_TYPES:
-                allowed = team.types is None or type_ in team.types or type_ == "cache"
-                if allowed:
-                    self.calls_saved.labels(team.name, type_)
-                    for outcome in ("hit", "miss", "coalesced") if type_ != "cache" else ("none",):
-                        self.requests.labels(team.name, type_, "200", outcome)
+        """Create the series known at start so they exist at zero. Per team only its two quota
+        gauges: its request and saved-call series appear with its first such answer, so a
+        team costs series for what it does (thousands of idle teams stay cheap to scrape)."""
+        self.team_gauges.configure(config)
         for type_ in ALL_TYPES:
             for outcome in CACHE_OUTCOMES:
                 self.request_duration.labels(type_, outcome)
+        for type_ in DERIVED_TYPES:
+            for result in ("match", "mismatch"):
+                self.cache_audits.labels(type_, result)
         for type_ in ANALYSIS_TYPES:
             self.upstream_duration.labels(type_)
             for status in ("200", "402", "timeout", "error"):

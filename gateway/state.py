@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -59,7 +58,7 @@ class GatewayState:
         """Swap in a re-read config: team keys, quotas, rate limits, types and cache rules
         change at once, without dropping a request. Returns the changed keys that only a
         restart applies."""
-        old, started = self.config, self.started
+        started = self.started
         needs_restart = [
             f"server.{name}"
             for name in RESTART_ONLY_SERVER_KEYS
@@ -79,12 +78,7 @@ class GatewayState:
         self.service.max_bytes = int(new.cache.max_mb * 1024 * 1024)
         self.teams_by_key_hash = {h: t for t in new.teams for h in t.key_hashes}
         self.teams_by_key = {}
-        self.metrics.preinitialize(new)
-        for team in old.teams:
-            if new.team(team.name) is None:
-                for gauge in (self.metrics.quota_limit, self.metrics.quota_used):
-                    with contextlib.suppress(KeyError):  # never set in this process
-                        gauge.remove(team.name)
+        self.metrics.preinitialize(new)  # a removed team's quota gauges go with it
         return needs_restart
 
 
