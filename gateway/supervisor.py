@@ -1,7 +1,9 @@
 """``server.workers = N``: a supervisor process and N workers sharing the port and the store.
 
 Quotas stay exact because reservations are atomic in the store. Metrics are whole across
-workers through prometheus-client's multiprocess mode, set up here before any worker imports it.
+workers through prometheus-client's multiprocess mode, set up here before any worker imports it;
+rate limits through a table of buckets every worker maps (``gateway.ratelimit``), in the same
+folder.
 
 - A worker dies with its supervisor: on Linux the kernel sends it SIGTERM when the supervisor
   ends (``PR_SET_PDEATHSIG``), anywhere it also watches multiprocessing's parent sentinel (a
