@@ -39,6 +39,7 @@ from gateway.usage import (
     human_age,
     human_bytes,
     iso_utc,
+    money_places,
     parse_age,
     parse_period,
     period_resets_at,
@@ -295,10 +296,19 @@ async def _status(state: GatewayState) -> dict[str, Any]:
                 **t.as_dict(),
                 "hit_ratio": t.hit_ratio,
                 "refused_since_start": refused.get(t.team, dict.fromkeys(REFUSALS, 0)),
+                "spend": report.spend(t),
+                "savings": report.savings(t),
             }
             for t in report.teams
         ],
-        "total": {**report.total.as_dict(), "hit_ratio": report.total.hit_ratio},
+        "total": {
+            **report.total.as_dict(),
+            "hit_ratio": report.total.hit_ratio,
+            "spend": report.spend(report.total),
+            "savings": report.savings(report.total),
+        },
+        "currency": report.pricing.currency,
+        "price_per_call": report.pricing.per_call,
         "cache": {"entries": entries, "size_bytes": size, "size": human_bytes(size)},
         "upstream": await _upstream_health(state),
     }
@@ -359,6 +369,8 @@ def render_status(s: Mapping[str, Any]) -> str:
             f'<span class="num">{e(limit)}</span></td>'
             f'<td class="num">{_ratio(t["hit_ratio"])}</td>'
             f'<td class="num">{t["calls_saved"]}</td>'
+            f'<td class="num">{_money(t["spend"], s)}</td>'
+            f'<td class="num">{_money(t["savings"], s)}</td>'
             f'<td class="num">{_refused(t.get("refused_since_start", {}))}</td></tr>'
         )
     up, cache, total = s["upstream"], s["cache"], s["total"]
@@ -376,6 +388,8 @@ def render_status(s: Mapping[str, Any]) -> str:
         total_quota=total["quota"],
         total_ratio=_ratio(total["hit_ratio"]),
         total_saved=total["calls_saved"],
+        total_spend=_money(total["spend"], s),
+        total_savings=_money(total["savings"], s),
         calls=calls or "none yet",
         failed=up["failed_since_start"],
         called=sum(up["calls_since_start"].values()),
@@ -386,6 +400,11 @@ def render_status(s: Mapping[str, Any]) -> str:
         generated=e(s["generated_at"]),
         json_link="/status.json",
     )
+
+
+def _money(amount: float, s: Mapping[str, Any]) -> str:
+    places = money_places(s["price_per_call"])
+    return f"{amount:.{places}f} {html.escape(s['currency'])}"
 
 
 def _refused(counts: Mapping[str, int]) -> str:
@@ -424,13 +443,15 @@ footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
 <p id="resets">Quotas reset {resets}.</p>
 <table id="teams">
 <thead><tr><th>team</th><th>upstream calls charged</th><th>hit ratio</th>
-<th>calls saved</th><th>refused since start (402 quota, 429 rate)</th></tr></thead>
+<th>calls saved</th><th>spend</th><th>savings</th>
+<th>refused since start (402 quota, 429 rate)</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
 <tfoot><tr data-team=""><th scope="row">all teams</th>
 <td class="num">{total_used} / {total_quota} used</td><td class="num">{total_ratio}</td>
-<td class="num">{total_saved}</td><td></td></tr></tfoot>
+<td class="num">{total_saved}</td><td class="num">{total_spend}</td>
+<td class="num">{total_savings}</td><td></td></tr></tfoot>
 </table>
 <h2>Upstream</h2>
 <dl id="upstream">

@@ -36,6 +36,7 @@ from gateway.usage import (
     human_age,
     human_bytes,
     iso_utc,
+    money_places,
     parse_age,
     parse_period,
     range_period,
@@ -216,7 +217,10 @@ def usage_table(report: UsageReport) -> str:
         "coalesced",
         "calls saved",
         "undelivered",
+        f"spend {report.pricing.currency}",
+        f"savings {report.pricing.currency}",
     )
+    places = money_places(report.pricing.per_call)
     rows = [
         (
             t.team,
@@ -227,6 +231,8 @@ def usage_table(report: UsageReport) -> str:
             t.coalesced,
             t.saved,
             t.undelivered,
+            f"{report.spend(t):.{places}f}",
+            f"{report.savings(t):.{places}f}",
         )
         for t in (*report.teams, report.total)
     ]
@@ -241,6 +247,10 @@ def usage_table(report: UsageReport) -> str:
             "note: undelivered calls were sent upstream (so maybe billed) but delivered no "
             "result: the gateway died or the upstream failed mid-call; they stay charged"
         )
+    if not report.pricing.per_call:
+        lines.append("note: no [pricing] per_call in the config, so spend and savings read 0")
+    if report.pricing_note:
+        lines.append(f"note: {report.pricing_note}")
     return "\n".join(lines)
 
 

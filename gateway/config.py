@@ -185,6 +185,36 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class PricingConfig:
+    """What one upstream call costs, for spend and savings in money (``gateway.usage``)."""
+
+    per_call: float = 0.0
+    currency: str = "USD"
+    types: tuple[tuple[str, float], ...] = ()  # per-type prices; other types cost per_call
+
+    def price(self, type_: str) -> float:
+        return next((p for t, p in self.types if t == type_), self.per_call)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Webhooks told when a team crosses a share of its quota, the breaker opens or closes,
+    or the ledger drifts from the upstream's count (``gateway.notify``)."""
+
+    webhook_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a token (Slack)
+    slack: bool = False  # a Slack-compatible body ({"text": ...}) instead of the event's JSON
+    quota_shares: tuple[float, ...] = (0.8, 1.0)
+    drift_calls: int = 10  # |gateway_ledger_drift_calls| above this is notified
+    timeout_s: float = 5.0  # one POST
+    retries: int = 3  # after the first POST, with backoff
+    max_queue: int = 100  # events waiting to be sent; past it the newest are dropped
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.webhook_urls)
+
+
+@dataclass(frozen=True)
 class TeamConfig:
     name: str
     key_hashes: frozenset[str]
@@ -205,6 +235,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
     teams: tuple[TeamConfig, ...] = ()
     source: str = "<built-in>"
+    pricing: PricingConfig = PricingConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     def team(self, name: str) -> TeamConfig | None:
         return next((t for t in self.teams if t.name == name), None)
@@ -330,7 +362,7 @@ def parse_config(
         source,
         "",
         raw,
-        {"server", "upstream", "storage", "cache", "quota", "admin", "teams"},
+        {"server", "upstream", "storage", "cache", "quota", "admin", "teams", "pricing", "notify"},
     )
 
     def table(name: str) -> Mapping[str, Any]:
@@ -569,6 +601,8 @@ def parse_config(
         a.fail("status_token_env", "the viewer token must differ from the admin token")
 
     teams = _parse_teams(problems, source, table("teams"), upstream.api_key)
+    pricing = _parse_pricing(problems, source, table("pricing"))
+    notify = _parse_notify(problems, source, table("notify"))
     if problems:
         raise ConfigError("\n".join(problems))
     return Config(
@@ -580,6 +614,67 @@ def parse_config(
         admin=admin,
         teams=teams,
         source=source,
+        pricing=pricing,
+        notify=notify,
+    )
+
+
+_CURRENCY = re.compile(r"[A-Z]{3}")
+_WEBHOOK = re.compile(r"https?://[^/\s]+(/\S*)?")
+
+
+def _parse_pricing(problems: list[str], source: str, raw: Mapping[str, Any]) -> PricingConfig:
+    p = _Reader(problems, source, "pricing.", raw, {"per_call", "currency", "types"})
+    currency: str = p.get("currency", str, "USD")
+    if not _CURRENCY.fullmatch(currency):
+        p.fail("currency", f"must be a three-letter ISO 4217 code such as USD, got {currency!r}")
+    types: list[tuple[str, float]] = []
+    t = _Reader(problems, source, "pricing.types.", p.get("types", dict, {}), set(ANALYSIS_TYPES))
+    for name in t.table:
+        if name in ANALYSIS_TYPES:
+            types.append((name, t.number(name, 0.0, strict=False)))
+    return PricingConfig(
+        per_call=p.number("per_call", 0.0, strict=False), currency=currency, types=tuple(types)
+    )
+
+
+def _parse_notify(problems: list[str], source: str, raw: Mapping[str, Any]) -> NotifyConfig:
+    n = _Reader(
+        problems,
+        source,
+        "notify.",
+        raw,
+        {
+            "webhook_urls",
+            "slack",
+            "quota_shares",
+            "drift_calls",
+            "timeout_s",
+            "retries",
+            "max_queue",
+        },
+    )
+    urls = n.strings("webhook_urls", ())
+    for url in urls:
+        if not _WEBHOOK.fullmatch(url):
+            n.fail("webhook_urls", "each must be an http:// or https:// URL")
+            break
+    shares = n.get("quota_shares", list, [0.8, 1.0])
+    if not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and 0 < x <= 1 for x in shares
+    ):
+        n.fail(
+            "quota_shares", "must be a list of shares of the quota, each > 0 and <= 1 (0.8 = 80%)"
+        )
+        shares = [0.8, 1.0]
+    return NotifyConfig(
+        webhook_urls=urls,
+        slack=n.get("slack", bool, False),
+        quota_shares=tuple(sorted({float(x) for x in shares})),
+        drift_calls=n.integer("drift_calls", 10),
+        timeout_s=n.number("timeout_s", 5.0),
+        retries=n.integer("retries", 3, minimum=0),
+        max_queue=n.integer("max_queue", 100),
     )
 
 

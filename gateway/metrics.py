@@ -127,6 +127,19 @@ class Metrics:
             ("type", "result"),
             registry=r,
         )
+        self.upstream_calls_by_team = Counter(
+            "gateway_upstream_calls_by_team",
+            "Calls sent to the upstream for a team's request (each may be billed), by type",
+            ("team", "type"),
+            registry=r,
+        )
+        self.upstream_call_price = Gauge(
+            "gateway_upstream_call_price",
+            "What one upstream call of the type costs ([pricing]), in the labelled currency",
+            ("type", "currency"),
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.access_log_dropped = Counter(
             "gateway_access_log_dropped",
             "Access log lines dropped because the log sink was not taking them",
@@ -251,3 +264,11 @@ class Metrics:
             self.upstream_duration.labels(type_)
             for status in ("200", "402", "timeout", "error"):
                 self.upstream_requests.labels(type_, status)
+        self.upstream_call_price.clear()  # a reload may change the currency
+        for type_ in ANALYSIS_TYPES:
+            price = config.pricing.price(type_)
+            self.upstream_call_price.labels(type_, config.pricing.currency).set(price)
+
+    def count_upstream_call(self, team: str, type_: str) -> None:
+        """One call about to leave for the upstream on ``team``'s behalf (a miss, not a hit)."""
+        self.upstream_calls_by_team.labels(team, type_).inc()

@@ -488,6 +488,7 @@ class RecognitionService:
                 if not await self.store.mark_sent(reservation):
                     # Housekeeping elsewhere took this process for dead and ended it.
                     raise Unavailable("Gateway ledger record lost; try again")
+                self.metrics.count_upstream_call(reservation.team, call.type)
 
             started = time.perf_counter()
             try:

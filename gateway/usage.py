@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import calendar
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from gateway.config import Config
+from gateway.config import Config, PricingConfig
 from gateway.quota import period_key
 from gateway.store.base import CacheStats, Store
 
@@ -35,6 +35,9 @@ CSV_HEADER = (
     "coalesced",
     "calls_saved",
     "undelivered",
+    "spend",
+    "savings",
+    "currency",
 )
 _GRAIN = {"day": 0, "week": 1, "month": 2, "total": 3}
 _SPANS = ("quarter", "year", "range")  # summed from whatever rows the ledger keeps
@@ -89,9 +92,7 @@ def parse_period(text: str, *, ledger: str, now: float) -> Period:
             return Period("quarter", text)
         if _YEAR.fullmatch(text) and int(text) >= 1:
             return Period("year", text)
-        if (m := _RANGE.fullmatch(text)) and date.fromisoformat(m[1]) <= date.fromisoformat(
-            m[2]
-        ):
+        if (m := _RANGE.fullmatch(text)) and date.fromisoformat(m[1]) <= date.fromisoformat(m[2]):
             return Period("range", text)
         if m:
             raise PeriodError(f"period {text}: the range ends before it starts")
@@ -209,12 +210,46 @@ class TeamLine:
         }
 
 
+def money(amount: float) -> float:
+    """Money to the millionth of the unit: a price of 0.001 times 3 calls reads 0.003."""
+    return round(amount, 6)
+
+
+def money_places(price: float) -> int:
+    """Decimals that show a price exactly (at least 2, at most 6): 0.001 -> 3, 0.25 -> 2."""
+    decimals = f"{price:.6f}".rstrip("0").partition(".")[2]
+    return max(2, len(decimals))
+
+
 @dataclass(frozen=True, slots=True)
 class UsageReport:
     period: Period
     quota_period: str
     ledger_periods: tuple[str, ...]
     teams: tuple[TeamLine, ...]
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+
+    def spend(self, line: TeamLine) -> float:
+        """What the team's charged calls cost at ``[pricing] per_call``. The ledger counts
+        calls per team, not per type, so per-type prices apply on the dashboard only."""
+        return money(line.charged * self.pricing.per_call)
+
+    def savings(self, line: TeamLine) -> float:
+        """What the calls the cache spared the team would have cost."""
+        return money(line.saved * self.pricing.per_call)
+
+    @property
+    def pricing_note(self) -> str | None:
+        if not self.pricing.types:
+            return None
+        return (
+            f"spend and savings are at per_call ({self.pricing.per_call:g} "
+            f"{self.pricing.currency}): the ledger counts calls per team, not per type, so "
+            "[pricing.types] prices apply on the dashboard (gateway_upstream_calls_by_team_total)"
+        )
+
+    def _with_money(self, line: TeamLine) -> dict[str, Any]:
+        return {**line.as_dict(), "spend": self.spend(line), "savings": self.savings(line)}
 
     @property
     def total(self) -> TeamLine:
@@ -245,9 +280,13 @@ class UsageReport:
             "period_kind": self.period.kind,
             "quota_period": self.quota_period,
             "ledger_periods": list(self.ledger_periods),
-            "teams": [t.as_dict() for t in self.teams],
-            "total": self.total.as_dict(),
+            "teams": [self._with_money(t) for t in self.teams],
+            "total": self._with_money(self.total),
             "note": self.note,
+            "currency": self.pricing.currency,
+            "price_per_call": self.pricing.per_call,
+            "prices_by_type": dict(self.pricing.types),
+            "pricing_note": self.pricing_note,
         }
 
     def csv_rows(self) -> list[tuple[str | int, ...]]:
@@ -265,6 +304,9 @@ class UsageReport:
                     t.coalesced,
                     t.saved,
                     t.undelivered,
+                    f"{self.spend(t):.6f}",
+                    f"{self.savings(t):.6f}",
+                    self.pricing.currency,
                 )
             )
         return rows
@@ -297,7 +339,7 @@ async def compute_usage(store: Store, config: Config, asked: Period) -> UsageRep
     for name in sorted(sums):
         charged, hits, coalesced, undelivered = sums[name]
         lines.append(TeamLine(name, charged, None, None, hits, coalesced, undelivered))
-    return UsageReport(asked, config.quota.period, keys, tuple(lines))
+    return UsageReport(asked, config.quota.period, keys, tuple(lines), config.pricing)
 
 
 def period_resets_at(period: str, now: float) -> float | None:

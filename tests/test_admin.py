@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.admin import render_status
-from gateway.config import AdminConfig, Secret, load_config
+from gateway.config import AdminConfig, PricingConfig, Secret, load_config
 from gateway.sample_images import make_jpeg, make_png
 from gateway.usage import iso_utc, period_resets_at
 from tests.conftest import (
@@ -43,6 +43,9 @@ EXPECTED = {
     "tiny": (3, 3, 0, 1, 0, 1),
     "(total)": (6, 2003, 1997, 5, 2, 7),
 }
+# At 0.002 EUR a call: spend = charged x price, savings = calls saved x price.
+MONEY = {"search": (0.004, 0.006), "ads": (0.002, 0.006), "tiny": (0.006, 0.002),
+         "(total)": (0.012, 0.014)}
 IMAGES = {name: make_png(700 + i) for i, name in enumerate("ABCDEG")} | {"F": make_jpeg(706)}
 
 
@@ -79,7 +82,8 @@ def team_rows(report: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 async def admin_gw(gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) -> Gateway:
     config = make_config(sim.url, tmp_path / "gateway.db")
     return await gateway_factory(replace(config, admin=AdminConfig("GW_ADMIN_TOKEN",
-                                                                   Secret(TOKEN))))
+                                                                   Secret(TOKEN)),
+                                         pricing=PricingConfig(per_call=0.002, currency="EUR")))
 
 
 async def call(client: aiohttp.ClientSession, method: str, url: str,
@@ -343,12 +347,16 @@ async def test_usage_endpoint_json_and_csv(
     assert status == 200 and r.content_type == "text/csv"
     assert f'filename="gateway-usage-{month}.csv"' in r.headers["Content-Disposition"]
     assert text.splitlines() == [
-        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered",
-        f"{month},search,2,1000,998,3,0,3,0",
-        f"{month},ads,1,1000,999,1,2,3,0",
-        f"{month},tiny,3,3,0,1,0,1,0",
-        f"{month},(total),6,2003,1997,5,2,7,0",
+        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered,"
+        "spend,savings,currency",
+        f"{month},search,2,1000,998,3,0,3,0,0.004000,0.006000,EUR",
+        f"{month},ads,1,1000,999,1,2,3,0,0.002000,0.006000,EUR",
+        f"{month},tiny,3,3,0,1,0,1,0,0.006000,0.002000,EUR",
+        f"{month},(total),6,2003,1997,5,2,7,0,0.012000,0.014000,EUR",
     ]
+    rows = {t["team"]: t for t in [*report["teams"], report["total"]]}
+    assert {name: (t["spend"], t["savings"]) for name, t in rows.items()} == MONEY
+    assert (report["currency"], report["price_per_call"]) == ("EUR", 0.002)
 
 
 @pytest.mark.parametrize(("query", "problem"), [
@@ -567,17 +575,19 @@ def test_quota_reset_times(period: str, now: str, resets: str | None) -> None:
     assert (iso_utc(at) if at is not None else None) == resets
 
 
-
+def test_the_status_page_escapes_team_names() -> None:
     team = {"team": "<img src=x onerror=alert(1)>", "charged": 1, "quota": 2, "remaining": 1,
-            "cache_hits": 0, "coalesced": 0, "calls_saved": 0, "hit_ratio": None}
+            "cache_hits": 0, "coalesced": 0, "calls_saved": 0, "hit_ratio": None,
+            "spend": 0.0, "savings": 0.0}
     page = render_status({
         "generated_at": "2026-11-24T00:00:00Z", "period": "2026-11", "quota_period": "month",
-        "teams": [team], "total": team,
+        "teams": [team], "total": team, "currency": "<b>", "price_per_call": 0.0,
         "cache": {"entries": 0, "size_bytes": 0, "size": "0 B"},
         "upstream": {"account_quota_remaining": None, "calls_since_start": {},
                      "failed_since_start": 0},
     })
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<b>" not in page
     assert "unknown" in page and "none yet" in page
 
 
@@ -588,3 +598,17 @@ async def test_a_wrong_method_is_an_envelope_too(
     assert status == 405 and body == {"status": 405, "status_message": "Method Not Allowed",
                                       "data": None}
     assert "POST" in r.headers["Allow"]
+
+
+async def test_the_status_page_shows_spend_and_savings_in_money(
+        admin_gw: Gateway, sim: Sim, client: aiohttp.ClientSession) -> None:
+    await play_workload(admin_gw, sim)
+    _, status, _ = await call(client, "GET", f"{admin_gw.base}/status.json", headers=BEARER)
+    rows = {t["team"]: t for t in status["teams"]} | {"(total)": status["total"]}
+    assert {name: (t["spend"], t["savings"]) for name, t in rows.items()} == MONEY
+    assert (status["currency"], status["price_per_call"]) == ("EUR", 0.002)
+    _, page, _ = await call(client, "GET", f"{admin_gw.base}/status", headers=BEARER)
+    search = page[page.index('<tr data-team="search">'):].split("</tr>", 1)[0]
+    assert '<td class="num">0.004 EUR</td><td class="num">0.006 EUR</td>' in search
+    total = page[page.index('<tr data-team="">'):].split("</tr>", 1)[0]
+    assert '<td class="num">0.012 EUR</td>\n<td class="num">0.014 EUR</td>' in total

@@ -55,6 +55,9 @@ async def acli(*args: str, token: str | None = None) -> subprocess.CompletedProc
     return await asyncio.to_thread(cli, *args, token=token)
 
 
+PRICING = '\n[pricing]\nper_call = 0.002\ncurrency = "EUR"\n'
+
+
 def config_for(tmp_path: Path, sim: Sim | None, *, period: str = "month", extra: str = "",
                port: int | None = None) -> Path:
     """A config file on the store the test's gateway uses (``tmp_path / "gateway.db"``)."""
@@ -70,17 +73,18 @@ async def test_usage_table_csv_and_json_for_a_known_workload(
     gateway: Gateway, sim: Sim, tmp_path: Path
 ) -> None:
     await play_workload(gateway, sim)
-    config = str(config_for(tmp_path, sim))
+    config = str(config_for(tmp_path, sim, extra=PRICING))
     month = period_key("month", time.time())
 
     out = await acli("usage", "--config", config, "--format", "csv")
     assert (out.returncode, out.stderr) == (0, "")
     assert out.stdout.splitlines() == [
-        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered",
-        f"{month},search,2,1000,998,3,0,3,0",
-        f"{month},ads,1,1000,999,1,2,3,0",
-        f"{month},tiny,3,3,0,1,0,1,0",
-        f"{month},(total),6,2003,1997,5,2,7,0",
+        "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered,"
+        "spend,savings,currency",
+        f"{month},search,2,1000,998,3,0,3,0,0.004000,0.006000,EUR",
+        f"{month},ads,1,1000,999,1,2,3,0,0.002000,0.006000,EUR",
+        f"{month},tiny,3,3,0,1,0,1,0,0.006000,0.002000,EUR",
+        f"{month},(total),6,2003,1997,5,2,7,0,0.012000,0.014000,EUR",
     ]
 
     out = await acli("usage", "--config", config, "--format", "json", "--period", month)
@@ -89,19 +93,24 @@ async def test_usage_table_csv_and_json_for_a_known_workload(
     assert {name: (t["charged"], t["quota"], t["remaining"], t["cache_hits"], t["coalesced"],
                    t["calls_saved"]) for name, t in rows.items()} == EXPECTED
     assert report["ledger_periods"] == [month] and report["note"] is None
+    assert {name: (t["spend"], t["savings"]) for name, t in rows.items()} == {
+        "search": (0.004, 0.006), "ads": (0.002, 0.006), "tiny": (0.006, 0.002),
+        "(total)": (0.012, 0.014)}
+    assert (report["currency"], report["price_per_call"]) == ("EUR", 0.002)
 
     out = await acli("usage", "--config", config)            # table, the current period
     assert out.returncode == 0
     lines = out.stdout.splitlines()
     assert lines[0] == f"Usage for {month} (quota per month)"
     assert lines[1].split() == ["team", "charged", "quota", "remaining", "cache", "hits",
-                                "coalesced", "calls", "saved", "undelivered"]
-    table = [line for line in lines[2:] if not set(line) <= {"-"}]
+                                "coalesced", "calls", "saved", "undelivered", "spend", "EUR",
+                                "savings", "EUR"]
+    table = [line for line in lines[2:] if not set(line) <= {"-"} and not line.startswith("note")]
     assert [line.split() for line in table] == [
-        ["search", "2", "1000", "998", "3", "0", "3", "0"],
-        ["ads", "1", "1000", "999", "1", "2", "3", "0"],
-        ["tiny", "3", "3", "0", "1", "0", "1", "0"],
-        ["(total)", "6", "2003", "1997", "5", "2", "7", "0"],
+        ["search", "2", "1000", "998", "3", "0", "3", "0", "0.004", "0.006"],
+        ["ads", "1", "1000", "999", "1", "2", "3", "0", "0.002", "0.006"],
+        ["tiny", "3", "3", "0", "1", "0", "1", "0", "0.006", "0.002"],
+        ["(total)", "6", "2003", "1997", "5", "2", "7", "0", "0.012", "0.014"],
     ]
     # aligned: every column ends where its heading ends
     ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", lines[1])]

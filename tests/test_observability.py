@@ -417,8 +417,8 @@ def test_dashboard_is_well_formed() -> None:
     assert team["type"] == "query" and team_query == "label_values(gateway_quota_limit, team)"
     assert team["multi"] and team["includeAll"]
     assert team["datasource"]["uid"] == "${datasource}"
-    price = variables["price_per_call"]
-    assert price["type"] in ("textbox", "constant") and float(price["query"]) == 0.001
+    # Money comes from the gateway's [pricing] (gateway_upstream_call_price), not a text box.
+    assert "price_per_call" not in variables
 
     panels = [p for p in all_panels(dashboard["panels"]) if p["type"] != "row"]
     ids = [p["id"] for p in all_panels(dashboard["panels"])]
@@ -441,7 +441,7 @@ def test_dashboard_is_well_formed() -> None:
     used = {name.removesuffix("_total").removesuffix("_bucket")
             for name in METRIC_NAME.findall(exprs)}
     assert set(CONTRACT) <= used, f"metrics with no panel: {set(CONTRACT) - used}"
-    assert "${price_per_call}" in exprs
+    assert "gateway_upstream_call_price" in exprs and "gateway_upstream_calls_by_team" in exprs
     quota_bars = [p for p in panels if p["type"] == "bargauge"
                   and "gateway_quota_used" in json.dumps(p["targets"])
                   and "gateway_quota_limit" in json.dumps(p["targets"])]
