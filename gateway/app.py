@@ -21,6 +21,7 @@ from gateway.config import Config
 from gateway.cors import cors_middleware
 from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.metrics import Metrics
+from gateway.notify import Notifier
 from gateway.owners import BEAT_INTERVAL_S
 from gateway.quota import Clock, QuotaLedger
 from gateway.ratelimit import RateLimiter
@@ -36,6 +37,7 @@ log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 METRICS_PAGE: web.AppKey[MetricsPage] = web.AppKey("metrics_page", MetricsPage)
+NOTIFIER: web.AppKey[Notifier] = web.AppKey("notifier", Notifier)
 FLUSH_INTERVAL_S = 0.5
 BEAT_EVERY = int(BEAT_INTERVAL_S / FLUSH_INTERVAL_S)  # flush ticks between owner beats
 PURGE_EVERY = int(60.0 / FLUSH_INTERVAL_S)  # ... between purges of entries past keep_s
@@ -125,6 +127,7 @@ def create_app(
     )
     app[STATE] = state
     app[METRICS_PAGE] = _metrics_page(state)
+    app[NOTIFIER] = Notifier(lambda: state.config, store, clock=clock)
     metrics.track_inflight(lambda: state.inflight)
     app.on_response_prepare.append(name_the_server)
     app.on_shutdown.append(_start_draining)
@@ -172,12 +175,16 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
     await _purge_expired(state)
     await state.service.flush()  # also notes the store's cache generation as of now
 
+    notifier = app[NOTIFIER]
+    notifier.start()
+
     async def loop() -> None:
         ticks = 0
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             await state.service.flush()
             ticks += 1
+            notifier.check_breaker(state.upstream.breaker.state)
             if ticks % BEAT_EVERY == 0:
                 try:
                     await state.store.beat(state.ledger.owner)
@@ -185,6 +192,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
                     log.warning("could not record this process as alive: %s", exc)
                 await _reclaim(state)
                 await state.service.reconcile()
+                await notifier.check_store(_drift(state))
             if ticks % PURGE_EVERY == 0:
                 await _purge_expired(state)
 
@@ -196,6 +204,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await state.service.drain()
+    await notifier.close()
     state.metrics.fold()  # what the last requests counted
     try:  # every call has ended: nothing of ours is pending; forget this process
         left = await state.store.reclaim_owner(state.ledger.owner.id)
@@ -203,6 +212,14 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("could not close this process's ledger record: %s", exc)
     else:
         _log_reclaimed(left, "left by this process at shutdown")
+
+
+def _drift(state: GatewayState) -> float | None:
+    """gateway_ledger_drift_calls as set by the last reconcile (None before any)."""
+    for family in state.metrics.ledger_drift.collect():
+        for sample in family.samples:
+            return sample.value
+    return None
 
 
 async def _reclaim(state: GatewayState) -> None:

@@ -252,3 +252,16 @@ async def test_a_shared_rate_bucket_admits_exactly_its_burst_under_concurrency(
     assert await store.take_token("u", 0.01, 5.0) == (True, 4.0)
     assert await store.take_token("t", 0.01, 2.0) == (True, 1.0)
     assert (await store.take_token("t", 0.01, 2.0) or (False, 0))[0]
+
+
+async def test_set_meta_if_absent_lets_exactly_one_caller_set_it(store: Store) -> None:
+    """Notifications are sent once across replicas: of 20 concurrent callers one sets the
+    name; the value is the first one's, and set_meta still overwrites it."""
+    won = await asyncio.gather(*(store.set_meta_if_absent("notify:x", f"v{i}")
+                                 for i in range(20)))
+    assert won.count(True) == 1
+    assert await store.get_meta("notify:x") == f"v{won.index(True)}"
+    assert await store.set_meta_if_absent("notify:x", "again") is False
+    await store.set_meta("notify:x", "over")
+    assert await store.get_meta("notify:x") == "over"
+    assert await store.set_meta_if_absent("notify:y", "") is True

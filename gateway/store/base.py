@@ -186,3 +186,7 @@ class Store(Protocol):
         """Refill the team's shared token bucket and take one token if there is one:
         (taken, tokens left), atomically for every process on this store; None when the
         store keeps no buckets (the caller then keeps them itself)."""
+
+    async def set_meta_if_absent(self, name: str, value: str) -> bool:
+        """Set ``name`` only if it is not set yet, atomically for every process on the store:
+        True for the one caller that set it (a notification is sent once across replicas)."""

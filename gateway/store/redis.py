@@ -589,6 +589,12 @@ end
 return out
 """
 
+    # -- notifications (gateway.notify) ----------------------------------------------------
+    async def set_meta_if_absent(self, name: str, value: str) -> bool:
+        """A retry after a dropped connection may find its own write and answer False: the
+        event is then not sent rather than sent twice."""
+        return bool(await self._call(self._r.hsetnx(self._k("meta"), name, value)))
+
 
 # One team's token bucket, shared by every replica: rl:<team> hash tokens, stamp (the server's
 # clock: one for all replicas), rate, burst; it expires once it would be full again.

@@ -782,6 +782,14 @@ class SQLiteStore:
         more than the check); the workers of one supervisor share them in memory instead."""
         return None
 
+    # -- notifications (gateway.notify) ----------------------------------------------------
+    async def set_meta_if_absent(self, name: str, value: str) -> bool:
+        inserted = await self._write(
+            "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+            (name, value),
+        )
+        return inserted == 1
+
 
 def _fetchall(conn: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
     return conn.execute(sql, args).fetchall()
