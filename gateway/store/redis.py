@@ -572,6 +572,12 @@ class RedisStore:
         )
         return bool(int(taken)), float(tokens)
 
+    # -- notifications (gateway.notify) ----------------------------------------------------
+    async def set_meta_if_absent(self, name: str, value: str) -> bool:
+        """A retry after a dropped connection may find its own write and answer False: the
+        event is then not sent rather than sent twice."""
+        return bool(await self._call(self._r.hsetnx(self._k("meta"), name, value)))
+
 
 # The results of one image, type and scope in one round trip (the image's index set is small).
 # ARGV: prefix, content_hash, type, scope; returns key, then _FIELDS, per result.
@@ -588,12 +594,6 @@ for _, key in ipairs(redis.call('SMEMBERS', p .. 'h:' .. ARGV[2])) do
 end
 return out
 """
-
-    # -- notifications (gateway.notify) ----------------------------------------------------
-    async def set_meta_if_absent(self, name: str, value: str) -> bool:
-        """A retry after a dropped connection may find its own write and answer False: the
-        event is then not sent rather than sent twice."""
-        return bool(await self._call(self._r.hsetnx(self._k("meta"), name, value)))
 
 
 # One team's token bucket, shared by every replica: rl:<team> hash tokens, stamp (the server's
