@@ -141,6 +141,11 @@ class StorageConfig:
     # 0: server.max_inflight plus room for the background work.
     redis_max_connections: int = 0
     require_persistence: bool = False  # refuse a Redis that saves neither AOF nor RDB
+    # High availability: the primary is found through Sentinel; ledger writes wait for this
+    # many replicas to have them (WAIT), so a failover cannot lose an acknowledged charge.
+    redis_sentinels: tuple[str, ...] = ()  # "host:port" of each sentinel
+    redis_master_name: str = "mymaster"
+    redis_min_replicas_ack: int = -1  # -1: 1 with Sentinel, else 0
 
 
 @dataclass(frozen=True)
@@ -151,15 +156,15 @@ class CacheConfig:
     coalesce_wait_s: float = 60.0
     stale_if_error_days: float = 7.0
     memory_mb: float = 64.0  # in-process copy of hot entries: a hit needs no store round trip
+    derive: bool = True  # answer stricter requests from looser stored results (gateway.derive)
+    widen: bool = False  # forward objects/nsfw misses at threshold 0 and widen_max_labels
+    widen_max_labels: int = 100
+    audit_rate: float = 0.01  # share of derived answers also asked upstream and compared
 
     @property
     def ttl_s(self) -> float:
         return self.ttl_days * 86400.0
 
-    derive: bool = True  # answer stricter requests from looser stored results (gateway.derive)
-    widen: bool = False  # forward objects/nsfw misses at threshold 0 and widen_max_labels
-    widen_max_labels: int = 100
-    audit_rate: float = 0.01  # share of derived answers also asked upstream and compared
     @property
     def keep_s(self) -> float:
         """How long an entry is kept: fresh for ttl, then servable if the upstream fails."""
@@ -222,12 +227,12 @@ class TeamConfig:
     rate_per_s: float | None = None
     burst: int | None = None
     types: frozenset[str] | None = None
+    allow_refresh: bool = True  # false: this team's Cache-Control no-cache is a plain lookup
 
 
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
-    allow_refresh: bool = True  # false: this team's Cache-Control no-cache is a plain lookup
     upstream: UpstreamConfig = UpstreamConfig()
     storage: StorageConfig = StorageConfig()
     cache: CacheConfig = CacheConfig()
@@ -501,6 +506,9 @@ def parse_config(
             "redis_prefix",
             "redis_max_connections",
             "require_persistence",
+            "redis_sentinels",
+            "redis_master_name",
+            "redis_min_replicas_ack",
         },
     )
     backend: str = st.get("backend", str, "sqlite")
@@ -516,7 +524,14 @@ def parse_config(
         redis_prefix=st.get("redis_prefix", str, StorageConfig.redis_prefix),
         redis_max_connections=st.integer("redis_max_connections", 0, minimum=0),
         require_persistence=st.get("require_persistence", bool, False),
+        redis_sentinels=st.strings("redis_sentinels", ()),
+        redis_master_name=st.get("redis_master_name", str, "mymaster"),
+        redis_min_replicas_ack=st.integer("redis_min_replicas_ack", -1, minimum=-1),
     )
+    for address in storage.redis_sentinels:
+        sentinel_host, _, sentinel_port = address.rpartition(":")
+        if not sentinel_host or not sentinel_port.isdigit():
+            st.fail("redis_sentinels", f'each must be "host:port", not {address!r}')
     if storage.synchronous not in ("normal", "full"):
         st.fail("synchronous", 'must be "normal" or "full"')
     if backend == "redis" and not storage.redis_url.startswith(
@@ -536,6 +551,10 @@ def parse_config(
             "coalesce_wait_s",
             "stale_if_error_days",
             "memory_mb",
+            "derive",
+            "widen",
+            "widen_max_labels",
+            "audit_rate",
         },
     )
     cache = CacheConfig(
@@ -545,16 +564,20 @@ def parse_config(
         coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
         stale_if_error_days=c.number("stale_if_error_days", 7.0, strict=False),
         memory_mb=c.number("memory_mb", 64.0, strict=False),
+        derive=c.get("derive", bool, True),
+        widen=c.get("widen", bool, False),
+        widen_max_labels=c.integer("widen_max_labels", 100),
+        audit_rate=c.number("audit_rate", 0.01, strict=False),
     )
+    if not 0.0 <= cache.audit_rate <= 1.0:
+        c.fail("audit_rate", "must be between 0 and 1 (a share of derived answers)")
+    if cache.widen and not cache.derive:
+        c.fail("widen", "needs derive = true (a widened miss's answer is derived)")
 
     q = _Reader(problems, source, "quota.", table("quota"), {"period"})
     period: str = q.get("period", str, "month")
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
-            "derive",
-            "widen",
-            "widen_max_labels",
-            "audit_rate",
 
     a = _Reader(
         problems,
@@ -564,15 +587,7 @@ def parse_config(
         {"token_env", "status_token_env", "public_status"},
     )
     token_env: str | None = a.get("token_env", str, None)
-        derive=c.get("derive", bool, True),
-        widen=c.get("widen", bool, False),
-        widen_max_labels=c.integer("widen_max_labels", 100),
-        audit_rate=c.number("audit_rate", 0.01, strict=False),
     status_env: str | None = a.get("status_token_env", str, None)
-    if not 0.0 <= cache.audit_rate <= 1.0:
-        c.fail("audit_rate", "must be between 0 and 1 (a share of derived answers)")
-    if cache.widen and not cache.derive:
-        c.fail("widen", "needs derive = true (a widened miss's answer is derived)")
     admin = AdminConfig(
         token_env=token_env,
         token=Secret(
@@ -748,6 +763,7 @@ def _parse_teams(
                 rate_per_s=float(rate) if rate is not None else None,
                 burst=burst,
                 types=frozenset(types) if types is not None else None,
+                allow_refresh=t.get("allow_refresh", bool, True),
             )
         )
     if not raw:
@@ -763,7 +779,6 @@ def _parse_teams(
 def _key_hash(key: str) -> str | None:
     if key.startswith("sha256:"):
         hexpart = key[7:].lower()
-                allow_refresh=t.get("allow_refresh", bool, True),
         if len(hexpart) != 64 or any(ch not in "0123456789abcdef" for ch in hexpart):
             return None
         return "sha256:" + hexpart

@@ -86,13 +86,17 @@ async def post(session: aiohttp.ClientSession, url: str, seed: int) -> int:
                         ("max_labels", "10"), ("min_confidence", "80")):
         form.add_field(name, value)
     form.add_field("file", make_png(seed), filename="i.png", content_type="image/png")
-    try:
-        async with session.post(url, data=form) as r:
-            await r.read()
-            return r.status
-    except aiohttp.ClientError as exc:
-        print("client error", repr(exc))
-        return -1
+    for attempt in range(2):
+        try:
+            async with session.post(url, data=form) as r:
+                await r.read()
+                return r.status
+        except aiohttp.ClientConnectionError:
+            # 1,000 connects at once overflow loopback's accept backlog now and then: the
+            # request never reached the gateway (a status is what this file judges).
+            if attempt:
+                return -1
+    return -1
 
 
 async def test_a_thousand_concurrent_misses_on_one_replica_get_no_503_from_the_store(
@@ -141,3 +145,112 @@ async def test_a_redis_that_keeps_nothing_on_disk_is_named_or_refused(
         await ok.close()
     finally:
         durable.kill()
+
+
+class SentinelSetup:
+    """A primary, two replicas and three sentinels on loopback ports: with the default
+    redis_min_replicas_ack = 1, the promoted replica needs the other one to acknowledge."""
+
+    def __init__(self, tmp: Path) -> None:
+        for name in ("primary", "replica", "replica2"):
+            (tmp / name).mkdir()
+        self.primary = RedisProcess(tmp / "primary", "--save", "", "--appendonly", "no")
+        self.replica = RedisProcess(tmp / "replica", "--save", "", "--appendonly", "no",
+                                    "--replicaof", "127.0.0.1", str(self.primary.port))
+        self.replica2 = RedisProcess(tmp / "replica2", "--save", "", "--appendonly", "no",
+                                     "--replicaof", "127.0.0.1", str(self.primary.port))
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        for i in range(3):
+            port = free_port()
+            conf = tmp / f"sentinel-{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {tmp}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {self.primary.port} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 5000\n"
+                "sentinel parallel-syncs mymaster 1\n")
+            self.sentinels.append(subprocess.Popen(
+                [REDIS_SERVER, str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.ports.append(port)
+
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.ports]
+
+    def stop(self) -> None:
+        for s in self.sentinels:
+            s.kill()
+            s.wait()
+        for r in (self.primary, self.replica, self.replica2):
+            if r.proc is not None and r.proc.poll() is None:
+                r.kill()
+
+
+async def ask(port: int, *command: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"*{len(command)}\r\n" + "".join(
+        f"${len(c)}\r\n{c}\r\n" for c in command)).encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    return data
+
+
+async def test_a_sentinel_failover_under_load_loses_no_charge_and_overspends_nothing(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) -> None:
+    ha = SentinelSetup(tmp_path)
+    try:
+        for _ in range(100):  # the sentinels know the primary and its replica
+            try:
+                seen = [await ask(p, "SENTINEL", "REPLICAS", "mymaster") for p in ha.ports]
+            except OSError:  # not listening yet
+                seen = []
+            if seen and all(str(ha.replica.port).encode() in s
+                            and str(ha.replica2.port).encode() in s for s in seen):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("sentinels never saw the replica")
+        quota = 150
+        config = make_config(
+            sim.url, tmp_path / "unused.db",
+            storage={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0",
+                     "redis_sentinels": ha.addresses(), "redis_prefix": "ha:"},
+            teams={"search": {"keys": [TEAM_KEYS["search"]], "quota": quota}})
+        gw = await gateway_factory(config)
+        assert gw.state.store.min_replicas_ack == 1  # type: ignore[attr-defined]
+        sim.state.latency_ms = 20
+        statuses: list[tuple[float, int]] = []
+        stop = asyncio.Event()
+        started = time.monotonic()
+
+        async def client(n: int, session: aiohttp.ClientSession) -> None:
+            seed = n * 10_000
+            while not stop.is_set():
+                seed += 1
+                statuses.append((time.monotonic() - started, await post(session, gw.url, seed)))
+                await asyncio.sleep(0.02)
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            clients = [asyncio.create_task(client(n, session)) for n in range(4)]
+            await asyncio.sleep(1.0)
+            ha.primary.kill()  # kill -9 of the primary under load
+            killed_at = time.monotonic() - started
+            for _ in range(300):  # the failover takes a few seconds; then 3 s more of load
+                if any(s == 200 and t > killed_at + 1 for t, s in statuses):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(3.0)
+            stop.set()
+            await asyncio.gather(*clients)
+        codes = {s for _, s in statuses}
+        assert codes <= {200, 402, 503}, codes  # fails closed while no primary answers
+        assert any(s == 200 and t > killed_at + 1 for t, s in statuses), "no recovery"
+        delivered = sum(1 for _, s in statuses if s == 200)
+        await asyncio.sleep(1.5)  # charges the store refused during the failover are retried
+        (usage,) = await gw.state.store.usage(gw.state.ledger.period())
+        assert delivered <= usage.charged <= quota, (delivered, usage)
+        assert usage.charged == sim.state.calls, (usage, sim.state.calls)
+    finally:
+        ha.stop()

@@ -44,6 +44,13 @@ def open_store(
             # Enough for every admitted request plus the background work, unless set.
             max_connections=config.redis_max_connections or max_inflight + 64,
             require_persistence=config.require_persistence,
+            sentinels=config.redis_sentinels,
+            master_name=config.redis_master_name,
+            min_replicas_ack=(
+                config.redis_min_replicas_ack
+                if config.redis_min_replicas_ack >= 0
+                else (1 if config.redis_sentinels else 0)
+            ),
         )
     from gateway.store.sqlite import SQLiteStore
 

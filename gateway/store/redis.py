@@ -25,7 +25,9 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -202,6 +204,17 @@ return {refunded, undelivered, ended}
 
 
 POOL_WAIT_S = 5.0  # how long a command waits for a free connection before 503
+WAIT_MS = 1000  # how long a ledger write waits for its replicas (min_replicas_ack)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (it finds the primary, and follows a failover) that makes a command
+    wait for a free connection as BlockingConnectionPool does, instead of failing."""
+
+
+class _NotReplicated(Exception):
+    def __init__(self, result: Any) -> None:
+        self.result = result
 
 
 class RedisStore:
@@ -217,11 +230,17 @@ class RedisStore:
         prefix: str = "gw:",
         max_connections: int = 1088,
         require_persistence: bool = False,
+        sentinels: tuple[str, ...] = (),
+        master_name: str = "mymaster",
+        min_replicas_ack: int = 0,
     ):
         self.url = url
         self.prefix = prefix
         self.max_connections = max_connections
         self.require_persistence = require_persistence
+        self.sentinels = sentinels
+        self.master_name = master_name
+        self.min_replicas_ack = min_replicas_ack
         self.generation = 0
         self._redis: aioredis.Redis | None = None
 
@@ -238,17 +257,35 @@ class RedisStore:
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
 
     async def open(self) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=self.max_connections,
-            timeout=POOL_WAIT_S,
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            health_check_interval=15,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        options: dict[str, Any] = {
+            "max_connections": self.max_connections,
+            "timeout": POOL_WAIT_S,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 15,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        }
+        if self.sentinels:
+            # The URL's database and password still apply; its host is the primary's,
+            # which Sentinel names instead.
+            parsed = aioredis.connection.parse_url(self.url)
+            sentinel = Sentinel(
+                [(h, int(p)) for h, _, p in (a.rpartition(":") for a in self.sentinels)],
+                sentinel_kwargs={"socket_timeout": 1, "socket_connect_timeout": 1},
+            )
+            extra: dict[str, Any] = {
+                k: parsed[k] for k in ("db", "password", "username") if k in parsed
+            }
+            self._redis = sentinel.master_for(
+                self.master_name,
+                connection_pool_class=_BlockingSentinelPool,
+                **options,
+                **extra,
+            )
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(self.url, **options)
+            self._redis = aioredis.Redis(connection_pool=pool)
         self._save = self._redis.register_script(_SAVE)
         self._delete = self._redis.register_script(_DELETE)
         self._reserve = self._redis.register_script(_RESERVE)
@@ -279,6 +316,28 @@ class RedisStore:
                 "appendonly yes on the server"
             )
         log.warning("%s; set appendonly yes (or storage.require_persistence = true)", message)
+
+    async def _ledger(self, script: Any, args: list[Any]) -> Any:
+        """Run a ledger script; with ``min_replicas_ack``, on the same connection as a WAIT
+        for that many replicas (``_NotReplicated`` when fewer took it in time)."""
+        if not self.min_replicas_ack:
+            return await self._call(script(args=args))
+        pipe = self._r.pipeline(transaction=False)
+        await script(args=args, client=pipe)  # queued in the pipeline, not sent yet
+        pipe.execute_command("WAIT", self.min_replicas_ack, WAIT_MS)
+        result, acked = await self._call(pipe.execute())
+        if int(acked) < self.min_replicas_ack:
+            raise _NotReplicated(result)
+        return result
+
+    async def _ledger_end(self, script: Any, args: list[Any]) -> Any:
+        """A write that ends a reservation: kept by the primary if its replicas are slow (a
+        failover may then undo it, which leaves the charge in place: never a refund)."""
+        try:
+            return await self._ledger(script, args)
+        except _NotReplicated as exc:
+            log.warning("Redis replicas did not acknowledge a ledger write within %d ms", WAIT_MS)
+            return exc.result
 
     def _safe_url(self) -> str:
         """The URL without a password."""
@@ -327,24 +386,23 @@ class RedisStore:
     async def save_result(
         self, result: CachedResult, *, max_bytes: int, settle: Reservation | None = None
     ) -> None:
-        await self._call(
-            self._save(
-                args=[
-                    self.prefix,
-                    result.key,
-                    result.content_hash,
-                    result.type,
-                    result.params,
-                    result.scope,
-                    result.data_prefix,
-                    result.size,
-                    repr(result.created_at),
-                    max_bytes,
-                    settle.id if settle is not None else "",
-                    settle.team if settle is not None else "",
-                    settle.period if settle is not None else "",
-                ]
-            )
+        await self._ledger_end(
+            self._save,
+            [
+                self.prefix,
+                result.key,
+                result.content_hash,
+                result.type,
+                result.params,
+                result.scope,
+                result.data_prefix,
+                result.size,
+                repr(result.created_at),
+                max_bytes,
+                settle.id if settle is not None else "",
+                settle.team if settle is not None else "",
+                settle.period if settle is not None else "",
+            ],
         )
 
     async def results_for_hash(self, content_hash: str, scope: str) -> list[CachedResult]:
@@ -364,17 +422,30 @@ class RedisStore:
         if limit <= 0:
             return None
         rid = uuid.uuid4().hex
-        used = int(
-            await self._call(self._reserve(args=[self.prefix, team, period, limit, rid, owner]))
-        )
+        try:
+            used = int(
+                await self._ledger(self._reserve, [self.prefix, team, period, limit, rid, owner])
+            )
+        except _NotReplicated as exc:
+            if int(exc.result) >= 0:  # charged on the primary alone: a failover could lose it
+                await self._end_one("refund", Reservation(rid, team, period, 0, at, owner))
+            raise StoreUnavailable(
+                f"Redis replicas did not acknowledge the charge within {WAIT_MS} ms"
+            ) from None
         return None if used < 0 else Reservation(rid, team, period, used, at, owner)
 
     async def mark_sent(self, reservation: Reservation) -> bool:
-        return int(await self._call(self._mark_sent(args=[self.prefix, reservation.id]))) > 0
+        try:
+            marked = await self._ledger(self._mark_sent, [self.prefix, reservation.id])
+        except _NotReplicated:
+            raise StoreUnavailable(
+                f"Redis replicas did not acknowledge the sent mark within {WAIT_MS} ms"
+            ) from None
+        return int(marked) > 0
 
     async def _end_one(self, mode: str, r: Reservation) -> list[int]:
         args = [self.prefix, mode, r.team, r.period, r.id]
-        return [int(n) for n in await self._call(self._end(args=args))]
+        return [int(n) for n in await self._ledger_end(self._end, args)]
 
     async def settle(self, reservation: Reservation) -> None:
         await self._end_one("settle", reservation)
