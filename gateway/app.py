@@ -145,8 +145,7 @@ def create_app(
 
 async def _start_draining(app: web.Application) -> None:
     # aiohttp has stopped listening; in-flight requests now get drain_timeout_s to finish.
-    app[STATE].draining = True
-    log.info("draining: finishing in-flight requests")
+    app[STATE].draining = True  # gateway.server says so in the log, if it was listening
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

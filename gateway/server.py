@@ -185,9 +185,20 @@ def run_worker(
             on_startup(app, loop)
 
     app.on_startup.append(install_handlers)
+    bound = False
+
+    async def say_draining(app: web.Application) -> None:
+        # aiohttp has stopped listening. A socket that was never bound (the port is taken)
+        # drained nothing: its one line is the bind error.
+        if bound:
+            log.info("draining: finishing in-flight requests")
+
+    app.on_shutdown.append(say_draining)
 
     def listening() -> None:
         # Called once the store is open and the socket bound, not before.
+        nonlocal bound
+        bound = True
         log.info(
             "gateway listening on http://%s:%s/api/v2/ (store %s, pid %d)",
             http_host(options.host),
