@@ -365,3 +365,43 @@ async def test_a_killed_worker_is_a_crash_of_its_calls_only(
     ledger = inspect(db)
     assert (ledger.pending, ledger.used, ledger.undelivered) == (0, 8, lost), (ledger, answers)
     assert gw.proc.poll() is None  # the supervisor did not go down with its worker
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+HAVE_FAKETIME = LIBFAKETIME.exists()
+
+
+async def test_a_wall_clock_step_in_a_real_process_refunds_no_call_in_flight(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    # libfaketime moves the process's wall clock (as NTP stepping it after a VM pause does)
+    # and leaves its monotonic clock alone, as the kernel does.
+    assert HAVE_FAKETIME, "apt-get install libfaketime (.ci/run installs it)"
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    db = tmp_path / "clock.db"
+    port = free_port()
+    config = write_config(tmp_path / "clock.toml", sim_url=sim.url, db=db, port=port,
+                          teams={"t": (KEY, 1)})
+    gw = GatewayProcess(config, port, tmp_path / "clock.log", env={
+        "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    sim.state.latency_ms = 7000  # longer than one housekeeping round (5 s)
+    async with aiohttp.ClientSession() as session:
+        call = asyncio.create_task(post(session, gw.url, 1))
+        for _ in range(500):
+            if sim.state.calls:
+                break
+            await asyncio.sleep(0.02)
+        offset.write_text("+1d\n")  # the wall clock jumps a day forward mid-call
+        status, _ = await call
+        assert status == 200
+        sim.state.latency_ms = 0
+        # The team's one unit is spent: a second paid call is refused, not billed.
+        status, _ = await post(session, gw.url, 2)
+    assert status == 402
+    assert sim.state.calls == 1
+    ledger = inspect(db)
+    assert (ledger.used, ledger.pending, ledger.undelivered) == (1, 0, 0)
+    assert "refunded" not in gw.log_path.read_text()
