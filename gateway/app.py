@@ -31,6 +31,7 @@ from gateway.service import RecognitionService
 from gateway.state import STATE, GatewayState
 from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import Reclaimed, Store
+from gateway.team_status import handle_team
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -133,12 +134,14 @@ def create_app(
     app.on_shutdown.append(_start_draining)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_keys_ctx)
     app.cleanup_ctx.append(_flush_ctx)
     app.router.add_route("*", "/api/v2/", handle_api)
     app.router.add_route("*", "/api/v2", handle_api)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/team", handle_team)  # a team's own figures (gateway.team_status)
     add_admin_routes(app)
     return app
 
@@ -161,6 +164,15 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await state.upstream.start()
     yield
     await state.upstream.close()
+
+
+async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Store-issued team keys (gateway.keys): read before the first request, re-read every
+    second; closed after the last request, with its uses written."""
+    keyring = app[STATE].keyring
+    await keyring.start()
+    yield
+    await keyring.close()
 
 
 async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
