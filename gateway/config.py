@@ -154,6 +154,9 @@ class CacheConfig:
     max_mb: float = 1024.0
     share_across_teams: bool = True
     coalesce_wait_s: float = 60.0
+    # Redis: the cross-replica lock on a key in flight lives this long unless its holder
+    # renews it (every third of it): how long a dead replica's lock holds the others up.
+    coalesce_lock_s: float = 5.0
     stale_if_error_days: float = 7.0
     memory_mb: float = 64.0  # in-process copy of hot entries: a hit needs no store round trip
     derive: bool = True  # answer stricter requests from looser stored results (gateway.derive)
@@ -549,6 +552,7 @@ def parse_config(
             "max_mb",
             "share_across_teams",
             "coalesce_wait_s",
+            "coalesce_lock_s",
             "stale_if_error_days",
             "memory_mb",
             "derive",
@@ -562,6 +566,7 @@ def parse_config(
         max_mb=c.number("max_mb", 1024.0),
         share_across_teams=c.get("share_across_teams", bool, True),
         coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
+        coalesce_lock_s=c.number("coalesce_lock_s", 5.0),
         stale_if_error_days=c.number("stale_if_error_days", 7.0, strict=False),
         memory_mb=c.number("memory_mb", 64.0, strict=False),
         derive=c.get("derive", bool, True),

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,9 @@ USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (oth
 AUDIT_CALLS_PER_PERIOD = 10_000
 AUDIT_LINE = TeamConfig(AUDIT_TEAM, frozenset(), AUDIT_CALLS_PER_PERIOD)
 DERIVE_OFF_META = "derive_off:"  # + type: why the audit switched derivation off for it
+# A follower of another process's call polls the store, backing off up to this.
+FOLLOW_POLL_FIRST_S = 0.005
+FOLLOW_POLL_MAX_S = 0.1
 
 
 class NotCached(GatewayTimeout):
@@ -95,9 +99,15 @@ class _Retry(Exception):
 
 @dataclass(slots=True)
 class _Flight:
+    """One key in flight in this process. With a store that locks keys across processes
+    (Redis), it also holds that lock while its call runs (``token``, renewed by
+    ``renewer``), or waits on the process that holds it, this process's followers behind."""
+
     future: asyncio.Future[CachedResult] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    token: str | None = None
+    renewer: asyncio.Task[None] | None = None
 
 
 class RecognitionService:
@@ -380,16 +390,108 @@ class RecognitionService:
     ) -> Answer:
         flight = _Flight()
         self._flights[key] = flight  # a no-cache leader may take over a plain one's key
+        shared: CachedResult | None = None
         try:
-            reservation = await self._reserve(call.team)
+            if fwd != "fwd=request" and not await self._claim(key, flight):
+                # Another process is calling for this key: wait for its result.
+                shared = await self._follow_shared(key, flight)
+            if shared is None:
+                reservation = await self._reserve(call.team)
         except BaseException:
             self._land(key, flight)
+            self._release(key, flight)
             flight.future.set_exception(_Retry())
             flight.future.exception()  # retrieved: followers may be none
             raise
+        if shared is not None:
+            self._land(key, flight)
+            self.hot.put(shared)
+            flight.future.set_result(shared)
+            exact = cache_key(call.file.content_hash, call.type, call.params, scope)
+            return await self._coalesced(shared, exact, call, scope)
         return await self._call_upstream(
             call, key, scope, reservation, flight, store=True, fwd=fwd, sent=sent
         )
+
+    # -- coalescing across processes (a store that locks keys: Redis) -----------------------
+    async def _claim(self, key: str, flight: _Flight) -> bool:
+        """Whether this process is to call for ``key``: True when it took the store's lock
+        on it (renewed from now until its call lands), when the store keeps no such locks
+        (SQLite: coalescing stays per process) or cannot be asked (the ledger, which fails
+        closed, decides then); False while another process holds it."""
+        token = uuid.uuid4().hex
+        ttl_ms = max(1, int(self.config.cache.coalesce_lock_s * 1000))
+        try:
+            claimed = await self.store.claim_flight(key, token, ttl_ms)
+        except StoreUnavailable:
+            return True
+        if claimed is None:
+            return True
+        if not claimed:
+            return False
+        flight.token = token
+        flight.renewer = asyncio.create_task(self._renew(key, token, ttl_ms))
+        return True
+
+    async def _renew(self, key: str, token: str, ttl_ms: int) -> None:
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            try:
+                if not await self.store.renew_flight(key, token, ttl_ms):
+                    return  # lapsed and taken: the other holder's followers wait on it
+            except StoreUnavailable:
+                continue  # should it lapse meanwhile, another process calls too: no harm
+
+    def _release(self, key: str, flight: _Flight) -> None:
+        """Drop ``flight``'s lock across processes, off the answer's path (unreleased, it
+        expires by itself)."""
+        if flight.renewer is not None:
+            flight.renewer.cancel()
+            flight.renewer = None
+        token, flight.token = flight.token, None
+        if token is None:
+            return
+        task = asyncio.create_task(self._release_lock(key, token))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release_lock(self, key: str, token: str) -> None:
+        try:
+            await self.store.release_flight(key, token)
+        except StoreUnavailable as exc:
+            log.warning("could not release a coalescing lock (it expires): %s", exc)
+
+    async def _follow_shared(self, key: str, flight: _Flight) -> CachedResult | None:
+        """Wait, polling with backoff, for the result of the process holding ``key``'s lock.
+        None: this process calls itself, because it now holds the lock (the holder ended
+        without a stored result: it failed, its team was over quota, or it died and its lock
+        expired), or it waited ``coalesce_wait_s``, or the store cannot be asked."""
+        wait_s = self.config.cache.coalesce_wait_s
+        deadline = time.monotonic() + wait_s
+        delay = FOLLOW_POLL_FIRST_S
+        while True:
+            try:
+                result, held = await self.store.flight(key)
+            except StoreUnavailable:
+                return None
+            fresh = result is not None and (
+                self.ledger.clock() - result.created_at < self.config.cache.ttl_s
+            )
+            if fresh:
+                return result
+            if not held:
+                if await self._claim(key, flight):
+                    return None
+                continue  # yet another process took it first: wait on that one
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "coalesced request waited %.0fs for another replica; forwarding on its own",
+                    wait_s,
+                )
+                return None
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, FOLLOW_POLL_MAX_S)
 
     def _land(self, key: str, flight: _Flight) -> None:
         """Take ``flight`` off the in-flight table, unless another leader has taken its key."""
@@ -407,6 +509,10 @@ class RecognitionService:
                 self.config.cache.coalesce_wait_s,
             )
             return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
+        return await self._coalesced(result, key, call, scope)
+
+    async def _coalesced(self, result: CachedResult, key: str, call: Call, scope: str) -> Answer:
+        """The answer of a request that rode on another's upstream call: free."""
         prefix = self._answer_from(result, call)
         if prefix is None:  # the leader's (widened) answer does not follow the model
             return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
@@ -537,11 +643,13 @@ class RecognitionService:
         except BaseException as exc:
             if flight is not None:
                 self._land(key, flight)
+                self._release(key, flight)
                 flight.future.set_exception(exc)
                 flight.future.exception()
             raise
         if flight is not None:
             self._land(key, flight)
+            self._release(key, flight)
             flight.future.set_result(result)
         return result, upstream_s
 

@@ -265,3 +265,37 @@ async def test_set_meta_if_absent_lets_exactly_one_caller_set_it(store: Store) -
     await store.set_meta("notify:x", "over")
     assert await store.get_meta("notify:x") == "over"
     assert await store.set_meta_if_absent("notify:y", "") is True
+
+
+async def test_one_caller_holds_a_keys_flight_lock_until_it_releases_or_it_expires(
+        store: Store) -> None:
+    """Coalescing across replicas: of 20 concurrent claims on a key one holds the lock (a
+    claim resent by its holder still holds); only the holder renews or releases it; a lock
+    nobody renews expires. SQLite keeps no such locks (None: each process coalesces its own)."""
+    claims = await asyncio.gather(*(store.claim_flight("k", f"t{i}", 60_000) for i in range(20)))
+    if isinstance(store, SQLiteStore):
+        assert set(claims) == {None}
+        assert await store.flight("k") == (None, False)
+        return
+    assert claims.count(True) == 1 and claims.count(False) == 19
+    holder = f"t{claims.index(True)}"
+    assert await store.claim_flight("k", holder, 60_000) is True  # a retry of its own claim
+    assert await store.flight("k") == (None, True)
+    other = "t0" if holder != "t0" else "t1"
+    assert await store.renew_flight("k", other, 60_000) is False
+    await store.release_flight("k", other)  # not its lock: nothing happens
+    assert (await store.flight("k"))[1] is True
+    assert await store.renew_flight("k", holder, 60_000) is True
+    await store.save_result(result("k"), max_bytes=10**9)
+    await store.release_flight("k", holder)
+    found, held = await store.flight("k")
+    assert found is not None and found.key == "k" and held is False
+    assert await store.claim_flight("k", other, 60_000) is True
+    # A lock its holder no longer renews (a dead replica's) expires by itself.
+    assert await store.claim_flight("short", "dead", 50) is True
+    assert await store.claim_flight("short", "next", 60_000) is False
+    for _ in range(200):
+        if not (await store.flight("short"))[1]:
+            break
+        await asyncio.sleep(0.01)
+    assert await store.claim_flight("short", "next", 60_000) is True

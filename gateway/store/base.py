@@ -190,3 +190,20 @@ class Store(Protocol):
     async def set_meta_if_absent(self, name: str, value: str) -> bool:
         """Set ``name`` only if it is not set yet, atomically for every process on the store:
         True for the one caller that set it (a notification is sent once across replicas)."""
+
+    async def claim_flight(self, key: str, token: str, ttl_ms: int) -> bool | None:
+        """Take the lock on a cache key whose upstream call is about to run, for every
+        process on the store (``SET NX PX``, idempotent by ``token``): True for the one
+        caller that holds it, False while another holds it; it expires after ``ttl_ms``
+        unless renewed. None when the store keeps no such locks (SQLite: each process
+        coalesces its own requests)."""
+
+    async def renew_flight(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Extend the lock if ``token`` still holds it (False: it expired or was taken)."""
+
+    async def release_flight(self, key: str, token: str) -> None:
+        """Drop the lock if ``token`` still holds it."""
+
+    async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
+        """The result held for ``key`` and whether a lock on it is held, in one round trip:
+        what a follower on another process polls."""

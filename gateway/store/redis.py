@@ -16,6 +16,7 @@ Keys (under ``prefix``):
   done:<id>        string how a reservation ended (a week: makes retries idempotent)
   owners, beats    hash   owner id -> "host|pid|started", owner id -> beat counter
   meta             hash   name -> value
+  fl:<key>         string the lock on a key in flight: its holder's token (expires unless renewed)
 """
 
 from __future__ import annotations
@@ -649,6 +650,33 @@ class RedisStore:
         event is then not sent rather than sent twice."""
         return bool(await self._call(self._r.hsetnx(self._k("meta"), name, value)))
 
+    # -- coalescing across replicas (gateway.service) --------------------------------------
+    def _flight_script(self, name: str, source: str) -> Any:
+        script = getattr(self, name, None)
+        if script is None or script.registered_client is not self._r:
+            script = self._r.register_script(source)
+            setattr(self, name, script)
+        return script
+
+    async def claim_flight(self, key: str, token: str, ttl_ms: int) -> bool | None:
+        script = self._flight_script("_claim_flight", _CLAIM_FLIGHT)
+        return bool(await self._call(script(keys=[self._k("fl:", key)], args=[token, ttl_ms])))
+
+    async def renew_flight(self, key: str, token: str, ttl_ms: int) -> bool:
+        script = self._flight_script("_renew_flight", _RENEW_FLIGHT)
+        return bool(await self._call(script(keys=[self._k("fl:", key)], args=[token, ttl_ms])))
+
+    async def release_flight(self, key: str, token: str) -> None:
+        script = self._flight_script("_release_flight", _RELEASE_FLIGHT)
+        await self._call(script(keys=[self._k("fl:", key)], args=[token]))
+
+    async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hmget(self._k("r:", key), _FIELDS)
+        pipe.exists(self._k("fl:", key))
+        values, held = await self._call(pipe.execute())
+        return self._result(key, values), bool(held)
+
 
 # The results of one image, type and scope in one round trip (the image's index set is small).
 # ARGV: prefix, content_hash, type, scope; returns key, then _FIELDS, per result.
@@ -689,4 +717,30 @@ redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens),
            'stamp', string.format('%.17g', now), 'rate', ARGV[1], 'burst', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return {taken, string.format('%.17g', tokens)}
+"""
+
+
+# The lock on a key in flight, fl:<key> = the holder's token (docs: "Coalescing across
+# replicas"). A claim resent after a dropped connection finds its own token and holds.
+# KEYS: the lock; ARGV: token, ttl ms.
+_CLAIM_FLIGHT = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if v then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_RENEW_FLIGHT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+_RELEASE_FLIGHT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """

@@ -790,6 +790,20 @@ class SQLiteStore:
         )
         return inserted == 1
 
+    # -- coalescing (gateway.service) ------------------------------------------------------
+    async def claim_flight(self, key: str, token: str, ttl_ms: int) -> bool | None:
+        """None: no locks across processes; each process coalesces its own requests."""
+        return None
+
+    async def renew_flight(self, key: str, token: str, ttl_ms: int) -> bool:
+        return False
+
+    async def release_flight(self, key: str, token: str) -> None:
+        return None
+
+    async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
+        return None, False
+
 
 def _fetchall(conn: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
     return conn.execute(sql, args).fetchall()
