@@ -17,10 +17,13 @@ Keys (under ``prefix``):
   owners, beats    hash   owner id -> "host|pid|started", owner id -> beat counter
   meta             hash   name -> value
   fl:<key>         string the lock on a key in flight: its holder's token (expires unless renewed)
+  apikeys          hash   store-issued team key id -> JSON definition (gateway.keys)
+  apikey_uses      hash   key id -> requests it authorized; apikey_used_at: id -> last use
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Any
@@ -40,6 +43,7 @@ from gateway.store.base import (
     CacheStats,
     Hit,
     HitSummary,
+    KeyRecord,
     Reclaimed,
     Reservation,
     StoreUnavailable,
@@ -242,6 +246,7 @@ class RedisStore:
         self.sentinels = sentinels
         self.master_name = master_name
         self.min_replicas_ack = min_replicas_ack
+        self._sentinel: Sentinel | None = None
         self.generation = 0
         self._redis: aioredis.Redis | None = None
 
@@ -271,7 +276,7 @@ class RedisStore:
             # The URL's database and password still apply; its host is the primary's,
             # which Sentinel names instead.
             parsed = aioredis.connection.parse_url(self.url)
-            sentinel = Sentinel(
+            sentinel = self._sentinel = Sentinel(
                 [(h, int(p)) for h, _, p in (a.rpartition(":") for a in self.sentinels)],
                 sentinel_kwargs={"socket_timeout": 1, "socket_connect_timeout": 1},
             )
@@ -349,6 +354,10 @@ class RedisStore:
         if self._redis is not None:
             await self._redis.aclose(close_connection_pool=True)
             self._redis = None
+        if self._sentinel is not None:
+            for client in self._sentinel.sentinels:
+                await client.aclose()
+            self._sentinel = None
 
     async def ping(self) -> None:
         await self._call(self._r.ping())
@@ -677,6 +686,65 @@ class RedisStore:
         values, held = await self._call(pipe.execute())
         return self._result(key, values), bool(held)
 
+    # -- team keys (gateway.keys) ----------------------------------------------------------
+    def _keys_script(self, name: str, source: str) -> Any:
+        script = getattr(self, name, None)
+        if script is None or script.registered_client is not self._r:
+            script = self._r.register_script(source)
+            setattr(self, name, script)
+        return script
+
+    async def save_key(self, key: KeyRecord) -> None:
+        """One script (the key and the generation together), acknowledged by
+        ``min_replicas_ack`` replicas like a ledger write: a revoke must survive a failover."""
+        definition = json.dumps(
+            {
+                "team": key.team,
+                "key_hash": key.key_hash,
+                "label": key.label,
+                "created_at": key.created_at,
+                "expires_at": key.expires_at,
+                "revoked_at": key.revoked_at,
+            }
+        )
+        script = self._keys_script("_save_key", _SAVE_KEY)
+        await self._ledger_end(script, [self.prefix, key.id, definition, uuid.uuid4().hex])
+
+    async def list_keys(self) -> list[KeyRecord]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hgetall(self._k("apikeys"))
+        pipe.hgetall(self._k("apikey_uses"))
+        pipe.hgetall(self._k("apikey_used_at"))
+        defined, uses, used_at = await self._call(pipe.execute())
+        keys = []
+        for raw_id, raw in defined.items():
+            d = json.loads(raw)
+            last = used_at.get(raw_id)
+            keys.append(
+                KeyRecord(
+                    id=raw_id.decode(),
+                    team=str(d["team"]),
+                    key_hash=str(d["key_hash"]),
+                    label=str(d["label"]),
+                    created_at=float(d["created_at"]),
+                    expires_at=None if d["expires_at"] is None else float(d["expires_at"]),
+                    revoked_at=None if d["revoked_at"] is None else float(d["revoked_at"]),
+                    last_used_at=None if last is None else float(last),
+                    uses=int(uses.get(raw_id, 0)),
+                )
+            )
+        return sorted(keys, key=lambda k: (k.created_at, k.id))
+
+    async def record_key_uses(self, uses: dict[str, tuple[int, float]]) -> None:
+        """Not idempotent: a retry after a dropped connection may count a batch twice (the
+        count is a report, not a charge)."""
+        if not uses:
+            return
+        args: list[Any] = [self.prefix]
+        for key_id, (n, at) in uses.items():
+            args += [key_id, n, repr(float(at))]
+        await self._call(self._keys_script("_key_uses", _KEY_USES)(args=args))
+
 
 # The results of one image, type and scope in one round trip (the image's index set is small).
 # ARGV: prefix, content_hash, type, scope; returns key, then _FIELDS, per result.
@@ -742,5 +810,30 @@ return 1
 
 _RELEASE_FLIGHT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+# Store-issued team keys: apikeys id -> JSON definition, apikey_uses id -> count,
+# apikey_used_at id -> last use; meta keys_generation changes with every definition.
+# ARGV: prefix, id, definition, generation.
+_SAVE_KEY = """
+redis.call('HSET', ARGV[1] .. 'apikeys', ARGV[2], ARGV[3])
+redis.call('HSET', ARGV[1] .. 'meta', 'keys_generation', ARGV[4])
+return 1
+"""
+
+# ARGV: prefix, then (id, uses, last use) per key; ids not in apikeys are skipped.
+_KEY_USES = """
+local p = ARGV[1]
+for i = 2, #ARGV, 3 do
+  if redis.call('HEXISTS', p .. 'apikeys', ARGV[i]) == 1 then
+    redis.call('HINCRBY', p .. 'apikey_uses', ARGV[i], ARGV[i + 1])
+    local old = redis.call('HGET', p .. 'apikey_used_at', ARGV[i])
+    if not old or tonumber(old) < tonumber(ARGV[i + 2]) then
+      redis.call('HSET', p .. 'apikey_used_at', ARGV[i], ARGV[i + 2])
+    end
+  end
+end
 return 1
 """
