@@ -447,6 +447,76 @@ def test_dashboard_is_well_formed() -> None:
                   and "gateway_quota_limit" in json.dumps(p["targets"])]
     assert quota_bars, "a bar gauge of quota used against the limit"
 
+    # Calls are whole: increase() extrapolates to the range's edges (2.87 calls saved), so a
+    # panel counting calls rounds in the query and shows no decimals, and money is whole
+    # calls times the price.
+    counting = call_count_panels(dashboard)
+    assert {"Requests answered", "Upstream calls saved",
+            "Upstream calls saved by team"} <= {p["title"] for p in counting}
+    for panel in counting:
+        assert panel["fieldConfig"]["defaults"]["decimals"] == 0, panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].startswith("round("), (panel["title"], target["expr"])
+    money = [t["expr"] for p in panels for t in p["targets"]
+             if "gateway_upstream_call_price" in t["expr"] and "increase(" in t["expr"]]
+    assert money
+    for expr in money:
+        assert expr.count("increase(") == expr.count("round(increase("), expr
+
+
+# Series growing at a steady pace, read over a range that does not end on a sample's edge:
+# increase() extrapolates there (team a's 3 calls read 3.33), as on any live dashboard.
+WHOLE_CALLS_INPUT = [
+    {"series": 'gateway_upstream_calls_saved_total{team="a",type="objects"}', "values": "0+1x20"},
+    {"series": 'gateway_upstream_calls_saved_total{team="b",type="objects"}', "values": "0+2x20"},
+    {"series": 'gateway_requests_total{team="a",type="objects",status="200",cache="hit"}',
+     "values": "0+1x20"},
+    {"series": 'gateway_requests_total{team="a",type="objects",status="200",cache="derived"}',
+     "values": "0+1x20"},
+    {"series": 'gateway_upstream_calls_by_team_total{team="a",type="objects"}',
+     "values": "0+1x20"},
+    {"series": 'gateway_upstream_call_price{type="objects",currency="EUR"}', "values": "0.5x20"},
+]
+# (panel, legend) -> what it shows: whole calls, and money as whole calls times 0.5.
+WHOLE_CALLS_SHOWN: dict[tuple[str, str], list[tuple[dict[str, str], float]]] = {
+    ("Requests answered", "requests"): [({}, 7)],  # 3.33 + 3.33 requests
+    ("Upstream calls saved", "calls saved"): [({}, 10)],  # 3.33 + 6.67
+    ("Upstream calls saved", "calls saved by derivation"): [({}, 3)],
+    ("Upstream calls saved by team", "{{team}}"): [({"team": "a"}, 3), ({"team": "b"}, 7)],
+    ("Money saved", "all teams"): [({}, 5.0)],  # 3 x 0.5 + 7 x 0.5
+    ("Money saved", "{{team}}"): [({"team": "a"}, 1.5), ({"team": "b"}, 3.5)],
+    ("Upstream spend", "all teams"): [({}, 1.5)],
+    ("Upstream spend", "{{team}}"): [({"team": "a"}, 1.5)],
+}
+
+
+def test_panels_counting_calls_show_whole_calls(tmp_path: Path) -> None:
+    dashboard = load_dashboard()
+    tests, seen = [], set()
+    for panel in all_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            where = (panel["title"], target.get("legendFormat", ""))
+            if where not in WHOLE_CALLS_SHOWN:
+                continue
+            seen.add(where)
+            expr = concrete(target["expr"]).replace("[30s]", "[50s]")
+            samples = [{"labels": "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}",
+                        "value": value} for labels, value in WHOLE_CALLS_SHOWN[where]]
+            tests.append({"expr": expr, "eval_time": "5m", "exp_samples": samples})
+    assert seen == set(WHOLE_CALLS_SHOWN), set(WHOLE_CALLS_SHOWN) - seen
+    (tmp_path / "whole.yml").write_text(json.dumps({"tests": [{
+        "interval": "15s", "input_series": WHOLE_CALLS_INPUT, "promql_expr_test": tests}]}))
+    result = run(tool("promtool"), "test", "rules", "whole.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def call_count_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stat and bar gauge panels that count calls or requests over the range."""
+    return [p for p in all_panels(dashboard["panels"])
+            if p["type"] in ("stat", "bargauge")
+            and p["fieldConfig"]["defaults"].get("unit") == "short"
+            and any("increase(" in t["expr"] for t in p["targets"])]
+
 
 def test_grafana_provisioning() -> None:
     datasources = DATASOURCES.read_text()
