@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from gateway import form as form_module
 from gateway.errors import FileTooLarge, NoData
 from gateway.form import (
     LENGTH_SLACK,
@@ -716,3 +717,10 @@ def test_garbage_only_gateway_errors(body: bytes, content_type: str, length: int
                 pass
 
     asyncio.run(check())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_head_memo() -> None:
+    """Part headers are memoised process-wide; a mutation run forks every mutant's tests from
+    a process whose memo is already full, so the header parser would never run (docs/testing.md)."""
+    form_module._parse_small_block.cache_clear()
