@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve|sim|demo|check-config|hash-key``."""
+"""Command line: ``gateway serve|sim|demo|check-config|check-store|migrate-store|hash-key``."""
 
 from __future__ import annotations
 
@@ -66,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair",
         action="store_true",
         help="move a damaged cache aside; rebuild a damaged ledger from its pages",
+    )
+
+    mig = sub.add_parser(
+        "migrate-store",
+        help="copy the quota ledger and the cache between SQLite and Redis",
+        description="Copy every period of the quota ledger (charged, hits, coalesced, "
+        "undelivered), the cache and the meta rows from one store to another, SQLite to Redis "
+        "or back. Pending reservations of gateways that died are settled first; refused while "
+        "a gateway uses either store, or when the destination's ledger differs from the "
+        "source's. Run twice, the second run copies nothing. STORE: a config file, a "
+        "redis:// URL (?prefix=gw: by default) or a SQLite ledger path.",
+    )
+    mig.add_argument("--from", dest="source", required=True, metavar="STORE", help="copy from")
+    mig.add_argument("--to", dest="dest", required=True, metavar="STORE", help="copy into")
+    mig.add_argument(
+        "--wait-s",
+        type=float,
+        default=12.0,
+        help="how long to watch the beats of gateways another host registered (a running "
+        "one beats every 5 s)",
     )
 
     hk = sub.add_parser("hash-key", help="print the sha256: form of a team key for config.toml")
@@ -155,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.check_store import check_store
 
             return check_store(load_config(args.config, require_api_key=False), repair=args.repair)
+        if args.command == "migrate-store":
+            from gateway.migrate import run_migrate
+
+            return run_migrate(args.source, args.dest, wait_s=args.wait_s)
         if args.command == "hash-key":
             key = args.key if args.key is not None else sys.stdin.readline().strip()
             if not key:

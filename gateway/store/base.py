@@ -207,3 +207,21 @@ class Store(Protocol):
     async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
         """The result held for ``key`` and whether a lock on it is held, in one round trip:
         what a follower on another process polls."""
+
+    # -- migrate-store (gateway.migrate) ---------------------------------------------------
+    async def owners(self) -> list[Owner]:
+        """Every registered owner (a gateway process that stopped cleanly leaves none)."""
+
+    async def ledger_rows(self) -> list[TeamUsage]:
+        """Every team's row of every period, ordered by period and team."""
+
+    async def put_ledger_row(self, row: TeamUsage) -> None:
+        """Set one team's row of one period to exactly ``row`` (charged, hits, coalesced,
+        undelivered): a copy, so writing it twice is writing it once."""
+
+    async def results_page(self, cursor: str, limit: int) -> tuple[list[CachedResult], str]:
+        """About ``limit`` cached results from ``cursor`` ("" at first) and the cursor that
+        goes on ("" once done). An entry may come twice; none changed meanwhile is missed."""
+
+    async def meta_items(self) -> dict[str, str]:
+        """Every meta row."""

@@ -686,6 +686,75 @@ class RedisStore:
         values, held = await self._call(pipe.execute())
         return self._result(key, values), bool(held)
 
+    # -- migrate-store (gateway.migrate) ---------------------------------------------------
+    async def owners(self) -> list[Owner]:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hgetall(self._k("owners"))
+        pipe.hgetall(self._k("beats"))
+        infos, beats = await self._call(pipe.execute())
+        owners = []
+        for raw_id, info in sorted(infos.items()):
+            host, pid, started = info.decode().split("|", 2)
+            beat = int(beats.get(raw_id, 0))
+            owners.append(Owner(raw_id.decode(), host, int(pid or 0), started, beat))
+        return owners
+
+    async def ledger_rows(self) -> list[TeamUsage]:
+        kinds = ("used:", "hits:", "coalesced:", "undelivered:")
+        periods: set[str] = set()
+        try:
+            for kind in kinds:
+                async for name in self._r.scan_iter(match=self._k(kind, "*"), count=1000):
+                    periods.add(name.decode()[len(self._k(kind)) :])
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+        rows: list[TeamUsage] = []
+        for period in sorted(periods):
+            pipe = self._r.pipeline(transaction=True)
+            for kind in kinds:
+                pipe.hgetall(self._k(kind, period))
+            used, hits, coalesced, undelivered = await self._call(pipe.execute())
+            for t in sorted({*used, *hits, *coalesced, *undelivered}):
+                rows.append(
+                    TeamUsage(
+                        t.decode(),
+                        period,
+                        int(used.get(t, 0)),
+                        int(hits.get(t, 0)),
+                        int(coalesced.get(t, 0)),
+                        int(undelivered.get(t, 0)),
+                    )
+                )
+        return rows
+
+    async def put_ledger_row(self, row: TeamUsage) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        for kind, value in (
+            ("used:", row.charged),
+            ("hits:", row.hits),
+            ("coalesced:", row.coalesced),
+            ("undelivered:", row.undelivered),
+        ):
+            pipe.hset(self._k(kind, row.period), row.team, value)
+        if self.min_replicas_ack:
+            pipe.execute_command("WAIT", self.min_replicas_ack, WAIT_MS)
+        await self._call(pipe.execute())
+
+    async def results_page(self, cursor: str, limit: int) -> tuple[list[CachedResult], str]:
+        at = int(cursor or 0)
+        at, names = await self._call(self._r.scan(at, match=self._k("r:", "*"), count=limit))
+        keys = [n.decode()[len(self._k("r:")) :] for n in names]
+        pipe = self._r.pipeline(transaction=False)
+        for k in keys:
+            pipe.hmget(self._k("r:", k), _FIELDS)
+        values = await self._call(pipe.execute()) if keys else []
+        found = [r for k, v in zip(keys, values, strict=True) if (r := self._result(k, v))]
+        return found, (str(at) if int(at) else "")
+
+    async def meta_items(self) -> dict[str, str]:
+        items = await self._call(self._r.hgetall(self._k("meta")))
+        return {n.decode(): v.decode() for n, v in items.items()}
+
     # -- team keys (gateway.keys) ----------------------------------------------------------
     def _keys_script(self, name: str, source: str) -> Any:
         script = getattr(self, name, None)

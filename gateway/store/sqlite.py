@@ -804,6 +804,40 @@ class SQLiteStore:
     async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
         return None, False
 
+    # -- migrate-store (gateway.migrate) ---------------------------------------------------
+    async def owners(self) -> list[Owner]:
+        rows = await self._read("SELECT id, host, pid, started, beat FROM owners ORDER BY id")
+        return [Owner(str(i), str(h), int(p), str(s), int(b)) for i, h, p, s, b in rows]
+
+    async def ledger_rows(self) -> list[TeamUsage]:
+        rows = await self._read(
+            "SELECT team, period, used, hits, coalesced, undelivered FROM quota_usage "
+            "ORDER BY period, team"
+        )
+        return [
+            TeamUsage(str(t), str(p), int(u), int(h), int(c), int(n)) for t, p, u, h, c, n in rows
+        ]
+
+    async def put_ledger_row(self, row: TeamUsage) -> None:
+        await self._write(
+            "INSERT INTO quota_usage (team, period, used, hits, coalesced, undelivered) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(team, period) DO UPDATE SET "
+            "used = excluded.used, hits = excluded.hits, coalesced = excluded.coalesced, "
+            "undelivered = excluded.undelivered",
+            (row.team, row.period, row.charged, row.hits, row.coalesced, row.undelivered),
+        )
+
+    async def results_page(self, cursor: str, limit: int) -> tuple[list[CachedResult], str]:
+        rows = await self._read(
+            f"SELECT {_RESULT_COLUMNS} FROM results WHERE key > ? ORDER BY key LIMIT ?",
+            (cursor, limit),
+        )
+        found = [_row_result(r) for r in rows]
+        return found, (found[-1].key if len(found) == limit else "")
+
+    async def meta_items(self) -> dict[str, str]:
+        return {str(n): str(v) for n, v in await self._read("SELECT name, value FROM meta")}
+
 
 def _fetchall(conn: sqlite3.Connection, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
     return conn.execute(sql, args).fetchall()
