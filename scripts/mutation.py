@@ -4,6 +4,7 @@
     python scripts/mutation.py cache_key cors       # some of them
     python scripts/mutation.py --score cache_key    # only print the scores of the last run
     python scripts/mutation.py --at HEAD quota      # on a clean export of a commit
+    python scripts/mutation.py --at HEAD --again quota  # its survivors, with HEAD's tests
 
 Runs mutmut (``[tool.mutmut]`` in pyproject.toml) at nice 19 with one child process: the
 machine is shared, and a mutant run is hours of CPU otherwise. For each module it mutates only
@@ -28,6 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SQLITE, REDIS = "gateway.store.sqlite.xǁSQLiteStoreǁ", "gateway.store.redis.xǁRedisStoreǁ"
 STORE_PARTS = ("reserve", "mark_sent", "settle", "keep_undelivered", "refund", "save_result")
+SERVICE = "gateway.service.xǁRecognitionServiceǁ"
+# The request path (look up, derive, coalesce, reserve, forward, store, answer) and the refund
+# rules; the background (flush, reconcile, the audit's bookkeeping) and type=cache are not.
+SERVICE_PARTS = (
+    "recognize", "_lookup", "_used", "derivable", "_widened", "_usable", "_derived",
+    "_answer_from", "_start_audit", "_audit", "_stale", "_hit", "_lead", "_land", "_follow",
+    "_forward", "_call_upstream", "_fetch", "_end_unanswered", "_retry_unended", "_reserve",
+)
 
 # name: (file, mutant name globs, test files that can kill them)
 MODULES: dict[str, tuple[str, list[str], list[str]]] = {
@@ -40,8 +49,12 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                    [f"gateway.admin.x_{f}*"
                     for f in ("token_matches", "_admin", "_status_denied")],
                    ["tests/test_admin.py"]),
-    "service": ("gateway/service.py", ["gateway.service.*"],
-                ["tests/test_api.py", "tests/test_resilience.py", "tests/test_cache_key.py"]),
+    "service": ("gateway/service.py",
+                [f"{SERVICE}{f}*" for f in SERVICE_PARTS] + ["gateway.service.xǁDirectivesǁparse*"],
+                ["tests/test_api.py", "tests/test_resilience.py", "tests/test_cache_key.py",
+                 "tests/test_derive.py", "tests/test_service_rules.py"]),
+    "derive": ("gateway/derive.py", ["gateway.derive.*"],
+               ["tests/test_derive.py", "tests/test_service_rules.py"]),
     "sqlite": ("gateway/store/sqlite.py",
                [f"{SQLITE}{part}*" for part in STORE_PARTS]
                + ["gateway.store.sqlite.x__transact*"],
@@ -52,28 +65,50 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
               ["tests/test_store_contract.py", "tests/test_quota.py"]),
     "upstream": ("gateway/upstream.py",
                  ["gateway.upstream.xǁUpstreamClientǁ_interpret*",
+                  "gateway.upstream.xǁUpstreamClientǁ_call*",
+                  "gateway.upstream.xǁUpstreamClientǁrecognize*",
                   "gateway.upstream.x_mark_billed*",
                   "gateway.upstream.x_was_billed*",
                   "gateway.upstream.x__parse_envelope*",
+                  "gateway.upstream.x__suspect*",
                   "gateway.upstream.x__sound*"],
                  ["tests/test_upstream.py", "tests/test_resilience.py"]),
-    "form": ("gateway/form.py", ["gateway.form.*"], ["tests/test_form.py"]),
+    # What decides the file's bytes, hash and size and what is refused; not the part
+    # headers' parsing (name, filename, content type), which the differential test covers.
+    "form": ("gateway/form.py",
+             [f"gateway.form.{f}*" for f in (
+                 "x_read_form", "x__read_streamed", "x__read_body", "x__unquote",
+                 "xǁ_FileSinkǁwrite", "xǁ_FileSinkǁresult", "xǁ_MultipartParserǁfeed",
+                 "xǁ_MultipartParserǁ_content", "xǁ_UrlencodedParserǁfeed")],
+             ["tests/test_form.py"]),
 }
 KILLED = {1, 3, 36, 37, -24, 24, 152, 255}  # a failing test, a timeout, the type checker
 SURVIVED, NO_TESTS = {0}, {5, 33}
 
 
-def run(names: list[str], deselect: list[str]) -> None:
+def run(names: list[str], deselect: list[str], mutants: list[str]) -> None:
     from mutmut import configuration  # imported here: it reads pyproject.toml from the cwd
 
     cfg = configuration.config()
     cfg.pytest_add_cli_args = [*cfg.pytest_add_cli_args, *(f"--deselect={d}" for d in deselect)]
     cfg.only_mutate = sorted({MODULES[n][0] for n in names})
-    cfg.pytest_add_cli_args_test_selection = sorted({t for n in names for t in MODULES[n][2]})
+    tests = {t for n in names for t in MODULES[n][2] if Path(t).exists()}  # at --at REV too
+    cfg.pytest_add_cli_args_test_selection = sorted(tests)
     from mutmut.__main__ import cli
 
-    globs = [g for n in names for g in MODULES[n][1]]
+    globs = mutants or [g for n in names for g in MODULES[n][1]]
     cli(["run", "--max-children", "1", *globs], standalone_mode=False)
+
+
+def unkilled(root: Path, name: str) -> list[str]:
+    """The last run's survivors and untested mutants of ``name`` (those ``--again`` reruns)."""
+    file, globs, _ = MODULES[name]
+    meta = root / "mutants" / (file + ".meta")
+    if not meta.exists():
+        return []
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return sorted(k for k, v in codes.items()
+                  if v in SURVIVED | NO_TESTS and any(fnmatch.fnmatch(k, g) for g in globs))
 
 
 def score(root: Path, name: str) -> str:
@@ -102,24 +137,39 @@ def main() -> int:
     parser.add_argument("--score", action="store_true", help="print the last run's scores")
     parser.add_argument("--deselect", action="append", default=[], metavar="NODEID",
                         help="leave out a test that fails on the unmutated code (say why)")
-    parser.add_argument("--at", metavar="REV", help="run on `git archive REV` in mutation-work/"
-                        " instead of the work tree (which others may be changing)")
+    parser.add_argument("--at", metavar="REV", help="run on `git archive REV` in"
+                        " mutation-work/MODULE+.../ instead of the work tree (which others may"
+                        " be changing)")
+    parser.add_argument("--again", action="store_true",
+                        help="with --at: keep the last run of these modules, take REV's tests"
+                        " and rerun only its survivors (new tests get their coverage first)")
     args = parser.parse_args()
     if unknown := [n for n in args.modules if n not in MODULES]:
         parser.error(f"unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}")
     names = args.modules or list(MODULES)
-    root = ROOT if args.at is None else ROOT / "mutation-work"
-    if args.at is not None and not args.score:
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.at],
+    if args.again and args.at is None:
+        parser.error("--again needs --at (the mutants kept are those of an export)")
+    # One work folder per set of modules, so that each keeps its last run for --again.
+    root = ROOT if args.at is None else ROOT / "mutation-work" / "+".join(names)
+    again = [m for n in names for m in unkilled(root, n)] if args.again else []
+    if args.again and not again:
+        print("nothing to run again")
+    elif args.at is not None and not args.score:
+        if not args.again:
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+        # Again: only the tests are taken (mutmut copies tests/ into mutants/ on each run);
+        # the sources and their mutants stay, so their results stand.
+        paths = ["tests"] if args.again else []
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.at, *paths],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
     os.chdir(root)
-    if not args.score:
+    if not args.score and (again or not args.again):
         os.nice(19)
-        shutil.rmtree(root / "mutants", ignore_errors=True)
-        run(names, args.deselect)
+        if not args.again:
+            shutil.rmtree(root / "mutants", ignore_errors=True)
+        run(names, args.deselect, again)
     print("\n".join(score(root, n) for n in names))
     return 0
 

@@ -582,3 +582,110 @@ def test_nesting_is_accepted_up_to_max_depth_however_wide() -> None:
     objects = [{"name": "Car", "coordinates": [{"x": 0.5}]} for _ in range(400)]
     text = json.dumps({"status": 200, "data": {"objects": objects, "name": "\U0001f600"}})
     assert upstream_module._parse_envelope(text.encode()) == json.loads(text)
+
+
+# -- every classification, as the team and the operator see it -------------------------------
+NO_ENVELOPE = upstream_module.NOT_THE_ENVELOPE
+
+
+def undefined(status: int, shown: object) -> Any:
+    return pytest.param(
+        envelope(status, SUCCESS, http=200), BadGateway, f"Upstream answered status {shown}",
+        False, [("WARNING", f"upstream answered envelope status {shown}, not one the API defines")],
+        id=f"undefined-{status}")
+
+
+def credentials(status: int) -> Any:
+    return pytest.param(
+        envelope(status, status_message="APIkey invalid"), BadGateway,
+        "Upstream refused the gateway's credentials", False,
+        [("ERROR", f"upstream refused the gateway's API key (upstream status {status}): "
+                   "check the variable named by upstream.api_key_env")], id=f"credentials-{status}")
+
+
+CLASSIFIED = [
+    pytest.param(raw(b"Internal Server Error", 500), BadGateway, NO_ENVELOPE, True,
+                 [("WARNING", "upstream answered HTTP 500 with no envelope")], id="500-page"),
+    pytest.param(raw(b"busy", 503), BadGateway, NO_ENVELOPE, False,
+                 [("WARNING", "upstream answered HTTP 503 with no envelope")], id="503-page"),
+    pytest.param(raw(b'{"status":200}'), BadGateway, NO_ENVELOPE, True,
+                 [("WARNING", "upstream answered HTTP 200 with no envelope")], id="no-data"),
+    pytest.param(raw(b'{"status":412,"status_message":"Invalid file"}'), BadGateway, NO_ENVELOPE,
+                 True, [("WARNING", "upstream answered HTTP 200 with no envelope")],
+                 id="error-without-data"),
+    pytest.param(envelope(200, SUCCESS, http=500), BadGateway, NO_ENVELOPE, True,
+                 [("WARNING", "upstream answered a success envelope over HTTP 500")],
+                 id="success-over-500"),
+    pytest.param(envelope(200, [1, 2]), BadGateway, NO_ENVELOPE, True,
+                 [("WARNING", "upstream answered a success envelope over HTTP 200")],
+                 id="data-a-list"),
+    pytest.param(envelope(402, status_message="Quota limit reached"), QuotaReached,
+                 "Quota limit reached", False,
+                 [("ERROR", "upstream account quota exhausted (upstream answered 402)")], id="402"),
+    credentials(400),
+    credentials(401),
+    undefined(300, 300),  # the API's own "no data" status: the gateway never sends such a call
+    undefined(0, 0),
+    undefined(500, 500),
+    undefined(999, 999),
+    undefined(1000, "out of range"),
+    undefined(-1, "out of range"),
+]
+
+
+@pytest.mark.parametrize(("answer", "kind", "message", "billed", "logged"), CLASSIFIED)
+async def test_each_failure_has_its_message_its_bill_and_one_log_line(
+        hostile: Hostile, make_client: ClientFactory, caplog: pytest.LogCaptureFixture,
+        answer: Answer, kind: type[GatewayError], message: str, billed: bool,
+        logged: list[tuple[str, str]]) -> None:
+    """What the team reads, whether it pays, and the one line that tells the operator why:
+    never the 'failed unexpectedly' of a bug, whose 502 hides which of these it was."""
+    hostile.answer = answer
+    client = await make_client(retries=0)
+    with caplog.at_level(logging.INFO, logger="gateway.upstream"):
+        exc = await failure(client)
+    assert type(exc) is kind and exc.message == message  # type: ignore[attr-defined]
+    assert exc.billed is billed  # type: ignore[attr-defined]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "gateway.upstream"] == logged
+
+
+def quota_gauge(client: UpstreamClient) -> float | None:
+    return client.metrics.registry.get_sample_value("gateway_upstream_quota_remaining")
+
+
+async def test_the_account_quota_is_read_only_from_an_integer(
+        hostile: Hostile, make_client: ClientFactory) -> None:
+    client = await make_client()
+    assert (await client.recognize("objects", {}, in_memory())).account_quota == 2999
+    assert quota_gauge(client) == 2999
+    for odd in (True, "lots", 12.5, None):
+        hostile.answer = envelope(200, {**SUCCESS, "quota": odd})
+        result = await client.recognize("objects", {}, in_memory())
+        assert result.account_quota is None and result.data["quota"] == odd, odd
+        assert quota_gauge(client) == 2999, odd  # the last one known stays
+    hostile.answer = envelope(402, status_message="Quota limit reached")
+    await failure(client)
+    assert quota_gauge(client) == 0
+
+
+@pytest.mark.parametrize("number", [b"1e+999", b"-1E+400", b"2e+0309"])
+async def test_a_number_with_a_plus_exponent_that_overflows_is_refused(
+        hostile: Hostile, make_client: ClientFactory, number: bytes) -> None:
+    hostile.answer = raw(b'{"status":200,"data":{"confidence":' + number + b"}}")
+    exc = await failure(await make_client())
+    assert isinstance(exc, BadGateway) and exc.billed is True  # type: ignore[attr-defined]
+
+
+def test_depth_is_checked_exactly_when_there_are_many_brackets() -> None:
+    wide = "[" + ",".join(["[]"] * (MAX_DEPTH + 1)) + "]"  # more brackets than MAX_DEPTH
+    for depth in (MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1):
+        inner = "[" * (depth - 2) + "]" * (depth - 2)  # envelope and data are two levels
+        text = f'{{"status":200,"data":{{"w":{wide},"x":{inner}}}}}'
+        assert (upstream_module._parse_envelope(text.encode()) is not None) == (
+            depth <= MAX_DEPTH), depth
+
+
+def test_an_exception_without_a_verdict_counts_as_billed() -> None:
+    assert upstream_module.was_billed(RuntimeError("no verdict")) is True
+    assert upstream_module.was_billed(upstream_module.mark_billed(RuntimeError(), False)) is False
