@@ -221,9 +221,14 @@ def _authorize(form: Form, state: GatewayState) -> TeamConfig:
     team = state.teams_by_key.get(key)
     if team is None:
         # Looked up by hash: no comparison against stored keys, so no timing oracle.
-        team = state.teams_by_key_hash.get("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+        key_hash = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+        team = state.teams_by_key_hash.get(key_hash)
         if team is None:
-            raise KeyInvalid()
+            # A store-issued key: never remembered below, so a revoke reaches it.
+            team = state.keyring.team_for(key_hash, state.config)
+            if team is None:
+                raise KeyInvalid()
+            return team
         if len(state.teams_by_key) < MAX_REMEMBERED_KEYS:
             # Keys already presented and accepted skip the sha256 next time; a refused key
             # is never kept, so guesses cost no memory. A reload forgets them all.

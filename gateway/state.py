@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.config import Config, TeamConfig
 from gateway.deadlines import Deadlines
+from gateway.keys import KeyRing
 from gateway.metrics import Metrics
 from gateway.quota import QuotaLedger
 from gateway.ratelimit import RateLimiter
@@ -50,6 +51,8 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.teams_by_key_hash = {h: t for t in self.config.teams for h in t.key_hashes}
+        # Keys issued through the store (gateway.keys), after the config's in _authorize.
+        self.keyring = KeyRing(self.store, self.ledger.clock)
         # What the process was started with: the socket, the store and the upstream client
         # keep it whatever later reloads say.
         self.started = self.config

@@ -208,6 +208,18 @@ class Store(Protocol):
         """The result held for ``key`` and whether a lock on it is held, in one round trip:
         what a follower on another process polls."""
 
+    async def save_key(self, key: KeyRecord) -> None:
+        """Insert or replace a store-issued team key (all but its uses and last use, which
+        only ``record_key_uses`` moves) and change the meta row ``keys_generation`` in the
+        same transaction, so every process on the store re-reads the keys."""
+
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every store-issued key, revoked and expired ones included, oldest first."""
+
+    async def record_key_uses(self, uses: dict[str, tuple[int, float]]) -> None:
+        """Per key id, add its uses and move its last use forward (never back); an id the
+        store does not hold is ignored."""
+
     # -- migrate-store (gateway.migrate) ---------------------------------------------------
     async def owners(self) -> list[Owner]:
         """Every registered owner (a gateway process that stopped cleanly leaves none)."""
@@ -225,3 +237,18 @@ class Store(Protocol):
 
     async def meta_items(self) -> dict[str, str]:
         """Every meta row."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A team key issued through the store (``gateway.keys``): only its hash is kept."""
+
+    id: str
+    team: str
+    key_hash: str  # "sha256:<hex>", as hash_key makes it
+    label: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    uses: int = 0  # requests it authorized

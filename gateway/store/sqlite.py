@@ -36,6 +36,7 @@ from gateway.store.base import (
     CacheStats,
     Hit,
     HitSummary,
+    KeyRecord,
     Reclaimed,
     Reservation,
     StoreUnavailable,
@@ -88,6 +89,22 @@ LEDGER_MIGRATIONS: Migrations = (
             pid     INTEGER NOT NULL,
             started TEXT NOT NULL,
             beat    INTEGER NOT NULL DEFAULT 0
+        );
+    """,
+    ),
+    (
+        "team keys issued through the store",
+        """
+        CREATE TABLE team_keys (
+            id           TEXT PRIMARY KEY,
+            team         TEXT NOT NULL,
+            key_hash     TEXT NOT NULL,
+            label        TEXT NOT NULL DEFAULT '',
+            created_at   REAL NOT NULL,
+            expires_at   REAL,
+            revoked_at   REAL,
+            last_used_at REAL,
+            uses         INTEGER NOT NULL DEFAULT 0
         );
     """,
     ),
@@ -803,6 +820,64 @@ class SQLiteStore:
 
     async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
         return None, False
+
+    # -- team keys (gateway.keys) ----------------------------------------------------------
+    async def save_key(self, key: KeyRecord) -> None:
+        def body(w: sqlite3.Connection) -> None:
+            w.execute(
+                "INSERT INTO team_keys (id, team, key_hash, label, created_at, expires_at, "
+                "revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "team = excluded.team, key_hash = excluded.key_hash, label = excluded.label, "
+                "created_at = excluded.created_at, expires_at = excluded.expires_at, "
+                "revoked_at = excluded.revoked_at",
+                (
+                    key.id,
+                    key.team,
+                    key.key_hash,
+                    key.label,
+                    key.created_at,
+                    key.expires_at,
+                    key.revoked_at,
+                ),
+            )
+            w.execute(
+                "INSERT INTO meta (name, value) VALUES ('keys_generation', ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (uuid.uuid4().hex,),
+            )
+
+        await self._transaction(body)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._read(
+            "SELECT id, team, key_hash, label, created_at, expires_at, revoked_at, "
+            "last_used_at, uses FROM team_keys ORDER BY created_at, id"
+        )
+        return [
+            KeyRecord(
+                id=str(i),
+                team=str(t),
+                key_hash=str(h),
+                label=str(label),
+                created_at=float(c),
+                expires_at=None if e is None else float(e),
+                revoked_at=None if r is None else float(r),
+                last_used_at=None if u is None else float(u),
+                uses=int(n),
+            )
+            for i, t, h, label, c, e, r, u, n in rows
+        ]
+
+    async def record_key_uses(self, uses: dict[str, tuple[int, float]]) -> None:
+        if not uses:
+            return
+        await self._transaction(
+            lambda w: w.executemany(
+                "UPDATE team_keys SET uses = uses + ?, "
+                "last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
+                [(n, at, key_id) for key_id, (n, at) in uses.items()],
+            )
+        )
 
     # -- migrate-store (gateway.migrate) ---------------------------------------------------
     async def owners(self) -> list[Owner]:
