@@ -724,3 +724,73 @@ def _fresh_head_memo() -> None:
     """Part headers are memoised process-wide; a mutation run forks every mutant's tests from
     a process whose memo is already full, so the header parser would never run (docs/testing.md)."""
     form_module._parse_small_block.cache_clear()
+
+
+# --- what a refused upload tells the team (the 300 envelope's status_message) ---------------
+
+class CutStream(FakeStream):
+    """The body's first chunks, then the transport fails (e.g. broken chunked encoding)."""
+
+    async def readany(self) -> bytes:
+        if not self.chunks:
+            raise ConnectionResetError("peer gone")
+        return await super().readany()
+
+
+ONE_FILE = build([("type", "objects", None, None), ("file", JPEG, "a.jpg", "image/jpeg")], "b")
+URLENCODED = "application/x-www-form-urlencoded"
+REFUSALS = [
+    pytest.param(CT, ONE_FILE[:-40], len(ONE_FILE), {},
+                 "Invalid request: body shorter than its Content-Length", id="shorter"),
+    pytest.param(CT, ONE_FILE + b"extra", len(ONE_FILE), {},
+                 "Invalid request: body longer than its Content-Length", id="longer"),
+    pytest.param(URLENCODED, b"apikey=k&type=%zz", None, {},
+                 "Invalid request: a % not followed by two hex digits", id="bad-escape"),
+    pytest.param(URLENCODED, b"apikey=k&file=ab%4", None, {},
+                 "Invalid request: a % not followed by two hex digits", id="file-bad-escape"),
+    pytest.param(URLENCODED, b"a=" + b"x" * 101, None, {"max_field_bytes": 100},
+                 "Invalid request: a field over 100 bytes", id="field-too-long"),
+    pytest.param(URLENCODED, b"&".join(b"f%d=1" % i for i in range(4)), None, {"max_fields": 3},
+                 "Invalid request: over 3 fields", id="too-many-fields"),
+    pytest.param(CT, ONE_FILE[:-5], None, {}, "Invalid multipart body: no close delimiter "
+                 "(cut short?)", id="no-close"),
+    pytest.param(CT, b"no delimiter at all", None, {},
+                 "Invalid multipart body: no boundary delimiter", id="no-delimiter"),
+    pytest.param(CT, build([("type", "x" * 101, None, None)], "b"), None,
+                 {"max_field_bytes": 100}, "Invalid multipart body: field type over 100 bytes",
+                 id="used-field-too-long"),
+    pytest.param(CT, build([(f"f{i}", "1", None, None) for i in range(4)], "b"), None,
+                 {"max_fields": 3}, "Invalid multipart body: over 3 parts besides the file",
+                 id="too-many-parts"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "body", "length", "limits", "message"), REFUSALS)
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_a_refused_upload_says_why(
+        content_type: str, body: bytes, length: int | None, limits: dict[str, int],
+        message: str, streamed: bool) -> None:
+    """Read whole (known length under memory_limit) or streamed in small chunks, the refusal
+    is the same NoData and names the same reason."""
+    with pytest.raises(NoData) as caught:
+        (await read_form(content_type, length, FakeStream(body, 7 if streamed else 1 << 20),
+                         memory_limit=0 if streamed else 1 << 20, **limits)).close()
+    assert caught.value.status == 300 and caught.value.message == message
+
+
+@pytest.mark.parametrize("length", [None, len(ONE_FILE)], ids=["chunked", "with-length"])
+async def test_a_transport_failure_mid_body_is_a_cut_short_body(length: int | None) -> None:
+    for memory_limit in (0, 1 << 20):
+        with pytest.raises(NoData) as caught:
+            await read_form(CT, length, CutStream(ONE_FILE[:1000], 100),
+                            memory_limit=memory_limit)
+        assert caught.value.message == "Invalid request: body cut short"
+
+
+@pytest.mark.parametrize("memory_limit", [0, 1 << 20], ids=["streamed", "whole"])
+async def test_bytes_past_the_content_length_are_refused_even_in_a_later_chunk(
+        memory_limit: int) -> None:
+    stream = FakeStream(ONE_FILE + b"smuggled", [len(ONE_FILE)])  # exactly the length, then more
+    with pytest.raises(NoData) as caught:
+        await read_form(CT, len(ONE_FILE), stream, memory_limit=memory_limit)
+    assert caught.value.message == "Invalid request: body longer than its Content-Length"
