@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import html
@@ -30,7 +31,18 @@ from multidict import CIMultiDict
 
 from gateway.config import ANALYSIS_TYPES, ConfigError, Secret, load_config
 from gateway.errors import GatewayError, error_envelope
+from gateway.keys import (
+    DEFAULT_GRACE,
+    KeyProblem,
+    UnknownKey,
+    config_key_counts,
+    create_key,
+    key_dict,
+    revoke_key,
+    rotate_key,
+)
 from gateway.state import STATE, GatewayState
+from gateway.store.base import StoreUnavailable
 from gateway.usage import (
     PeriodError,
     UsageReport,
@@ -50,6 +62,7 @@ from gateway.usage import (
 log = logging.getLogger("gateway.admin")
 
 HASH_CHARS = frozenset("0123456789abcdef")
+NO_STORE = {"Cache-Control": "no-store"}  # answers that hold a key, or keys' state
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
@@ -69,11 +82,19 @@ class AdminBadRequest(GatewayError):
     status, message = 400, "Bad admin request"
 
 
+class AdminNotFound(GatewayError):
+    status, message = 404, "Not found"
+
+
 def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/usage", handle_usage)
     app.router.add_get("/admin/cache/stats", handle_cache_stats)
     app.router.add_post("/admin/cache/purge", handle_cache_purge)
     app.router.add_post("/admin/reload", handle_reload)
+    app.router.add_get("/admin/keys", handle_keys)
+    app.router.add_post("/admin/keys", handle_key_new)
+    app.router.add_post("/admin/keys/{key_id}/revoke", handle_key_revoke)
+    app.router.add_post("/admin/keys/{key_id}/rotate", handle_key_rotate)
     app.router.add_get("/status", handle_status)
     app.router.add_get("/status.json", handle_status_json)
 
@@ -234,6 +255,99 @@ async def handle_reload(request: web.Request) -> web.Response:
 
     ok, message = reload_config(request.app)
     return web.json_response({"ok": ok, "message": message}, status=200 if ok else 400)
+
+
+# -- team keys (gateway.keys) -----------------------------------------------------------------
+async def handle_keys(request: web.Request) -> web.Response:
+    state = _admin(request)
+    team = request.query.get("team")
+    await _flush_key_uses(state)
+    keys = [k for k in await state.store.list_keys() if team in (None, k.team)]
+    now = state.ledger.clock()
+    return web.json_response(
+        {
+            "keys": [key_dict(k, now) for k in keys],
+            "config_keys": config_key_counts(state.config, team),
+        },
+        headers=NO_STORE,
+    )
+
+
+async def _flush_key_uses(state: GatewayState) -> None:
+    with contextlib.suppress(StoreUnavailable):  # the list is read from the store next
+        await state.keyring.flush()
+
+
+def _age_field(fields: Mapping[str, str], name: str, default: str | None = None) -> float | None:
+    text = fields.get(name, "").strip() or default
+    if text is None:
+        return None
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise AdminBadRequest(f"{name}: {exc}") from None
+
+
+async def handle_key_new(request: web.Request) -> web.Response:
+    state = _admin(request)
+    fields = await _fields(request)
+    team = fields.get("team", "").strip()
+    if not team:
+        raise AdminBadRequest("team is required")
+    lifetime = _age_field(fields, "expires")
+    try:
+        plaintext, key = await create_key(
+            state.store,
+            state.config,
+            team,
+            now=state.ledger.clock(),
+            label=fields.get("label", ""),
+            lifetime_s=lifetime,
+        )
+    except KeyProblem as exc:
+        raise AdminBadRequest(str(exc)) from None
+    await state.keyring.refresh(force=True)  # this process at once, the others within 1 s
+    log.info("admin: key %s issued for team %s", key.id, key.team)
+    body = {"key": plaintext, **key_dict(key, state.ledger.clock())}
+    return web.json_response(body, status=201, headers=NO_STORE)
+
+
+async def handle_key_revoke(request: web.Request) -> web.Response:
+    state = _admin(request)
+    try:
+        key = await revoke_key(state.store, request.match_info["key_id"], now=state.ledger.clock())
+    except UnknownKey as exc:
+        raise AdminNotFound(str(exc)) from None
+    await state.keyring.refresh(force=True)
+    log.info("admin: key %s of team %s revoked", key.id, key.team)
+    return web.json_response(key_dict(key, state.ledger.clock()), headers=NO_STORE)
+
+
+async def handle_key_rotate(request: web.Request) -> web.Response:
+    state = _admin(request)
+    fields = await _fields(request)
+    grace = _age_field(fields, "grace", DEFAULT_GRACE)
+    assert grace is not None
+    lifetime = _age_field(fields, "expires")
+    key_id = request.match_info["key_id"]
+    try:
+        plaintext, new, old = await rotate_key(
+            state.store,
+            state.config,
+            key_id,
+            now=state.ledger.clock(),
+            grace_s=grace,
+            lifetime_s=lifetime,
+        )
+    except UnknownKey as exc:
+        raise AdminNotFound(str(exc)) from None
+    except KeyProblem as exc:
+        raise AdminBadRequest(str(exc)) from None
+    await state.keyring.refresh(force=True)
+    log.info("admin: key %s of team %s rotated to %s", old.id, old.team, new.id)
+    now = state.ledger.clock()
+    body = {"key": plaintext, **key_dict(new, now), "old": key_dict(old, now)}
+    return web.json_response(body, status=201, headers=NO_STORE)
 
 
 # -- status page ------------------------------------------------------------------------------

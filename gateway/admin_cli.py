@@ -1,5 +1,5 @@
-"""Operator commands: ``gateway usage``, ``gateway cache stats|purge``, ``gateway keys new``,
-``gateway reload``.
+"""Operator commands: ``gateway usage``, ``gateway cache stats|purge``,
+``gateway keys new|list|revoke|rotate``, ``gateway reload``.
 
 ``usage`` and ``cache`` read the configured store directly, so they work while a gateway runs
 (SQLite in WAL mode, or Redis) and when none does. Exit codes: 0 ok, 1 failure, 2 usage or
@@ -24,8 +24,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.config import ANALYSIS_TYPES, Config, ConfigError, hash_key, load_config
+from gateway.keys import (
+    DEFAULT_GRACE,
+    REVOKE_BOUND_S,
+    KeyProblem,
+    config_key_counts,
+    create_key,
+    key_dict,
+    key_state,
+    revoke_key,
+    rotate_key,
+)
 from gateway.store import StoreUnavailable, open_store
-from gateway.store.base import CacheStats, Store
+from gateway.store.base import CacheStats, KeyRecord, Store
 from gateway.usage import (
     PERIOD_FORMS,
     PeriodError,
@@ -130,6 +141,55 @@ def add_admin_commands(sub: Any) -> None:
         action="store_true",
         help="the team is not in the config yet: print a whole table to add",
     )
+    new.add_argument(
+        "--store",
+        action="store_true",
+        help="issue the key through the store instead: running gateways on it accept it "
+        "within a second, no config edit or reload; it can be listed, rotated and revoked",
+    )
+    new.add_argument("--label", default="", help="with --store: what the key is for")
+    new.add_argument(
+        "--expires",
+        metavar="AGE",
+        help="with --store: the key expires AGE from now (90d, 12h, 2w; default: never)",
+    )
+    listing = key_actions.add_parser(
+        "list",
+        help="the store-issued keys, their state, last use and uses",
+        description="Every store-issued key (active, expired, revoked) with its label, "
+        "times and the requests it authorized (written by the gateways about once a "
+        "second), and how many keys config.toml gives each team.",
+    )
+    _config_arg(listing)
+    listing.add_argument("--team", help="only this team's keys")
+    listing.add_argument("--format", choices=("table", "json"), default="table", help="output")
+    revoke = key_actions.add_parser(
+        "revoke",
+        help="refuse a store-issued key from now on",
+        description="Refuse a store-issued key on every gateway on the store (within a "
+        "second). Keys in config.toml are removed from the config instead.",
+    )
+    revoke.add_argument("key_id", help="the key's id, as `gateway keys list` shows it")
+    _config_arg(revoke)
+    rotate = key_actions.add_parser(
+        "rotate",
+        help="a new key for the same team; the old one ends after a grace",
+        description="Print a new key for the key's team and label (shown once), and keep "
+        "the old key valid for --grace more (never longer than it already was).",
+    )
+    rotate.add_argument("key_id", help="the key's id, as `gateway keys list` shows it")
+    _config_arg(rotate)
+    rotate.add_argument(
+        "--grace",
+        default=DEFAULT_GRACE,
+        metavar="AGE",
+        help="how long the old key keeps working (0s: not at all)",
+    )
+    rotate.add_argument(
+        "--expires",
+        metavar="AGE",
+        help="the new key expires AGE from now (default: the old key's lifetime, if any)",
+    )
 
     reload = sub.add_parser(
         "reload",
@@ -156,9 +216,9 @@ def run_admin_command(args: argparse.Namespace) -> int:
         if args.command == "cache":
             return _cache_stats(args) if args.cache_command == "stats" else _cache_purge(args)
         if args.command == "keys":
-            return _keys_new(args.team, args.config, new_team=args.new_team)
+            return _keys(args)
         return _reload(args)
-    except (UsageError, PeriodError) as exc:
+    except (UsageError, PeriodError, KeyProblem) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     except (Failure, StoreUnavailable) as exc:
@@ -385,6 +445,106 @@ def _keys_new(team: str, config_path: str, *, new_team: bool) -> int:
     if new_team:
         print("quota = 1000  # upstream calls per quota.period: set this team's")
     return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    command = args.keys_command
+    if command == "new" and not args.store:
+        if args.label or args.expires:
+            raise UsageError("--label and --expires need --store (a config key has neither)")
+        return _keys_new(args.team, args.config, new_team=args.new_team)
+    if command == "new" and args.new_team:
+        raise UsageError("--store needs a team in the config (its quota): drop --new-team")
+    config = load_config(args.config, require_api_key=False)
+    now = time.time()
+    if command == "new":
+        lifetime = _age("--expires", args.expires)
+        plaintext, key = _with_store(
+            config,
+            lambda store: create_key(
+                store, config, args.team, now=now, label=args.label, lifetime_s=lifetime
+            ),
+        )
+        _print_new_key(plaintext, key)
+        print(
+            f"Gateways on this store accept it within {REVOKE_BOUND_S:g} s: no config edit, "
+            f"no reload. Revoke: gateway keys revoke {key.id}; rotate: gateway keys rotate "
+            f"{key.id} --grace 7d"
+        )
+        return 0
+    if command == "list":
+        keys = _with_store(config, lambda store: store.list_keys())
+        shown = [k for k in keys if args.team in (None, k.team)]
+        counts = config_key_counts(config, args.team)
+        if args.format == "json":
+            out = {"keys": [key_dict(k, now) for k in shown], "config_keys": counts}
+            print(json.dumps(out, indent=2))
+        else:
+            print(keys_table(shown, counts, now=now))
+        return 0
+    if command == "revoke":
+        key = _with_store(config, lambda store: revoke_key(store, args.key_id, now=now))
+        print(
+            f"revoked {key.id} (team {key.team}): refused by every gateway on this store "
+            f"within {REVOKE_BOUND_S:g} s"
+        )
+        return 0
+    grace = _age("--grace", args.grace)
+    assert grace is not None
+    lifetime = _age("--expires", args.expires)
+    plaintext, key, old = _with_store(
+        config,
+        lambda store: rotate_key(
+            store, config, args.key_id, now=now, grace_s=grace, lifetime_s=lifetime
+        ),
+    )
+    _print_new_key(plaintext, key)
+    print(f"The old key {old.id} works until {_when(old.expires_at)}, then is refused.")
+    return 0
+
+
+def _age(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_age(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else iso_utc(ts)
+
+
+def _print_new_key(plaintext: str, key: KeyRecord) -> None:
+    label = f', label "{key.label}"' if key.label else ""
+    print(
+        f"New key {key.id} for team {key.team}{label}, expires {_when(key.expires_at)} "
+        "(shown once: hand it to the team now; the store keeps only its hash):\n"
+    )
+    print(f"  {plaintext}\n")
+
+
+def keys_table(keys: Sequence[KeyRecord], config_keys: dict[str, int], *, now: float) -> str:
+    head = ("id", "team", "label", "state", "created", "expires", "last used", "uses")
+    rows = [
+        (
+            k.id,
+            k.team,
+            k.label or "-",
+            key_state(k, now),
+            _when(k.created_at),
+            _when(k.expires_at),
+            _when(k.last_used_at) if k.last_used_at is not None else "never",
+            k.uses,
+        )
+        for k in keys
+    ]
+    lines = _table(head, rows) if rows else ["no store-issued keys (gateway keys new TEAM --store)"]
+    if config_keys:
+        counts = ", ".join(f"{team} {n}" for team, n in config_keys.items())
+        lines.append(f"keys in the config (no id, times or uses): {counts}")
+    return "\n".join(lines)
 
 
 # -- reload -----------------------------------------------------------------------------------

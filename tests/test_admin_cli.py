@@ -540,13 +540,14 @@ def test_reload_over_http_reaches_every_worker(
 
 def test_admin_commands_have_help() -> None:
     for command in (["usage"], ["cache", "stats"], ["cache", "purge"], ["keys", "new"],
-                    ["reload"]):
+                    ["keys", "list"], ["keys", "revoke"], ["keys", "rotate"], ["reload"]):
         out = cli(*command, "--help")
         assert out.returncode == 0 and out.stdout.startswith(f"usage: gateway {' '.join(command)}")
 
 
 COMMANDS = [["serve"], ["check-config"], ["check-store"], ["hash-key"], ["sim"], ["demo"],
-            ["usage"], ["cache", "stats"], ["cache", "purge"], ["keys", "new"], ["reload"]]
+            ["usage"], ["cache", "stats"], ["cache", "purge"], ["keys", "new"], ["keys", "list"],
+            ["keys", "revoke"], ["keys", "rotate"], ["reload"]]
 
 
 def subparser(command: list[str]) -> argparse.ArgumentParser:

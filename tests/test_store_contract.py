@@ -299,3 +299,32 @@ async def test_one_caller_holds_a_keys_flight_lock_until_it_releases_or_it_expir
             break
         await asyncio.sleep(0.01)
     assert await store.claim_flight("short", "next", 60_000) is True
+
+
+async def test_store_issued_keys_round_trip_and_every_change_moves_the_generation(
+        store: Store) -> None:
+    """Team keys (gateway.keys): a definition replaced keeps its uses; uses add up and the
+    last use only moves forward; an unknown id's uses are dropped; every save changes
+    keys_generation, which is how other processes learn to re-read."""
+    from gateway.store.base import KeyRecord
+
+    assert await store.list_keys() == []
+    assert await store.get_meta("keys_generation") is None
+    old = KeyRecord("key_a", "search", "sha256:" + "a" * 64, "ci", 1000.0, expires_at=5000.0)
+    new = KeyRecord("key_b", "ads", "sha256:" + "b" * 64, "", 2000.0)
+    await store.save_key(new)
+    first = await store.get_meta("keys_generation")
+    await store.save_key(old)
+    second = await store.get_meta("keys_generation")
+    assert None not in (first, second) and first != second
+    assert await store.list_keys() == [old, new]  # oldest first
+    await store.record_key_uses({"key_a": (3, 1500.0), "key_b": (1, 2100.0), "gone": (9, 1.0)})
+    await store.record_key_uses({"key_a": (2, 1200.0)})  # a late batch: the last use stays
+    used = {k.id: (k.uses, k.last_used_at) for k in await store.list_keys()}
+    assert used == {"key_a": (5, 1500.0), "key_b": (1, 2100.0)}
+    revoked = KeyRecord("key_a", "search", old.key_hash, "ci", 1000.0, 1800.0, revoked_at=1700.0)
+    await store.save_key(revoked)
+    assert await store.get_meta("keys_generation") not in (first, second)
+    (a, _) = await store.list_keys()
+    assert (a.revoked_at, a.expires_at, a.uses, a.last_used_at) == (1700.0, 1800.0, 5, 1500.0)
+    await store.record_key_uses({})
