@@ -2,16 +2,18 @@
 
 What a team can see without an operator: its quota this period (limit, used, remaining, when
 it resets), its spend and savings in money (``[pricing]``), its hit ratio, its requests refused
-since the gateway started, and its own limits. Nothing of another team. The key is the one it
-calls ``/api/v2/`` with, as ``Authorization: Bearer <key>`` (preferred: a query string ends up
-in proxies' logs) or ``?apikey=<key>``; it is checked by the API's own rule, so a key the API
-refuses is refused here (401 envelope), and the request takes a token from the team's rate
-limit like any other (429). The key is never logged: the access line names the team and the
-path, not the query.
+since the gateway started, its own limits, and its store-issued keys (``gateway.keys``: label,
+state, created, expires, last use and uses; never a hash). Nothing of another team. The key is
+the one it calls ``/api/v2/`` with, as ``Authorization: Bearer <key>`` (preferred: a query
+string ends up in proxies' logs) or ``?apikey=<key>``; it is checked by the API's own rule, so
+a key the API refuses is refused here (401 envelope), and the request takes a token from the
+team's rate limit like any other (429). The key is never logged: the access line names the
+team and the path, not the query.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -21,6 +23,7 @@ from gateway.api import REQUEST_ID, _authorize
 from gateway.config import TeamConfig
 from gateway.errors import GatewayError, KeyInvalid
 from gateway.form import Form
+from gateway.keys import config_key_counts, key_dict
 from gateway.logs import log_access
 from gateway.quota import QuotaLedger
 from gateway.state import STATE, GatewayState
@@ -42,13 +45,14 @@ async def handle_team(request: web.Request) -> web.Response:
     started = time.perf_counter()
     team_label, status = "unknown", 500
     try:
+        key = presented_key(request)
         try:
-            team = _authorize(Form(fields={"apikey": presented_key(request)}, file=None), state)
+            team = _authorize(Form(fields={"apikey": key}, file=None), state)
         except KeyInvalid:
             raise KeyInvalid(headers={"WWW-Authenticate": "Bearer"}) from None
         team_label = team.name
         limits = await state.limiter.check(team)
-        body = await team_status(state, team)
+        body = await team_status(state, team, asked_with=_hash(key))
         status = 200
         return web.json_response(body, headers={**limits, "Cache-Control": "no-store"})
     except GatewayError as exc:
@@ -69,8 +73,16 @@ async def handle_team(request: web.Request) -> web.Response:
             )
 
 
-async def team_status(state: GatewayState, team: TeamConfig) -> dict[str, Any]:
+def _hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+async def team_status(
+    state: GatewayState, team: TeamConfig, *, asked_with: str | None = None
+) -> dict[str, Any]:
+    """The team's figures; ``asked_with`` (a key's hash) marks the key this request used."""
     await state.service.flush()  # this process's batched hit counts, so the figures are now's
+    await state.keyring.flush()  # ... and its keys' uses, this request's included
     config = state.config
     now = state.ledger.clock()
     period = state.ledger.period()
@@ -119,6 +131,12 @@ async def team_status(state: GatewayState, team: TeamConfig) -> dict[str, Any]:
             "burst": team.burst,
             "types": sorted(team.types) if team.types is not None else None,
         },
+        "keys": [
+            {**key_dict(k, now), "this_request": k.key_hash == asked_with}
+            for k in await state.store.list_keys()
+            if k.team == team.name
+        ],
+        "config_keys": config_key_counts(config, team.name).get(team.name, 0),
         "generated_at": iso_utc(time.time()),
     }
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from gateway.config import load_config
+from gateway.keys import create_key
 from gateway.sample_images import make_png
+from gateway.store import open_store
 from tests.conftest import (
     UPSTREAM_KEY,
     GatewayProcess,
@@ -121,3 +125,49 @@ async def test_each_team_sees_its_own_figures_and_no_other_teams(
     team_lines = [line for line in log.splitlines() if "path=/team" in line]
     assert any("team=search" in line and "status=200" in line for line in team_lines), log
     assert any("team=unknown" in line and "status=401" in line for line in team_lines), log
+
+
+async def test_a_team_sees_its_own_store_keys_last_use_and_no_other_teams(
+        tmp_path: Path, sim: Sim, processes: list[GatewayProcess]) -> None:
+    port = free_port()
+    config_path = write_config(tmp_path / "c.toml", sim_url=sim.url, db=tmp_path / "g.db",
+                               port=port, teams={"search": (KEYS["search"], 5),
+                                                 "ads": (KEYS["ads"], 10)})
+    config = load_config(config_path, {"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+    store = open_store(config.storage)
+    await store.open()
+    try:
+        now = time.time()
+        used, used_record = await create_key(store, config, "search", now=now, label="batch")
+        _, idle_record = await create_key(store, config, "search", now=now, label="old-batch",
+                                          lifetime_s=86400)
+        ads_key, ads_record = await create_key(store, config, "ads", now=now, label="ads-web")
+    finally:
+        await store.close()
+    gw = GatewayProcess(config_path, port, tmp_path / "gw.log")
+    processes.append(gw)
+    await asyncio.to_thread(gw.wait_ready)
+    assert (await post_requests(gw.url, *objects_form(used, make_png(1)))).status_code == 200
+    assert (await post_requests(gw.url, *objects_form(ads_key, make_png(2)))).status_code == 200
+
+    answer = await team(port, bearer=used)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["team"] == "search" and body["config_keys"] == 1
+    keys = {k["id"]: k for k in body["keys"]}
+    assert set(keys) == {used_record.id, idle_record.id}  # not ads' key
+    batch, idle = keys[used_record.id], keys[idle_record.id]
+    assert (batch["label"], batch["state"], batch["this_request"]) == ("batch", "active", True)
+    assert batch["uses"] == 2  # its recognition and this request
+    assert batch["last_used_at"] is not None and batch["expires_at"] is None
+    assert (idle["label"], idle["uses"], idle["last_used_at"], idle["this_request"]) == (
+        "old-batch", 0, None, False)
+    assert idle["expires_at"] is not None
+    assert ads_record.id not in answer.text and "ads" not in answer.text
+    for record in (used_record, idle_record, ads_record):
+        assert record.key_hash not in answer.text  # a hash is never shown
+    assert used not in answer.text
+
+    assert gw.stop(signal.SIGTERM) == 0
+    log = gw.log_path.read_text()
+    assert used not in log and ads_key not in log
