@@ -794,3 +794,49 @@ async def test_bytes_past_the_content_length_are_refused_even_in_a_later_chunk(
     with pytest.raises(NoData) as caught:
         await read_form(CT, len(ONE_FILE), stream, memory_limit=memory_limit)
     assert caught.value.message == "Invalid request: body longer than its Content-Length"
+
+
+async def test_a_percent_encoded_file_of_nearly_the_maximum_size_is_read(tmp_path: Path) -> None:
+    """An urlencoded file takes up to three bytes a byte: its body may be three times
+    max_file_bytes (and the slack) before its Content-Length is refused."""
+    content = b"\xff" * 900_000
+    body = b"type=objects&file=" + b"%FF" * len(content)
+    form = await read_form(URLENCODED, len(body), FakeStream(body), max_file_bytes=1_000_000,
+                           spool_dir=str(tmp_path))
+    check_file(form, content)
+    form.close()
+    assert_no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("cuts", [700, 1000])
+async def test_a_file_that_crosses_memory_limit_in_a_later_chunk_is_spooled_whole(
+        cuts: int, tmp_path: Path) -> None:
+    """The first chunk's bytes are held as they came (a view), the next ones pass
+    memory_limit: all of them go to the temp file, in order."""
+    ct, body = browser_body(BROWSER_ORDER)
+    form = await read_form(ct, None, FakeStream(body, cuts), memory_limit=1500,
+                           spool_dir=str(tmp_path))
+    assert form.file is not None and form.file.path is not None
+    check_file(form, PNG, "cat.png", "image/png")
+    form.close()
+    assert_no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-the-limit", "one-past"])
+async def test_a_pending_pair_is_bounded_by_an_encoded_field_and_one_kib(extra: int) -> None:
+    """Streamed, a pair not yet ended may hold what a max_field_bytes value takes encoded
+    (three bytes a byte) plus 1 KiB for its name; one byte more is refused."""
+    limit = 3 * 100 + 1024
+    pair = b"n" * (limit - 301 + extra) + b"=" + b"%41" * 100  # a 100-byte value
+    assert len(pair) == limit + extra
+    body = pair + b"&type=objects&file=abc"
+    read = read_form(URLENCODED, None, FakeStream(body, 1), max_field_bytes=100)
+    if extra:
+        with pytest.raises(NoData) as caught:
+            await read
+        assert caught.value.message == "Invalid request: a field over 100 bytes"
+        return
+    form = await read
+    assert form.fields == {"n" * (limit - 301): "A" * 100, "type": "objects"}
+    check_file(form, b"abc")
+    form.close()
