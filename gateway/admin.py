@@ -6,7 +6,9 @@ team's name and usage, so it wants a token too: the admin token or the read-only
 (``[admin] status_token_env``), as Bearer or as the password of HTTP Basic (so a browser can
 ask for it); with neither set it is refused (403) unless ``[admin] public_status = true``.
 Tokens are compared as sha256 digests in constant time and never logged or echoed. Handlers
-read the live config (``state.config``), which a reload replaces.
+read the live config (``state.config``), which a reload replaces. ``/admin/keys`` issues,
+lists, rotates and revokes store-issued team keys (``gateway.keys``); a key's plaintext is in
+the one answer that creates it, and answers about keys are ``Cache-Control: no-store``.
 """
 
 from __future__ import annotations

@@ -540,7 +540,16 @@ def keys_table(keys: Sequence[KeyRecord], config_keys: dict[str, int], *, now: f
         )
         for k in keys
     ]
-    lines = _table(head, rows) if rows else ["no store-issued keys (gateway keys new TEAM --store)"]
+    cells = [[str(c) for c in row] for row in (head, *rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    lines = [  # text left, the count right
+        "  ".join(
+            [*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)), r[-1].rjust(widths[-1])]
+        )
+        for r in cells
+    ]
+    if not rows:
+        lines = ["no store-issued keys (gateway keys new TEAM --store)"]
     if config_keys:
         counts = ", ".join(f"{team} {n}" for team, n in config_keys.items())
         lines.append(f"keys in the config (no id, times or uses): {counts}")
