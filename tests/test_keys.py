@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import requests
 
 from gateway.config import AdminConfig, Secret, hash_key, load_config
-from gateway.keys import REVOKE_BOUND_S
+from gateway.keys import REVOKE_BOUND_S, STALE_AFTER_S
 from gateway.sample_images import make_png
 from tests.conftest import (
     TEAM_KEYS,
@@ -345,3 +345,21 @@ def test_a_refused_store_key_is_never_logged(
         assert secret not in log
     refusals = [line for line in log.splitlines() if "status=401" in line]
     assert len(refusals) == 2 and all("team=unknown" in line for line in refusals)
+
+
+async def test_store_keys_fail_closed_when_the_store_cannot_be_reread(
+    keys_gw: Gateway, client: aiohttp.ClientSession
+) -> None:
+    """A process that could not re-read the store's keys for STALE_AFTER_S can't know of a
+    revoke: its store-issued keys get 503 (no upstream call), its config keys still work."""
+    _, made, _ = await call(client, "POST", f"{keys_gw.base}/admin/keys", headers=BEARER,
+                            data={"team": "ads"})
+    assert (await lookup(keys_gw.url, made["key"])).status_code == 200
+    ring = keys_gw.state.keyring
+    await ring.close()  # no more re-reads, as when every read fails
+    ring.read_at = time.monotonic() - STALE_AFTER_S - 1
+    r = await lookup(keys_gw.url, made["key"])
+    assert (r.status_code, r.json()["status_message"]) == (503, "Gateway store unavailable")
+    assert (await lookup(keys_gw.url, TEAM_KEYS["ads"])).status_code == 200
+    await ring.refresh()  # a good read ends it
+    assert (await lookup(keys_gw.url, made["key"])).status_code == 200
