@@ -350,3 +350,15 @@ def test_smart_cache_settings_are_checked(tmp_path: Path, raw: dict[str, Any],
     from gateway.config import ConfigError
     with pytest.raises(ConfigError, match=problem.replace(".", r"\.")):
         make_config("http://127.0.0.1:1/api/v2/", tmp_path / "g.db", **raw)
+
+
+def test_a_derived_answer_keeps_an_object_at_exactly_the_asked_threshold() -> None:
+    """The model's threshold is inclusive (confidence >= min_confidence), as the upstream's:
+    an object at exactly the asked value is in the answer, then the first max_labels."""
+    s = stored("max_labels=10&min_confidence=50", [90, 80, 80, 60])
+    for asked, names in [((80, 10), ["o0", "o1", "o2"]), ((80, 2), ["o0", "o1"]),
+                         ((60, 10), ["o0", "o1", "o2", "o3"]), ((81, 10), ["o0"])]:
+        params = {"max_labels": asked[1], "min_confidence": asked[0]}
+        assert derive.usable("objects", s, params)
+        data = json.loads(derive.derive("objects", s, params) + b"0}")
+        assert [o["name"] for o in data["objects"]] == names, asked
