@@ -328,3 +328,14 @@ async def test_store_issued_keys_round_trip_and_every_change_moves_the_generatio
     (a, _) = await store.list_keys()
     assert (a.revoked_at, a.expires_at, a.uses, a.last_used_at) == (1700.0, 1800.0, 5, 1500.0)
     await store.record_key_uses({})
+
+
+async def test_a_team_with_a_zero_quota_is_never_admitted(store: Store) -> None:
+    """quota = 0 switches a team off: its first call is refused and charges nothing (the
+    ledger's 'used < limit' only guards a row that already exists)."""
+    now = time.time()
+    assert await store.reserve("off", "p", 0, at=now) is None
+    assert await store.used("off", "p") == 0
+    assert await store.reserve("off", "p", -1, at=now) is None
+    assert await store.used("off", "p") == 0
+    assert await store.reserve("off", "p", 1, at=now) is not None  # the row starts at 1
