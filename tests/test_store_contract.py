@@ -339,3 +339,53 @@ async def test_a_team_with_a_zero_quota_is_never_admitted(store: Store) -> None:
     assert await store.reserve("off", "p", -1, at=now) is None
     assert await store.used("off", "p") == 0
     assert await store.reserve("off", "p", 1, at=now) is not None  # the row starts at 1
+
+
+async def test_results_saved_without_a_reservation_charge_nothing(store: Store) -> None:
+    """Only a reservation charges: saving results alone (a refresh, a purge's refill) leaves
+    every team's count and the ledger's total (the drift metric's side) where they were."""
+    for n in range(3):
+        await store.save_result(result(f"free{n}"), max_bytes=10**9)
+    assert await store.charged_total() == 0
+    r = await store.reserve("t", "p", 5, at=time.time())
+    assert r is not None
+    await store.save_result(result("paid"), max_bytes=10**9, settle=r)
+    assert await store.charged_total() == 1 and await store.used("t", "p") == 1
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    s = RedisStore(REDIS_URL, prefix=f"test:{uuid.uuid4().hex}:")
+    await s.open()
+    yield s
+    r = s._r
+    async for k in r.scan_iter(match=s.prefix + "*"):
+        await r.delete(k)
+    await s.close()
+
+
+@pytest.mark.parametrize("end", ["settle", "save_result", "keep_undelivered"])
+async def test_a_charge_redis_lost_is_made_again_when_its_call_ends_paid(
+        redis_store: RedisStore, end: str) -> None:
+    """A failover (or a restart without persistence) can lose a reservation the gateway
+    holds: when its call then ends paid, the team is charged again from the ending's own
+    team and period; a refund of a lost one gives nothing back."""
+    period = "2026-12"
+    held = [await redis_store.reserve("t", period, 5, at=time.time()) for _ in range(2)]
+    assert None not in held
+    await redis_store._r.delete(redis_store._k("resv"), redis_store._k("used:", period))
+    assert await redis_store.used("t", period) == 0
+    lost = held[0]
+    assert lost is not None
+    if end == "settle":
+        await redis_store.settle(lost)
+    elif end == "save_result":
+        await redis_store.save_result(result("paid"), max_bytes=10**9, settle=lost)
+    else:
+        await redis_store.keep_undelivered(lost)
+    assert await redis_store.used("t", period) == 1
+    (usage,) = await redis_store.usage(period)
+    assert (usage.team, usage.charged) == ("t", 1)
+    assert usage.undelivered == (1 if end == "keep_undelivered" else 0)
+    assert held[1] is not None and await redis_store.refund(held[1]) is False
+    assert await redis_store.used("t", period) == 1
