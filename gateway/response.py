@@ -12,6 +12,15 @@ when something asks for it (the CORS middleware), and then it is what gets writt
 Every answer names the server ``SERVER_NAME``, without versions (aiohttp's default,
 ``Python/3.11 aiohttp/3.x``, tells a scanner which known bugs to try): the envelope here,
 every other answer through ``name_the_server`` (an ``on_response_prepare`` signal).
+
+Private aiohttp internals this module uses, all of them for that one saving (BENCHMARKS.md,
+"Cache hits ... how", row "the answer: ``web.Response`` prepared and written", 7.00 -> 2.88
+us): ``StreamResponse.__init__`` is skipped, so the class-level defaults of ``_eof_sent``,
+``_payload_writer``, ``_keep_alive``, ``_req`` and ``_body_length`` must exist (aiohttp 3.11.8
+and later; before, every answer fails with ``AttributeError: '_eof_sent'``); it sets
+``_state`` and calls ``_set_status``, and overrides ``_headers``; of the request it takes
+``request._payload_writer`` and awaits ``request._prepare_hook``. ``tests/test_response.py``
+reads the bytes on the wire; pyproject.toml's aiohttp floor is a version it passes on.
 """
 
 from __future__ import annotations
