@@ -1,0 +1,158 @@
+"""The recognition service's coalescing rules, one at a time, through a real gateway on
+loopback over a small upstream that holds its first answer until the test lets it go: a
+follower rides free and is told its team's quota, waits at most coalesce_wait_s, and what it
+then pays for itself is stored under its own key. Written for mutants that survived
+(docs/testing.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.sample_images import make_png
+from tests.conftest import TEAM_KEYS, GatewayFactory, make_config
+
+SEARCH = TEAM_KEYS["search"]
+IMAGE = make_png(4242)
+OBJECTS = [{"name": "Car", "confidence": 99.0}, {"name": "Tree", "confidence": 85.5}]
+
+
+@dataclass
+class HeldUpstream:
+    """Answers the API's success envelope; the first request waits for ``release``."""
+
+    url: str = ""
+    calls: int = 0
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    first_arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[HeldUpstream]:
+    upstream = HeldUpstream()
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        upstream.calls += 1
+        if upstream.calls == 1:
+            upstream.first_arrived.set()
+            await upstream.release.wait()
+        data = {"error": 0, "type": "objects", "objects": OBJECTS, "quota": 5000}
+        return web.json_response({"status": 200, "data": data})
+
+    app = web.Application()
+    app.router.add_post("/api/v2/", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    upstream.url = f"http://127.0.0.1:{runner.addresses[0][1]}/api/v2/"
+    yield upstream
+    upstream.release.set()
+    await runner.cleanup()
+
+
+async def ask(session: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, Any]]:
+    form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": "10",
+                             "min_confidence": "80"})
+    form.add_field("file", IMAGE, filename="a.png")
+    async with session.post(url, data=form) as r:
+        body = await r.json(content_type=None)
+        assert r.status == 200, body
+        return r.headers["Cache-Status"], body
+
+
+def counting_lookups(store: Any) -> Callable[[int], Awaitable[None]]:
+    """Wrap the real store's lookup; the returned coroutine waits until ``n`` lookups have
+    returned and the loop has run what follows them (a follower then waits on the flight)."""
+    done = 0
+    real = store.lookup
+    moved = asyncio.Event()
+
+    async def lookup(*args: Any) -> Any:
+        nonlocal done
+        found = await real(*args)
+        done += 1
+        moved.set()
+        return found
+
+    store.lookup = lookup
+
+    async def returned(n: int) -> None:
+        while done < n:
+            moved.clear()
+            await moved.wait()
+        for _ in range(20):  # the follower's few synchronous steps to its flight
+            await asyncio.sleep(0)
+
+    return returned
+
+
+async def test_a_coalesced_follower_rides_free_and_is_told_its_teams_quota(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path) -> None:
+    gw = await gateway_factory(make_config(held.url, tmp_path / "g.db", cache={"derive": False}))
+    returned = counting_lookups(gw.state.store)
+    async with aiohttp.ClientSession() as session:
+        leader = asyncio.create_task(ask(session, gw.url))
+        await held.first_arrived.wait()
+        follower = asyncio.create_task(ask(session, gw.url))
+        await returned(2)
+        held.release.set()
+        (lead_status, lead), (status, body) = await leader, await follower
+    assert "fwd=miss" in lead_status and status == "imagerecognize-gateway; hit; detail=coalesced"
+    assert held.calls == 1
+    assert body["data"]["objects"] == OBJECTS
+    # search paid one call of its 1000: the follower is told 999 left, as the leader was.
+    assert lead["data"]["quota"] == body["data"]["quota"] == 999
+    await gw.state.service.flush()
+    (usage,) = [u for u in await gw.state.store.usage(gw.state.ledger.period())
+                if u.team == "search"]
+    assert (usage.charged, usage.hits, usage.coalesced) == (1, 0, 1)
+
+
+async def test_a_follower_waits_at_most_coalesce_wait_s_then_pays_under_its_own_key(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path) -> None:
+    config = make_config(held.url, tmp_path / "g.db",
+                         cache={"derive": False, "coalesce_wait_s": 0.2})
+    gw = await gateway_factory(config)
+    returned = counting_lookups(gw.state.store)
+    async with aiohttp.ClientSession() as session:
+        leader = asyncio.create_task(ask(session, gw.url))
+        await held.first_arrived.wait()
+        await returned(1)
+        # The leader's answer is held: the follower stops waiting and calls for itself.
+        status, body = await asyncio.wait_for(ask(session, gw.url), 10)
+        assert status == "imagerecognize-gateway; fwd=miss; stored"
+        assert body["data"]["objects"] == OBJECTS and held.calls == 2
+        # What it paid for is stored under the request's own key: the next one is a hit.
+        status, _ = await ask(session, gw.url)
+        assert status.startswith("imagerecognize-gateway; hit; ttl=")
+        assert held.calls == 2
+        held.release.set()
+        assert "fwd=miss" in (await leader)[0]
+    assert await gw.state.store.used("search", gw.state.ledger.period()) == 2
+
+
+async def test_a_no_store_request_is_counted_as_neither_hit_nor_miss(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path) -> None:
+    held.release.set()
+    gw = await gateway_factory(make_config(held.url, tmp_path / "g.db"))
+    form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": "10",
+                             "min_confidence": "80"})
+    form.add_field("file", IMAGE, filename="a.png")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.url, data=form, headers={"Cache-Control": "no-store"}) as r:
+            assert r.status == 200 and r.headers["Cache-Status"] == \
+                "imagerecognize-gateway; fwd=request"
+            assert json.loads(await r.read())["data"]["objects"] == OBJECTS
+        async with session.get(f"{gw.base}/metrics") as r:
+            text = await r.text()
+    assert ('gateway_requests_total{cache="none",status="200",team="search",type="objects"} 1.0'
+            in text)
