@@ -50,6 +50,8 @@ class Report:
     results_kept: int = 0  # newer in the destination: left as they are
     meta_copied: int = 0
     meta_present: int = 0
+    keys_copied: int = 0
+    keys_present: int = 0
 
     def lines(self) -> list[str]:
         return [
@@ -59,6 +61,7 @@ class Report:
             f"cache: {self.results_copied} results copied, {self.results_present} already "
             f"there, {self.results_kept} newer in the destination kept",
             f"meta: {self.meta_copied} copied, {self.meta_present} already there",
+            f"team keys: {self.keys_copied} copied, {self.keys_present} already there",
         ]
 
 
@@ -165,6 +168,19 @@ async def migrate(source: Endpoint, dest: Endpoint, *, wait_s: float) -> Report:
                 report.results_copied += 1
         if not cursor:
             break
+
+    # Store-issued team keys (hashes only), with their uses and last use: without them every
+    # client of such a key would get 401 after the move.
+    held_keys = {k.id for k in await dest.store.list_keys()}
+    for record in await source.store.list_keys():
+        if record.id in held_keys:
+            report.keys_present += 1
+            continue
+        await dest.store.save_key(record)
+        if record.uses or record.last_used_at is not None:
+            last = record.last_used_at if record.last_used_at is not None else record.created_at
+            await dest.store.record_key_uses({record.id: (record.uses, last)})
+        report.keys_copied += 1
 
     meta = await dest.store.meta_items()
     for name, value in sorted((await source.store.meta_items()).items()):

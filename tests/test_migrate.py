@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from gateway.migrate import Endpoint, MigrationRefused, migrate
 from gateway.owners import Owner, this_host, this_process
-from gateway.store.base import CachedResult, Hit, Store
+from gateway.store.base import CachedResult, Hit, KeyRecord, Store
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import TEAM_KEYS, gateway_command
@@ -83,6 +83,14 @@ async def populate(store: Store) -> None:
             created_at=now - 100 * i), max_bytes=10**9)
     await store.set_meta("upstream_quota", "9876")
     await store.set_meta("drift_base", "10000 5 9990")
+    # Store-issued team keys: one used, one revoked.
+    used = KeyRecord("k-used", "search", "sha256:" + "1" * 64, "billing", now - 50,
+                     expires_at=now + 86400)
+    revoked = KeyRecord("k-revoked", "ads", "sha256:" + "2" * 64, "", now - 40,
+                        revoked_at=now - 10)
+    for record in (used, revoked):
+        await store.save_key(record)
+    await store.record_key_uses({"k-used": (4, now - 5)})
 
 
 async def dump(store: Store) -> tuple[object, ...]:
@@ -94,8 +102,9 @@ async def dump(store: Store) -> tuple[object, ...]:
             break
     meta = await store.meta_items()
     meta.pop("cache_generation", None)
+    meta.pop("keys_generation", None)  # each store's own: moved by every key saved there
     return (await store.ledger_rows(), sorted(set(results), key=lambda r: r.key), meta,
-            await store.totals(), await store.charged_total())
+            await store.totals(), await store.charged_total(), await store.list_keys())
 
 
 async def test_a_populated_sqlite_store_goes_to_redis_and_back_losing_nothing(
@@ -120,7 +129,9 @@ async def test_a_populated_sqlite_store_goes_to_redis_and_back_losing_nothing(
     assert again.returncode == 0, again.stderr
     assert "ledger: 0 rows copied, 9 already there" in again.stdout
     assert "cache: 0 results copied, 7 already there" in again.stdout
-    assert "meta: 0 copied, 2 already there" in again.stdout
+    assert "meta: 0 copied, 3 already there" in again.stdout
+    assert "team keys: 2 copied, 0 already there" in first.stdout
+    assert "team keys: 0 copied, 2 already there" in again.stdout
     back = gateway("migrate-store", "--from", f"{REDIS_URL}?prefix={prefix}",
                    "--to", str(back_cfg))
     assert back.returncode == 0, back.stderr
