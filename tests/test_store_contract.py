@@ -389,3 +389,31 @@ async def test_a_charge_redis_lost_is_made_again_when_its_call_ends_paid(
     assert usage.undelivered == (1 if end == "keep_undelivered" else 0)
     assert held[1] is not None and await redis_store.refund(held[1]) is False
     assert await redis_store.used("t", period) == 1
+
+
+async def test_a_charge_no_replica_acknowledged_is_taken_back_and_the_call_refused(
+        redis_store: RedisStore) -> None:
+    """storage.redis_min_replicas_ack = 1 on a Redis without replicas (each WAIT times out):
+    a charge only the primary holds could vanish in a failover, so it is refunded on the
+    primary and the call refused, never made; an earlier charge stays. A sent mark no replica
+    took is refused too (the call is then not sent)."""
+    from gateway.store.base import StoreUnavailable
+    from gateway.store.redis import WAIT_MS
+
+    acked = RedisStore(REDIS_URL, prefix=redis_store.prefix, min_replicas_ack=1)
+    await acked.open()
+    try:
+        earlier = await redis_store.reserve("t", "p", 5, at=time.time())
+        assert earlier is not None
+        with pytest.raises(StoreUnavailable) as caught:
+            await acked.reserve("t", "p", 5, at=time.time(), owner="replica-less")
+        assert str(caught.value) == (
+            f"Redis replicas did not acknowledge the charge within {WAIT_MS} ms")
+        assert await redis_store.used("t", "p") == 1
+        assert [o.id for o in await redis_store.pending_owners()] == [""]  # earlier's only
+        with pytest.raises(StoreUnavailable) as caught:
+            await acked.mark_sent(earlier)
+        assert str(caught.value) == (
+            f"Redis replicas did not acknowledge the sent mark within {WAIT_MS} ms")
+    finally:
+        await acked.close()
