@@ -694,3 +694,13 @@ def test_depth_is_checked_exactly_when_there_are_many_brackets() -> None:
 def test_an_exception_without_a_verdict_counts_as_billed() -> None:
     assert upstream_module.was_billed(RuntimeError("no verdict")) is True
     assert upstream_module.was_billed(upstream_module.mark_billed(RuntimeError(), False)) is False
+
+
+def test_an_overflow_is_found_beside_a_long_number_too() -> None:
+    """The cheap pre-check looks for either shape of an overflowing number; an answer holding
+    both (a 200-digit integer and 1e999) is walked, and refused, as one holding either."""
+    long_int = b"9" * 200
+    for data in (b'{"a":1e999,"b":' + long_int + b"}", b'{"a":1e999}', b'{"b":1e999,"c":2}'):
+        raw_answer = b'{"status":200,"data":' + data + b"}"
+        assert upstream_module._parse_envelope(raw_answer) is None, data
+    assert upstream_module._parse_envelope(b'{"status":200,"data":{"b":' + long_int + b"}}")
