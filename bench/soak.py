@@ -7,7 +7,8 @@ samples the gateway's RSS and open fds every second. Then it prints a table and 
 
 * every request got an answer, and every answer is the envelope with status == HTTP status;
 * no 500;
-* per team, the charged count equals the successful answers the upstream served (not hits);
+* per team, the charged count equals the successful answers the upstream served (not hits)
+  plus the calls it may have billed without an answer (the ledger's undelivered column);
 * RSS growth after warm-up is bounded (+50 MB) and the open fds stay flat (+10);
 * the gateway logged no unexpected error and drained cleanly on SIGTERM.
 
@@ -22,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -355,14 +358,24 @@ async def soak(seconds: float, clients: int, think_s: float, seed: int, workdir:
             exit_code = await asyncio.to_thread(proc.wait)
         await sim_runner.cleanup()
     charged = metric_values(metrics, "gateway_quota_used")
+    undelivered = read_undelivered(workdir / "soak.db")
     return report(seconds=elapsed, clients=clients, seed=seed, tally=tally, applied=applied,
-                  samples=samples, charged=charged, sim_calls=sim_state.calls,
+                  samples=samples, charged=charged, undelivered=undelivered,
+                  sim_calls=sim_state.calls,
                   sim_successes=sim_state.successes, exit_code=exit_code,
                   log_text=read_log(log))
 
 
+def read_undelivered(db: Path) -> dict[str, int]:
+    """Per team, the charged calls that were sent but delivered no result (all periods)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT team, SUM(undelivered) FROM quota_usage GROUP BY team")
+        return {str(team): int(n) for team, n in rows}
+
+
 def report(*, seconds: float, clients: int, seed: int, tally: Tally, applied: Counter[str],
-           samples: list[Sample], charged: dict[str, float], sim_calls: int, sim_successes: int,
+           samples: list[Sample], charged: dict[str, float], undelivered: dict[str, int],
+           sim_calls: int, sim_successes: int,
            exit_code: int, log_text: str) -> bool:
     warm_at = samples[0].at + min(10.0, seconds / 4)
     warm = next((s for s in samples if s.at >= warm_at), samples[-1])
@@ -390,9 +403,10 @@ def report(*, seconds: float, clients: int, seed: int, tally: Tally, applied: Co
     row("successes (simulator)", sim_successes)
     row("faults switched", " ".join(f"{k}x{v}" for k, v in sorted(applied.items())))
     print("\ncharged per team")
-    row("team", "charged", "served", "quota")
+    row("team", "charged", "served", "undelivered", "quota")
     for team, (_, quota) in TEAMS.items():
-        row(team, int(charged.get(team, -1)), tally.served[team], quota)
+        row(team, int(charged.get(team, -1)), tally.served[team], undelivered.get(team, 0),
+            quota)
     print("\ngateway process")
     row("", "start", "peak", "end")
     row("RSS MB (start after warm-up)", f"{warm.rss_kb / mb:.1f}", f"{peak / mb:.1f}",
@@ -405,8 +419,9 @@ def report(*, seconds: float, clients: int, seed: int, tally: Tally, applied: Co
         (f"every request answered with the envelope ({tally.enveloped}/{tally.sent})",
          tally.enveloped == tally.sent),
         ("no 500", tally.by_status["500"] == 0),
-        ("charged == upstream-served answers, per team",
-         all(charged.get(t, -1) == tally.served[t] for t in TEAMS)),
+        # A call the upstream may have billed stays charged (undelivered) without an answer.
+        ("charged == upstream-served answers + undelivered, per team",
+         all(charged.get(t, -1) == tally.served[t] + undelivered.get(t, 0) for t in TEAMS)),
         (f"RSS growth after warm-up <= {RSS_GROWTH_MB} MB "
          f"({(end.rss_kb - warm.rss_kb) / mb:+.1f} MB)",
          end.rss_kb <= warm.rss_kb + RSS_GROWTH_MB * mb),

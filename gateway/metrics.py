@@ -264,7 +264,11 @@ class Metrics:
             self.upstream_duration.labels(type_)
             for status in ("200", "402", "timeout", "error"):
                 self.upstream_requests.labels(type_, status)
-        self.upstream_call_price.clear()  # a reload may change the currency
+        if not self.multiprocess:
+            # A reload may change the currency. prometheus-client cannot clear labels across
+            # processes (it warns on every worker's start): with workers > 1 a new currency
+            # shows beside the old series until a restart.
+            self.upstream_call_price.clear()
         for type_ in ANALYSIS_TYPES:
             price = config.pricing.price(type_)
             self.upstream_call_price.labels(type_, config.pricing.currency).set(price)

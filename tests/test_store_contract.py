@@ -244,8 +244,9 @@ async def test_a_shared_rate_bucket_admits_exactly_its_burst_under_concurrency(
         assert set(taken) == {None}
         return
     # What a few milliseconds refill at 0.01/s is far below a token.
-    left = [int(t[1]) for t in taken if t is not None and t[0]]
-    assert left == [4, 3, 2, 1, 0]
+    # (Concurrent takes may reach the server in any order: the tokens left form a set.)
+    left = sorted(int(t[1]) for t in taken if t is not None and t[0])
+    assert left == [0, 1, 2, 3, 4]
     refused = [t for t in taken if t is not None and not t[0]]
     assert len(refused) == 25 and all(0.0 <= tokens < 1.0 for _, tokens in refused)
     # Another team has its own bucket; a changed rate or burst (a reload) starts full again.
