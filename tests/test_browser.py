@@ -210,5 +210,5 @@ async def test_status_page_in_browser(
     page = await login.new_page()
     response = await page.goto(f"{gw.base}/status")
     assert response is not None and response.status == 200
-    assert await _text(page, 'tr[data-team="tiny"]') == "tiny 3 / 3 used, 0 left 0.0% 0 0"
+    assert await _text(page, 'tr[data-team="tiny"]') == "tiny 3 / 3 used, 0 left 0.0% 0 0.00 USD 0.00 USD 0"
     await login.close()
