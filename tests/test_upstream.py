@@ -704,3 +704,52 @@ def test_an_overflow_is_found_beside_a_long_number_too() -> None:
         raw_answer = b'{"status":200,"data":' + data + b"}"
         assert upstream_module._parse_envelope(raw_answer) is None, data
     assert upstream_module._parse_envelope(b'{"status":200,"data":{"b":' + long_int + b"}}")
+
+
+async def test_an_unreachable_upstream_is_one_warning_after_its_retries(
+        make_client: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
+    client = await make_client(url=f"http://127.0.0.1:{free_port()}/api/v2/")
+    with caplog.at_level(logging.INFO, logger="gateway.upstream"):
+        exc = await failure(client)
+    assert type(exc) is BadGateway and exc.billed is False  # type: ignore[attr-defined]
+    assert exc.message == BadGateway().message
+    assert [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "gateway.upstream"] == [
+        ("WARNING", "upstream unreachable: ClientConnectorError")]
+    assert upstream_labels(client) == {"error": 3}
+
+
+async def test_a_redirect_is_counted_as_an_error_and_logged(
+        hostile: Hostile, make_client: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
+    hostile.answer = raw(b"moved", 302, {"Location": hostile.url + "elsewhere"})
+    client = await make_client()
+    with caplog.at_level(logging.INFO, logger="gateway.upstream"):
+        await failure(client)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "gateway.upstream"] == [
+        ("WARNING", "upstream answered HTTP 302, a redirect: not followed")]
+    assert upstream_labels(client) == {"error": 1}
+
+
+@pytest.mark.parametrize(("http", "label"), [(400, "400"), (404, "404"), (500, "500"),
+                                             (200, "error"), (204, "error")])
+async def test_a_page_that_is_not_the_envelope_is_counted_by_its_http_status(
+        hostile: Hostile, make_client: ClientFactory, http: int, label: str) -> None:
+    hostile.answer = raw(b"" if http == 204 else b"<html>no</html>", http)
+    client = await make_client()
+    await failure(client)
+    assert upstream_labels(client) == {label: 1}
+
+
+async def test_retries_stop_at_the_deadline_with_a_timeout(
+        hostile: Hostile, make_client: ClientFactory) -> None:
+    """503 pages (refused before processing) are retried with backoff only while time is
+    left: past timeout_s, a 504, counted as a timeout."""
+    hostile.answer = raw(b"busy", 503)
+    client = await make_client(timeout_s=0.3, retries=1000)
+    exc = await failure(client)
+    assert type(exc) is GatewayTimeout
+    assert 2 <= len(hostile.seen) < 1000
+    labels = upstream_labels(client)
+    # (The last attempt may be one started with a sliver of time left, and cut by it.)
+    assert labels["timeout"] == 1 and labels["503"] in (len(hostile.seen), len(hostile.seen) - 1)
