@@ -753,3 +753,31 @@ async def test_retries_stop_at_the_deadline_with_a_timeout(
     labels = upstream_labels(client)
     # (The last attempt may be one started with a sliver of time left, and cut by it.)
     assert labels["timeout"] == 1 and labels["503"] in (len(hostile.seen), len(hostile.seen) - 1)
+
+
+async def test_a_connection_dropped_after_sending_is_one_warning_naming_the_failure(
+        hostile: Hostile, make_client: ClientFactory, caplog: pytest.LogCaptureFixture) -> None:
+    hostile.answer = drops_the_connection
+    with caplog.at_level(logging.INFO, logger="gateway.upstream"):
+        exc = await failure(await make_client())
+    assert type(exc) is BadGateway and exc.billed is True  # type: ignore[attr-defined]
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records
+              if r.name == "gateway.upstream"]
+    assert logged in ([("WARNING", "upstream connection failed: ServerDisconnectedError")],
+                      [("WARNING", "upstream connection failed: ClientOSError")]), logged
+
+
+async def test_a_bug_is_logged_with_its_exception_type(
+        hostile: Hostile, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken(raw: bytes) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(upstream_module, "_parse_envelope", broken)
+    with caplog.at_level(logging.INFO, logger="gateway.upstream"):
+        exc = await failure(await make_client())
+    assert type(exc) is BadGateway and exc.billed is True  # type: ignore[attr-defined]
+    [record] = [r for r in caplog.records if r.name == "gateway.upstream"]
+    assert (record.levelname, record.getMessage()) == (
+        "ERROR", "upstream call failed unexpectedly (KeyError)")
+    assert record.exc_info is not None  # the traceback, for whoever fixes it
