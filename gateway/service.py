@@ -185,6 +185,13 @@ class RecognitionService:
                             return await self._follow(flight, key, call, scope)
                         except _Retry:
                             continue
+                    # Its leader may have landed while this request read the store from
+                    # before the leader's commit: the result is in memory, ride on it.
+                    landed = self.hot.get(flight_key)
+                    if landed is not None and (
+                        self.ledger.clock() - landed.created_at < self.config.cache.ttl_s
+                    ):
+                        return await self._coalesced(landed, key, call, scope)
                 self._refuse_if_breaker_open()
                 fwd = "fwd=request" if d.no_cache else "fwd=stale" if entry else "fwd=miss"
                 return await self._lead(call, flight_key, scope, fwd, sent)

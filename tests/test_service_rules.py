@@ -59,9 +59,10 @@ async def held() -> AsyncIterator[HeldUpstream]:
     await runner.cleanup()
 
 
-async def ask(session: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, Any]]:
-    form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": "10",
-                             "min_confidence": "80"})
+async def ask(session: aiohttp.ClientSession, url: str, max_labels: int = 10,
+              min_confidence: int = 80) -> tuple[str, dict[str, Any]]:
+    form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": str(max_labels),
+                             "min_confidence": str(min_confidence)})
     form.add_field("file", IMAGE, filename="a.png")
     async with session.post(url, data=form) as r:
         body = await r.json(content_type=None)
@@ -156,3 +157,45 @@ async def test_a_no_store_request_is_counted_as_neither_hit_nor_miss(
             text = await r.text()
     assert ('gateway_requests_total{cache="none",status="200",team="search",type="objects"} 1.0'
             in text)
+
+
+@pytest.mark.parametrize(("cache", "read", "second"), [
+    pytest.param({"derive": False}, "lookup", (10, 80), id="exact-key"),
+    pytest.param({"widen": True}, "results_of_type", (3, 50), id="widened-key"),
+])
+async def test_a_miss_read_before_the_leader_landed_still_rides_on_its_call(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path,
+        cache: dict[str, Any], read: str, second: tuple[int, int]) -> None:
+    """The second request's last store read starts before the leader's result is committed
+    and returns after the leader has landed (a loaded machine, a slow reader thread): no
+    flight is left to follow, yet the result is held in memory. It rides on that call, free,
+    instead of paying a second one for the same question."""
+    gw = await gateway_factory(make_config(held.url, tmp_path / "g.db", cache=cache))
+    store = gw.state.store
+    real = getattr(store, read)
+    calls = 0
+    second_read, leader_answered = asyncio.Event(), asyncio.Event()
+
+    async def held_read(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        found = await real(*args)
+        if calls == 2:  # the second request's read: its snapshot predates the commit
+            second_read.set()
+            await leader_answered.wait()
+        return found
+
+    setattr(store, read, held_read)
+    async with aiohttp.ClientSession() as session:
+        leader = asyncio.create_task(ask(session, gw.url))
+        await held.first_arrived.wait()
+        other = asyncio.create_task(ask(session, gw.url, *second))
+        await second_read.wait()
+        held.release.set()
+        assert "fwd=miss" in (await leader)[0]
+        leader_answered.set()
+        status, body = await asyncio.wait_for(other, 10)
+    assert status == "imagerecognize-gateway; hit; detail=coalesced"
+    assert held.calls == 1
+    assert body["data"]["objects"] == [o for o in OBJECTS if o["confidence"] >= second[1]]
+    assert await store.used("search", gw.state.ledger.period()) == 1
