@@ -31,6 +31,7 @@ class HeldUpstream:
 
     url: str = ""
     calls: int = 0
+    objects: list[dict[str, Any]] = field(default_factory=lambda: OBJECTS)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     first_arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -45,7 +46,7 @@ async def held() -> AsyncIterator[HeldUpstream]:
         if upstream.calls == 1:
             upstream.first_arrived.set()
             await upstream.release.wait()
-        data = {"error": 0, "type": "objects", "objects": OBJECTS, "quota": 5000}
+        data = {"error": 0, "type": "objects", "objects": upstream.objects, "quota": 5000}
         return web.json_response({"status": 200, "data": data})
 
     app = web.Application()
@@ -70,11 +71,12 @@ async def ask(session: aiohttp.ClientSession, url: str, max_labels: int = 10,
         return r.headers["Cache-Status"], body
 
 
-def counting_lookups(store: Any) -> Callable[[int], Awaitable[None]]:
-    """Wrap the real store's lookup; the returned coroutine waits until ``n`` lookups have
-    returned and the loop has run what follows them (a follower then waits on the flight)."""
+def counting_lookups(store: Any, read: str = "lookup") -> Callable[[int], Awaitable[None]]:
+    """Wrap the real store's ``read`` (the last one before a request looks for a flight);
+    the returned coroutine waits until ``n`` of them have returned and the loop has run
+    what follows them (a follower then waits on the flight)."""
     done = 0
-    real = store.lookup
+    real = getattr(store, read)
     moved = asyncio.Event()
 
     async def lookup(*args: Any) -> Any:
@@ -84,7 +86,7 @@ def counting_lookups(store: Any) -> Callable[[int], Awaitable[None]]:
         moved.set()
         return found
 
-    store.lookup = lookup
+    setattr(store, read, lookup)
 
     async def returned(n: int) -> None:
         while done < n:
@@ -199,3 +201,25 @@ async def test_a_miss_read_before_the_leader_landed_still_rides_on_its_call(
     assert held.calls == 1
     assert body["data"]["objects"] == [o for o in OBJECTS if o["confidence"] >= second[1]]
     assert await store.used("search", gw.state.ledger.period()) == 1
+
+
+async def test_a_widened_answer_off_the_model_switches_widening_off_and_each_pays_its_own(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path) -> None:
+    """An upstream answering lowest first breaks the threshold/label model: the widened
+    answer cannot answer the leader's question nor its follower's, so widening and
+    derivation go off for the type and each asks (and pays for) its own exact question."""
+    held.objects = list(reversed(OBJECTS))
+    gw = await gateway_factory(make_config(held.url, tmp_path / "g.db", cache={"widen": True}))
+    returned = counting_lookups(gw.state.store, "results_of_type")
+    async with aiohttp.ClientSession() as session:
+        leader = asyncio.create_task(ask(session, gw.url))
+        await held.first_arrived.wait()
+        follower = asyncio.create_task(ask(session, gw.url))
+        await returned(2)
+        held.release.set()
+        answers = [await leader, await follower]
+    assert [status for status, _ in answers] == ["imagerecognize-gateway; fwd=miss; stored"] * 2
+    assert all(body["data"]["objects"] == held.objects for _, body in answers)
+    assert held.calls == 3  # the widened call, then each exact question
+    assert not gw.state.service.derivable("objects")
+    assert await gw.state.store.used("search", gw.state.ledger.period()) == 3
