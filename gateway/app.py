@@ -189,10 +189,19 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
     notifier = app[NOTIFIER]
     notifier.start()
 
+    # Cancelling alone cannot stop this loop: a cancel that lands inside a store call can come
+    # back as that call's failure (redis-py turns it into a ConnectionError when the server is
+    # gone), which the loop logs and outlives; shutdown then waited for ever. So it also stops
+    # when told.
+    stop = asyncio.Event()
+
     async def loop() -> None:
         ticks = 0
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_S)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FLUSH_INTERVAL_S)
+            if stop.is_set():
+                return
             await state.service.flush()
             ticks += 1
             notifier.check_breaker(state.upstream.breaker.state)
@@ -209,6 +218,7 @@ async def _flush_ctx(app: web.Application) -> AsyncIterator[None]:
 
     tasks = [asyncio.create_task(loop()), asyncio.create_task(state.deadlines.run())]
     yield
+    stop.set()
     for task in tasks:
         task.cancel()
     for task in tasks:

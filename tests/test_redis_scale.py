@@ -254,3 +254,23 @@ async def test_a_sentinel_failover_under_load_loses_no_charge_and_overspends_not
         assert usage.charged == sim.state.calls, (usage, sim.state.calls)
     finally:
         ha.stop()
+
+
+
+async def test_a_call_cancelled_while_redis_is_gone_is_cancelled_not_a_store_failure(
+        private_redis: RedisProcess) -> None:
+    """Shutdown cancels the background loops. redis-py turned a cancel that landed inside a
+    command on a dead Redis into a ConnectionError, the store reported StoreUnavailable, the
+    loop logged it and ran on, and shutdown waited for it for ever (a CI run hung in a
+    teardown with Redis gone). The cancel must stay a cancel."""
+    store = RedisStore(private_redis.url)
+    await store.open()
+    private_redis.kill()
+    try:
+        task = asyncio.create_task(store.usage("2026-12"))
+        await asyncio.sleep(0)  # it has started its command
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()

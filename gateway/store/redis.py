@@ -23,6 +23,7 @@ Keys (under ``prefix``):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -260,6 +261,12 @@ class RedisStore:
         try:
             return await coro
         except (RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
+                # reported as a store failure it was swallowed, and the cancelled background
+                # loop (shutdown waits for it) ran on for ever.
+                raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
 
     async def open(self) -> None:
@@ -522,6 +529,12 @@ class RedisStore:
             async for name in self._r.scan_iter(match=self._k("used:*"), count=1000):
                 total += sum(int(v) for v in await self._call(self._r.hvals(name)))
         except (RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
+                # reported as a store failure it was swallowed, and the cancelled background
+                # loop (shutdown waits for it) ran on for ever.
+                raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
         return total
 
@@ -570,6 +583,12 @@ class RedisStore:
         try:
             names = [n async for n in self._r.scan_iter(match=self._k("t:*"), count=1000)]
         except (RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
+                # reported as a store failure it was swallowed, and the cancelled background
+                # loop (shutdown waits for it) ran on for ever.
+                raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
         for name in names:
             type_ = name.decode()[len(self._k("t:")) :]
@@ -707,6 +726,12 @@ class RedisStore:
                 async for name in self._r.scan_iter(match=self._k(kind, "*"), count=1000):
                     periods.add(name.decode()[len(self._k(kind)) :])
         except (RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
+                # reported as a store failure it was swallowed, and the cancelled background
+                # loop (shutdown waits for it) ran on for ever.
+                raise asyncio.CancelledError from exc
             raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
         rows: list[TeamUsage] = []
         for period in sorted(periods):
