@@ -223,6 +223,18 @@ class _NotReplicated(Exception):
         self.result = result
 
 
+def _unavailable(exc: BaseException) -> BaseException:
+    """What a failed Redis command raises: StoreUnavailable, or the cancel it really was.
+
+    redis-py can turn a cancel that lands mid-command into a ConnectionError; reported as a
+    store failure it was swallowed, and a cancelled background loop (shutdown waits for it)
+    ran on for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return StoreUnavailable(f"Redis unavailable: {type(exc).__name__}")
+
+
 class RedisStore:
     """Connections come from a bounded pool that makes a command wait for a free one (not
     fail), are health-checked when idle, and a command that meets a dropped connection is
@@ -261,13 +273,7 @@ class RedisStore:
         try:
             return await coro
         except (RedisError, OSError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
-                # reported as a store failure it was swallowed, and the cancelled background
-                # loop (shutdown waits for it) ran on for ever.
-                raise asyncio.CancelledError from exc
-            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
 
     async def open(self) -> None:
         options: dict[str, Any] = {
@@ -529,13 +535,7 @@ class RedisStore:
             async for name in self._r.scan_iter(match=self._k("used:*"), count=1000):
                 total += sum(int(v) for v in await self._call(self._r.hvals(name)))
         except (RedisError, OSError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
-                # reported as a store failure it was swallowed, and the cancelled background
-                # loop (shutdown waits for it) ran on for ever.
-                raise asyncio.CancelledError from exc
-            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
         return total
 
     async def record_hits(self, hits: list[Hit]) -> None:
@@ -583,13 +583,7 @@ class RedisStore:
         try:
             names = [n async for n in self._r.scan_iter(match=self._k("t:*"), count=1000)]
         except (RedisError, OSError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
-                # reported as a store failure it was swallowed, and the cancelled background
-                # loop (shutdown waits for it) ran on for ever.
-                raise asyncio.CancelledError from exc
-            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
         for name in names:
             type_ = name.decode()[len(self._k("t:")) :]
             keys = [k.decode() for k in await self._call(self._r.smembers(name))]
@@ -726,13 +720,7 @@ class RedisStore:
                 async for name in self._r.scan_iter(match=self._k(kind, "*"), count=1000):
                     periods.add(name.decode()[len(self._k(kind)) :])
         except (RedisError, OSError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancel that lands mid-command into a ConnectionError;
-                # reported as a store failure it was swallowed, and the cancelled background
-                # loop (shutdown waits for it) ran on for ever.
-                raise asyncio.CancelledError from exc
-            raise StoreUnavailable(f"Redis unavailable: {type(exc).__name__}") from exc
+            raise _unavailable(exc) from exc
         rows: list[TeamUsage] = []
         for period in sorted(periods):
             pipe = self._r.pipeline(transaction=True)
