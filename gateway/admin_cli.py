@@ -44,6 +44,7 @@ from gateway.usage import (
     UsageReport,
     cache_report,
     compute_usage,
+    derivation,
     human_age,
     human_bytes,
     iso_utc,
@@ -345,11 +346,13 @@ def _cache_stats(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(stats_dict(stats, period), indent=2))
     else:
-        print(stats_table(stats, period, now=now))
+        print(stats_table(stats, period, now=now, derived=derivation(stats, config)))
     return 0
 
 
-def stats_table(stats: CacheStats, period: TeamLine, *, now: float) -> str:
+def stats_table(
+    stats: CacheStats, period: TeamLine, *, now: float, derived: dict[str, str] | None = None
+) -> str:
     oldest = (
         "-"
         if stats.oldest is None
@@ -363,6 +366,8 @@ def stats_table(stats: CacheStats, period: TeamLine, *, now: float) -> str:
         f"an upstream call, {period.charged} upstream calls)",
         f"oldest entry  {oldest}",
     ]
+    if derived:
+        lines += [f"derived hits  {t}: {state}" for t, state in derived.items()]
     if stats.by_type:
         rows = [(t, n, human_bytes(b), b) for t, n, b in stats.by_type]
         lines += ["", "by type:", *_table(("type", "entries", "size", "bytes"), rows)]

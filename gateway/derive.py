@@ -27,6 +27,9 @@ DERIVABLE: dict[str, tuple[str, str | None]] = {
     "objects": ("min_confidence", "max_labels"),
     "nsfw": ("nsfw_min_confidence", None),
 }
+# Meta row name (+ type) holding why the audit switched derived hits off for that type: written
+# by gateway.service, read by every replica and by `gateway cache stats`.
+DERIVE_OFF_META = "derive_off:"
 
 
 def parse_params(text: str) -> dict[str, int]:

@@ -36,7 +36,6 @@ USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (oth
 # The ledger line of the gateway's own cache audits: its limit bounds the audits a period.
 AUDIT_CALLS_PER_PERIOD = 10_000
 AUDIT_LINE = TeamConfig(AUDIT_TEAM, frozenset(), AUDIT_CALLS_PER_PERIOD)
-DERIVE_OFF_META = "derive_off:"  # + type: why the audit switched derivation off for it
 # A follower of another process's call polls the store, backing off up to this.
 FOLLOW_POLL_FIRST_S = 0.005
 FOLLOW_POLL_MAX_S = 0.1
@@ -336,7 +335,7 @@ class RecognitionService:
         """Tell the other processes (and ``gateway cache stats``) through the store."""
         for type_ in sorted(self._derive_off_unwritten):
             try:
-                await self.store.set_meta(DERIVE_OFF_META + type_, self.derive_off[type_])
+                await self.store.set_meta(derive.DERIVE_OFF_META + type_, self.derive_off[type_])
             except StoreUnavailable:
                 return
             self._derive_off_unwritten.discard(type_)
@@ -346,7 +345,7 @@ class RecognitionService:
             if type_ in self._derive_off_unwritten:
                 continue
             try:
-                why = await self.store.get_meta(DERIVE_OFF_META + type_)
+                why = await self.store.get_meta(derive.DERIVE_OFF_META + type_)
             except StoreUnavailable:
                 return
             if why:

@@ -15,12 +15,14 @@ one), so that no row is counted in part.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.config import Config, PricingConfig
+from gateway.derive import DERIVABLE, DERIVE_OFF_META
 from gateway.quota import period_key
 from gateway.store.base import CacheStats, Store
 
@@ -393,7 +395,19 @@ async def cache_report(store: Store, config: Config, *, now: float) -> tuple[Cac
     usage = await compute_usage(
         store, config, parse_period("current", ledger=config.quota.period, now=now)
     )
-    return await store.stats(), usage.total
+    off = {}
+    for type_ in DERIVABLE:  # what the audit switched off, and why (gateway.service)
+        why = await store.get_meta(DERIVE_OFF_META + type_)
+        if why:
+            off[type_] = why
+    return dataclasses.replace(await store.stats(), derive_off=off), usage.total
+
+
+def derivation(stats: CacheStats, config: Config) -> dict[str, str]:
+    """Per derivable type: "on", "off (config)" or why the audit switched it off."""
+    if not config.cache.derive:
+        return {t: "off (cache.derive = false)" for t in DERIVABLE}
+    return {t: f"off: {stats.derive_off[t]}" if t in stats.derive_off else "on" for t in DERIVABLE}
 
 
 def stats_dict(stats: CacheStats, period: TeamLine | None = None) -> dict[str, Any]:
@@ -406,4 +420,5 @@ def stats_dict(stats: CacheStats, period: TeamLine | None = None) -> dict[str, A
         "hit_ratio": round(ratio, 4) if ratio is not None else None,
         "oldest": iso_utc(stats.oldest) if stats.oldest is not None else None,
         "by_type": [{"type": t, "entries": n, "size_bytes": b} for t, n, b in stats.by_type],
+        "derive_off": dict(stats.derive_off),
     }

@@ -305,6 +305,9 @@ async def test_cache_stats_table_and_json(gateway: Gateway, sim: Sim, tmp_path: 
                      re.M)
     assert re.search(r"^nsfw\s+1\s+\d+ B\s+\d+$", text, re.M)
     assert re.search(r"^objects\s+5\s+\S+ \S+\s+\d+$", text, re.M)
+    assert re.search(r"^derived hits\s+objects: on$", text, re.M)
+    assert re.search(r"^derived hits\s+nsfw: on$", text, re.M)
+    assert stats["derive_off"] == {}
 
 
 async def cached_types(gw: Gateway, image: bytes) -> list[str]:

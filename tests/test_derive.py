@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +29,16 @@ from gateway.app import create_app
 from gateway.sample_images import make_jpeg, make_png
 from gateway.sim import start_sim
 from gateway.state import STATE, GatewayState
-from tests.conftest import TEAM_KEYS, UPSTREAM_KEY, GatewayFactory, Sim, make_config
+from tests.conftest import (
+    TEAM_KEYS,
+    UPSTREAM_KEY,
+    GatewayFactory,
+    Sim,
+    free_port,
+    gateway_command,
+    make_config,
+    write_config,
+)
 
 SEARCH, ADS = TEAM_KEYS["search"], TEAM_KEYS["ads"]
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -300,7 +311,8 @@ async def test_the_audit_checks_derived_answers_on_the_audit_line(
 
 
 async def test_an_audit_mismatch_switches_derivation_off_for_the_type(
-        gateway_factory: GatewayFactory, sim: Sim, caplog: pytest.LogCaptureFixture) -> None:
+        gateway_factory: GatewayFactory, sim: Sim, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
     sim.state.model = "cap-first"
     gw = await gateway_factory(cache={"audit_rate": 1.0})
     async with aiohttp.ClientSession() as session:
@@ -331,6 +343,16 @@ async def test_an_audit_mismatch_switches_derivation_off_for_the_type(
         assert body["data"]["objects"] == three
         assert (await ask(session, gw.url, Ask(n, "objects", 0, 2)))[0] == MISS
         assert gw.state.service.derivable("nsfw")  # only the type that failed
+    # The operator sees it in `gateway cache stats` too, with the parameters and the time.
+    config = write_config(tmp_path / "config.toml", sim_url=sim.url, db=tmp_path / "gateway.db",
+                          port=free_port(), teams={"search": (TEAM_KEYS["search"], 100)})
+    out = await asyncio.to_thread(
+        subprocess.run, [*gateway_command(), "cache", "stats", "--config", str(config)],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^derived hits\s+objects: off: audit mismatch at \S+ \(\d{4}-", out.stdout,
+                     re.M), out.stdout
+    assert re.search(r"^derived hits\s+nsfw: on$", out.stdout, re.M)
 
 
 @pytest.mark.parametrize(("raw", "problem"), [

@@ -77,12 +77,20 @@ async def test_kill_9_under_load_loses_no_delivered_result_and_no_charge(
     usage = requests.get(f"http://127.0.0.1:{again.port}/metrics", timeout=5).text
     charged = next(float(line.split()[-1]) for line in usage.splitlines()
                    if line.startswith('gateway_quota_used{team="t"}'))
-    # A unit reserved just before the kill, whose call never left, stays pending until it is
-    # reclaimed (refunded) past the horizon: settled charges never exceed upstream calls.
+    # Right after the restart nothing the dead process reserved is pending: a reservation whose
+    # call was never sent was refunded; one marked sent (durably, before its request left)
+    # stays charged as undelivered, since the upstream may have billed it. So every call the
+    # upstream received is charged, and a call the kill cut short between that mark and the
+    # socket is the only slack, at most one per client. (tests/test_crash.py holds the same.)
     with sqlite3.connect(tmp_path / "shared.db") as db:
         (pending,) = db.execute("SELECT COUNT(*) FROM reservations").fetchone()
-    settled = charged - pending
-    assert len(delivered) <= settled <= upstream_called, (len(delivered), settled, upstream_called)
+        (undelivered,) = db.execute(
+            "SELECT COALESCE(SUM(undelivered), 0) FROM quota_usage").fetchone()
+    assert pending == 0
+    settled = charged - undelivered
+    figures = (len(delivered), charged, undelivered, upstream_called)
+    assert len(delivered) <= settled <= upstream_called, figures
+    assert upstream_called <= charged <= upstream_called + 8, figures
 
 
 async def test_two_workers_share_port_store_quota_and_metrics(

@@ -3,7 +3,7 @@ test suite (``tests/test_store_contract.py``) runs over every implementation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.owners import Owner
@@ -35,6 +35,8 @@ class CacheStats:
     oldest: float | None = None
     by_type: tuple[tuple[str, int, int], ...] = ()  # (type, entries, bytes)
     hits: int = 0
+    # type -> why the audit switched derived hits off for it (gateway.usage.cache_report)
+    derive_off: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
