@@ -4,6 +4,7 @@ one upstream call, and a lock left by a replica killed with -9 expires."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -125,3 +126,55 @@ async def test_a_lock_left_by_a_replica_killed_with_9_expires_and_the_next_reque
     assert (status, cache) == (200, "imagerecognize-gateway; fwd=miss; stored")
     assert sim.state.calls == 2  # the dead replica's call and the survivor's own
     assert [k async for k in r.scan_iter(match=prefix + "fl:*")] == []  # released
+
+
+async def test_a_call_slower_than_the_lock_keeps_its_lock_and_its_followers(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, prefix: str,
+        redis_client: aioredis.Redis) -> None:
+    """The key's lock lives coalesce_lock_s unless renewed: a leader whose upstream call takes
+    three times as long renews it, so a request on the other replica long after the lock's
+    first expiry still follows the one call instead of paying a second."""
+    config = replica_config(sim, tmp_path, prefix, coalesce_lock_s=1)
+    a, b = await gateway_factory(config), await gateway_factory(config)
+    sim.state.latency_ms = 3000
+    image = make_png(9191)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        first = asyncio.create_task(post(session, a.url, image))
+        for _ in range(500):
+            if sim.state.calls == 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.8)  # past the lock's own 1 s: alive only because it is renewed
+        assert [k async for k in redis_client.scan_iter(match=prefix + "fl:*")]
+        second = await post(session, b.url, image)
+        assert (await first)[0] == 200
+    assert second == (200, "imagerecognize-gateway; hit; detail=coalesced")
+    assert sim.state.calls == 1
+
+
+async def test_a_follower_on_another_replica_waits_at_most_coalesce_wait_s(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, prefix: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A follower of another replica's call gives up after coalesce_wait_s and pays its own
+    call (as a follower in the leader's process does), rather than wait for the slow one."""
+    leader = await gateway_factory(replica_config(sim, tmp_path, prefix))
+    follower = await gateway_factory(replica_config(sim, tmp_path, prefix, coalesce_wait_s=1))
+    sim.state.latency_ms = 3500
+    image = make_png(9292)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        first = asyncio.create_task(post(session, leader.url, image))
+        for _ in range(500):
+            if sim.state.calls == 1:
+                break
+            await asyncio.sleep(0.02)
+        sim.state.latency_ms = 0
+        started = asyncio.get_running_loop().time()
+        with caplog.at_level(logging.WARNING, logger="gateway.service"):
+            second = await post(session, follower.url, image)
+        waited = asyncio.get_running_loop().time() - started
+        assert (await first)[0] == 200
+    assert second == (200, "imagerecognize-gateway; fwd=miss; stored")
+    assert waited < 3, waited  # not the leader's 3.5 s
+    assert sim.state.calls == 2
+    assert [r.getMessage() for r in caplog.records if "another replica" in r.getMessage()] == [
+        "coalesced request waited 1s for another replica; forwarding on its own"]

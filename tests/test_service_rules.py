@@ -223,3 +223,52 @@ async def test_a_widened_answer_off_the_model_switches_widening_off_and_each_pay
     assert held.calls == 3  # the widened call, then each exact question
     assert not gw.state.service.derivable("objects")
     assert await gw.state.store.used("search", gw.state.ledger.period()) == 3
+
+
+async def test_a_reservation_reclaimed_before_its_call_is_sent_sends_nothing(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path) -> None:
+    """Housekeeping in another process can take this one for dead and end its reservations
+    (refunded: never sent). A call whose reservation is gone by the time it would be marked
+    sent is not sent: 503 with its reason, no upstream call, no charge."""
+    gw = await gateway_factory(make_config(held.url, tmp_path / "g.db", cache={"derive": False}))
+    store = gw.state.store
+    real_reserve = store.reserve
+
+    async def reserve_then_reclaimed(*args: Any, **kwargs: Any) -> Any:
+        reservation = await real_reserve(*args, **kwargs)
+        await store.reclaim_owner(gw.state.ledger.owner.id)  # what the other process does
+        return reservation
+
+    store.reserve = reserve_then_reclaimed  # type: ignore[method-assign]
+    form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": "10",
+                             "min_confidence": "80"})
+    form.add_field("file", IMAGE, filename="a.png")
+    async with aiohttp.ClientSession() as session, session.post(gw.url, data=form) as r:
+        body = await r.json(content_type=None)
+    assert (r.status, body) == (503, {"status": 503, "data": None,
+                                      "status_message": "Gateway ledger record lost; try again"})
+    assert held.calls == 0
+    assert await store.used("search", gw.state.ledger.period()) == 0
+
+
+async def test_a_hit_right_after_a_miss_reports_the_quota_that_miss_left(
+        gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    """The quota in a free answer comes from a short-lived per-team count: a miss's charge
+    must update it, or a hit right after reports one call more than the team has left."""
+    gw = await gateway_factory()
+    limit = next(t.quota for t in gw.state.config.teams if t.name == "search")
+
+    async def quota(image: bytes) -> tuple[str, int]:
+        form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": "10",
+                                 "min_confidence": "80"})
+        form.add_field("file", image, filename="a.png")
+        async with aiohttp.ClientSession() as session, session.post(gw.url, data=form) as r:
+            body = await r.json(content_type=None)
+            return r.headers["Cache-Status"], body["data"]["quota"]
+
+    first, second = make_png(5151), make_png(5252)
+    assert (await quota(first))[1] == limit - 1
+    assert (await quota(second))[1] == limit - 2
+    status, left = await quota(first)  # from the in-process tier, within the count's age
+    assert status.startswith("imagerecognize-gateway; hit;")
+    assert left == limit - 2
