@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import (  # noqa: E402  (a script: its own folder's parent on the path first)
+from bench.run import (
     Bench,
     Table,
     _miss_run,
@@ -35,12 +35,14 @@ from bench.run import (  # noqa: E402  (a script: its own folder's parent on the
     warm_hit,
     wrk,
 )
-from gateway.sample_images import make_png_of_size  # noqa: E402
+from gateway.sample_images import make_png_of_size
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True, help="the other checkout")
+    parser.add_argument("--after", type=Path, help="another checkout instead of this one")
+    parser.add_argument("--hits-only", action="store_true", help="leave out the miss rows")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1 round, 1 s runs")
     parser.add_argument("--secs", type=float, default=5.0)
@@ -52,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         b.src = args.before.resolve()
         before = b.gateway("before")
-        b.src = None
+        b.src = args.after.resolve() if args.after else None
         after = b.gateway("after")
         proxy = b.floor("proxy", proxy_to=b.sim.url)
         b.sim.control("control", latency_ms=0)
-        t = Table("hit", ["measure", "before", "after", "after / before", "rounds (before | after)"])
+        t = Table("hit", ["measure", "before", "after", "after / before",
+                          "rounds (before | after)"])
         image = make_png_of_size(100_000, 4242)
         body = multipart(image)
         path = b.body_file(body)
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 order.reverse()
             for name, gw in order:
                 hits[name].append(wrk(gw, 16, secs, body=path).rps)
-            for size in miss:
+            for size in [] if args.hits_only else miss:
                 for name, gw in order:
                     direct, via, _, problems = asyncio.run(
                         _miss_run(gw, b.sim, proxy, size, n, 50_000 + size + r * 1000
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " / ".join(fmt.format(x * scale) for x in values["after"]))
 
         row(f"hit req/s ({human(len(image))}, 16 conns)", hits, "{:,.0f}", 1)
-        for size, values in miss.items():
+        for size, values in [] if args.hits_only else miss.items():
             row(f"miss added p50 ({human(size)})", values, "{:.2f} ms", 1000)
         print("| " + " | ".join(t.columns) + " |")
         print("|" + "|".join("---" for _ in t.columns) + "|")
