@@ -84,3 +84,16 @@ def test_savings_bench_smoke_derives_and_widens_below_exact_dedup() -> None:
     for mode, row in rows.items():
         assert int(row[1]) <= int(row[4]), (mode, proc.stdout)  # never above its minimum
         assert "all equal to the simulator" in " ".join(row), proc.stdout
+
+
+def test_ab_bench_smoke_measures_two_checkouts_side_by_side() -> None:
+    """bench/ab.py with this checkout on both sides: both gateways answer hits and misses."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), "--before", str(ROOT),
+                           "--quick"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "hit req/s (101 KB, 16 conns)", "miss added p50 (10 KB)", "miss added p50 (100 KB)"]
+    for row in rows[1:]:
+        before, after = (float(c.split()[0].replace(",", "")) for c in row.split("|")[2:4])
+        assert before > 0 and after > 0, row
