@@ -35,7 +35,7 @@ from bench.run import (
     warm_hit,
     wrk,
 )
-from gateway.sample_images import make_png_of_size
+from gateway.devtools.sample_images import make_png_of_size
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Upload parsing cost: gateway.form.read_form, old and new, per upload size and boundary length.
+"""Upload parsing cost: gateway.http.form.read_form, old and new, per upload size and boundary
+length.
 
     python bench/form_bench.py [--quick] [--old REV]
 
@@ -35,7 +36,7 @@ from types import ModuleType
 import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway import form as new_form
+from gateway.http import form as new_form
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,11 +5,12 @@
 
 Microseconds per call, one process, uvloop when installed, side by side in one run:
 
-    body deadline   asyncio.timeout() around an await, against gateway.deadlines.Deadlines
+    body deadline   asyncio.timeout() around an await, against gateway.http.deadlines.Deadlines
     team key        sha256 of the key and a dict lookup, against the remembered accepted key
     parameters      parsing and validating max_labels/min_confidence and their key text,
-                    against the memoised parse (gateway.cache_key.analysis_params)
-    answer          web.Response prepared and written, against gateway.response.EnvelopeResponse
+                    against the memoised parse (gateway.core.cache_key.analysis_params)
+    answer          web.Response prepared and written, against
+                    gateway.http.response.EnvelopeResponse
                     (both to a transport that drops the bytes: the socket write is not counted)
 """
 
@@ -26,10 +27,10 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.cache_key import _parse, analysis_params
-from gateway.deadlines import Deadlines
-from gateway.envelope import CONTENT_TYPE, HEADERS
-from gateway.response import EnvelopeResponse
+from gateway.core.cache_key import _parse, analysis_params
+from gateway.core.envelope import CONTENT_TYPE, HEADERS
+from gateway.http.deadlines import Deadlines
+from gateway.http.response import EnvelopeResponse
 
 FIELDS = {"apikey": "team-key-0123456789", "type": "objects", "max_labels": "10",
           "min_confidence": "80"}

@@ -63,8 +63,8 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import xxhash  # noqa: E402
 
-from gateway.cache_key import cache_key, params_text  # noqa: E402
-from gateway.sample_images import make_png_of_size  # noqa: E402
+from gateway.core.cache_key import cache_key, params_text  # noqa: E402
+from gateway.devtools.sample_images import make_png_of_size  # noqa: E402
 
 LUA = ROOT / "bench" / "lua" / "post.lua"
 FLOOR = ROOT / "bench" / "floor.py"
@@ -1060,7 +1060,7 @@ def scenario_scale(b: Bench) -> Table:
         f"Per size: a fresh gateway stores {distinct} real 100 KB entries by real misses and "
         "stops; the rest of the rows are bulk-inserted into the results table of "
         "gateway-cache.db with sqlite3 in one transaction (keys from "
-        "gateway.cache_key.cache_key over xxh3-128 hashes, each row carrying a real entry's "
+        "gateway.core.cache_key.cache_key over xxh3-128 hashes, each row carrying a real entry's "
         "data; cache_totals kept by the triggers), then os.sync() so that the fill's "
         "writeback is over; the gateway starts again on the filled file. " + "; ".join(fills) + ".",
         f"Load: wrk -t2 -c16 -d{b.secs:g}s cycling over the {distinct} real entries (their keys "

@@ -33,11 +33,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.sample_images import make_jpeg, make_png
-from gateway.sim import start_sim
-from gateway.state import STATE
+from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.devtools.sim import start_sim
+from gateway.http.app import create_app
+from gateway.http.state import STATE
 
 UPSTREAM_KEY = "bench-upstream-key"
 TEAM_KEY = "bench-team-key"

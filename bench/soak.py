@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 import aiohttp
 import xxhash
 
-from gateway.sample_images import make_jpeg, make_png
-from gateway.sim import start_sim
+from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.devtools.sim import start_sim
 
 UPSTREAM_KEY = "soak-upstream-key"
 KEY_ENV = "SOAK_UPSTREAM_KEY"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.event_loop import EVENT_LOOPS, uvloop_installed
+from gateway.ops.event_loop import EVENT_LOOPS, uvloop_installed
 
 PERIODS = ("day", "week", "month", "total")
 ANALYSIS_TYPES = ("objects", "celebrities", "detect_faces", "detect_text", "nsfw")
@@ -55,7 +55,7 @@ class Secret:
 
 # Labels the gateway gives requests that belong to no team: a team may not be called so.
 RESERVED_TEAM_NAMES = frozenset({"unknown"})
-# The ledger line the gateway charges its own cache audits to (gateway.service): not a team.
+# The ledger line the gateway charges its own cache audits to (gateway.core.service): not a team.
 AUDIT_TEAM = "audit"
 
 
@@ -159,7 +159,7 @@ class CacheConfig:
     coalesce_lock_s: float = 5.0
     stale_if_error_days: float = 7.0
     memory_mb: float = 64.0  # in-process copy of hot entries: a hit needs no store round trip
-    derive: bool = True  # answer stricter requests from looser stored results (gateway.derive)
+    derive: bool = True  # answer stricter requests from looser stored results (gateway.core.derive)
     widen: bool = False  # forward objects/nsfw misses at threshold 0 and widen_max_labels
     widen_max_labels: int = 100
     audit_rate: float = 0.01  # share of derived answers also asked upstream and compared
@@ -194,7 +194,7 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class PricingConfig:
-    """What one upstream call costs, for spend and savings in money (``gateway.usage``)."""
+    """What one upstream call costs, for spend and savings in money (``gateway.ops.usage``)."""
 
     per_call: float = 0.0
     currency: str = "USD"
@@ -207,7 +207,7 @@ class PricingConfig:
 @dataclass(frozen=True)
 class NotifyConfig:
     """Webhooks told when a team crosses a share of its quota, the breaker opens or closes,
-    or the ledger drifts from the upstream's count (``gateway.notify``)."""
+    or the ledger drifts from the upstream's count (``gateway.ops.notify``)."""
 
     webhook_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a token (Slack)
     slack: bool = False  # a Slack-compatible body ({"text": ...}) instead of the event's JSON

@@ -44,11 +44,11 @@ from urllib.parse import quote, quote_plus
 
 import aiohttp
 
-from gateway.breaker import CircuitBreaker
 from gateway.config import UpstreamConfig
-from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
-from gateway.form import UploadedFile
-from gateway.metrics import Metrics
+from gateway.core.breaker import CircuitBreaker
+from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
+from gateway.http.form import UploadedFile
+from gateway.ops.metrics import Metrics
 
 log = logging.getLogger("gateway.upstream")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SQLITE, REDIS = "gateway.store.sqlite.xǁSQLiteStoreǁ", "gateway.store.redis.xǁRedisStoreǁ"
 STORE_PARTS = ("reserve", "mark_sent", "settle", "keep_undelivered", "refund", "save_result")
-SERVICE = "gateway.service.xǁRecognitionServiceǁ"
+SERVICE = "gateway.core.service.xǁRecognitionServiceǁ"
 # The request path (look up, derive, coalesce, reserve, forward, store, answer) and the refund
 # rules; the background (flush, reconcile, the audit's bookkeeping) and type=cache are not.
 SERVICE_PARTS = (
@@ -43,22 +43,23 @@ SERVICE_PARTS = (
 
 # name: (file, mutant name globs, test files that can kill them)
 MODULES: dict[str, tuple[str, list[str], list[str]]] = {
-    "quota": ("gateway/quota.py", ["gateway.quota.*"],
+    "quota": ("gateway/core/quota.py", ["gateway.core.quota.*"],
               ["tests/test_quota.py", "tests/test_api.py"]),
-    "cache_key": ("gateway/cache_key.py", ["gateway.cache_key.*"],
+    "cache_key": ("gateway/core/cache_key.py", ["gateway.core.cache_key.*"],
                   ["tests/test_cache_key.py", "tests/test_api.py"]),
-    "cors": ("gateway/cors.py", ["gateway.cors.*"], ["tests/test_cors.py"]),
-    "admin_auth": ("gateway/admin.py",
-                   [f"gateway.admin.x_{f}*"
+    "cors": ("gateway/http/cors.py", ["gateway.http.cors.*"], ["tests/test_cors.py"]),
+    "admin_auth": ("gateway/http/admin.py",
+                   [f"gateway.http.admin.x_{f}*"
                     for f in ("token_matches", "_admin", "_status_denied")],
                    ["tests/test_admin.py"]),
-    "service": ("gateway/service.py",
-                [f"{SERVICE}{f}*" for f in SERVICE_PARTS] + ["gateway.service.xǁDirectivesǁparse*"],
+    "service": ("gateway/core/service.py",
+                [f"{SERVICE}{f}*" for f in SERVICE_PARTS]
+                + ["gateway.core.service.xǁDirectivesǁparse*"],
                 ["tests/test_api.py", "tests/test_resilience.py", "tests/test_cache_key.py",
                  "tests/test_derive.py", "tests/test_coalescing_replicas.py",
                  "tests/test_service_rules.py", "tests/test_store_faults.py",
                  "tests/test_ledger_honesty.py"]),
-    "derive": ("gateway/derive.py", ["gateway.derive.*"],
+    "derive": ("gateway/core/derive.py", ["gateway.core.derive.*"],
                ["tests/test_derive.py"]),
     "sqlite": ("gateway/store/sqlite.py",
                [f"{SQLITE}{part}*" for part in STORE_PARTS]
@@ -85,8 +86,8 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                       ["tests/test_upstream.py", "tests/test_resilience.py"]),
     # What decides the file's bytes, hash and size and what is refused; not the part
     # headers' parsing (name, filename, content type), which the differential test covers.
-    "form": ("gateway/form.py",
-             [f"gateway.form.{f}*" for f in (
+    "form": ("gateway/http/form.py",
+             [f"gateway.http.form.{f}*" for f in (
                  "x_read_form", "x__read_streamed", "x__read_body", "x__unquote",
                  "xǁ_FileSinkǁwrite", "xǁ_FileSinkǁresult", "xǁ_MultipartParserǁfeed",
                  "xǁ_MultipartParserǁ_content", "xǁ_UrlencodedParserǁfeed")],

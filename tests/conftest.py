@@ -19,10 +19,10 @@ import requests
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
 from gateway.config import Config, parse_config
-from gateway.sim import SimState, start_sim
-from gateway.state import STATE, GatewayState
+from gateway.devtools.sim import SimState, start_sim
+from gateway.http.app import create_app
+from gateway.http.state import STATE, GatewayState
 
 UPSTREAM_KEY = "UPSTREAM-SECRET-k3y-0f-the-acc0unt"
 TEAM_KEYS = {"search": "search-team-key", "ads": "ads-team-key", "tiny": "tiny-team-key"}

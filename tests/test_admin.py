@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.admin import render_status
 from gateway.config import AdminConfig, PricingConfig, Secret, load_config
-from gateway.sample_images import make_jpeg, make_png
-from gateway.usage import iso_utc, period_resets_at
+from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.http.admin import render_status
+from gateway.ops.usage import iso_utc, period_resets_at
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

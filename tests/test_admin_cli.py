@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.cli import build_parser
 from gateway.config import hash_key, load_config
-from gateway.quota import period_key
-from gateway.sample_images import make_png
-from gateway.usage import Period, PeriodError, ledger_keys, parse_age, parse_period
+from gateway.core.quota import period_key
+from gateway.devtools.sample_images import make_png
+from gateway.ops.cli import build_parser
+from gateway.ops.usage import Period, PeriodError, ledger_keys, parse_age, parse_period
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

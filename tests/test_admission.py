@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, GatewayFactory, objects_form, post_requests
 
 HEAD = (

@@ -12,7 +12,7 @@ import pytest
 import requests
 import xxhash
 
-from gateway.sample_images import make_jpeg, make_png
+from gateway.devtools.sample_images import make_jpeg, make_png
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import AdminConfig, Secret
-from gateway.sample_images import make_jpeg, make_png
+from gateway.devtools.sample_images import make_jpeg, make_png
 from tests.conftest import (
     TEAM_KEYS,
     GatewayFactory,

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway import cache_key as cache_key_module
-from gateway.cache_key import TYPE_PARAMS, analysis_params, cache_key
-from gateway.errors import InvalidParameter
-from gateway.sample_images import make_png
+from gateway.core import cache_key as cache_key_module
+from gateway.core.cache_key import TYPE_PARAMS, analysis_params, cache_key
+from gateway.core.errors import InvalidParameter
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, Sim, post_requests
 
 KEY = TEAM_KEYS["search"]

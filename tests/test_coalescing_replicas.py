@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.config import Config
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     TEAM_KEYS,
     GatewayFactory,

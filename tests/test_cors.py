@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, objects_form
 
 ALLOWED = "http://intranet.example:8000"

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import GatewayFactory, GatewayProcess, Sim, free_port, make_config, write_config
 
 KEY = "crash-team-key"
@@ -197,7 +197,7 @@ quota = {quota}
 async def ledger_of(config: Path) -> tuple[int, int, int]:
     """(charged, undelivered, pending) of team t, read through the store's own code."""
     from gateway.config import load_config
-    from gateway.quota import period_key
+    from gateway.core.quota import period_key
     from gateway.store import open_store
 
     cfg = load_config(config, env={"TEST_UPSTREAM_KEY": "x"})

@@ -1,4 +1,5 @@
-"""gateway.deadlines: a body read past its deadline ends in its own error, nothing else does."""
+"""gateway.http.deadlines: a body read past its deadline ends in its own error, nothing else
+does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from gateway.deadlines import Deadlines
+from gateway.http.deadlines import Deadlines
 
 
 async def _guarded(deadlines: Deadlines, seconds: float, work: asyncio.Future[str]) -> str:

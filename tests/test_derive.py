@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from gateway import derive
-from gateway.app import create_app
-from gateway.sample_images import make_jpeg, make_png
-from gateway.sim import start_sim
-from gateway.state import STATE, GatewayState
+from gateway.core import derive
+from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.devtools.sim import start_sim
+from gateway.http.app import create_app
+from gateway.http.state import STATE, GatewayState
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

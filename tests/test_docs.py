@@ -43,7 +43,7 @@ def resolve(name: str) -> object:
     rest = parts[n:]
     obj: object = module
     if rest and not hasattr(module, rest[0]):
-        # `gateway.service._lead`: a method of exactly one class defined in the module.
+        # `gateway.core.service._lead`: a method of exactly one class defined in the module.
         owners = [
             c
             for _, c in inspect.getmembers(module, inspect.isclass)
@@ -98,9 +98,9 @@ def test_readme_layout_links_the_map() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("gateway.service._no_such_step", id="method"),
+        pytest.param("gateway.core.service._no_such_step", id="method"),
         pytest.param("gateway.no_such_module.thing", id="module"),
-        pytest.param("gateway.quota.QuotaLedger.no_such", id="attribute"),
+        pytest.param("gateway.core.quota.QuotaLedger.no_such", id="attribute"),
     ],
 )
 def test_a_name_that_does_not_exist_is_caught(name: str) -> None:

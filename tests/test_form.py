@@ -1,4 +1,5 @@
-"""gateway.form: multipart and urlencoded upload parsing, against aiohttp's reader as reference."""
+"""gateway.http.form: multipart and urlencoded upload parsing, against aiohttp's reader as
+reference."""
 
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ from aiohttp import BodyPartReader, MultipartReader, StreamReader
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gateway import form as form_module
-from gateway.errors import FileTooLarge, NoData
-from gateway.form import (
+from gateway.core.errors import FileTooLarge, NoData
+from gateway.devtools.sample_images import make_png
+from gateway.http import form as form_module
+from gateway.http.form import (
     LENGTH_SLACK,
     MAX_PART_HEAD,
     Form,
     parse_query,
     read_form,
 )
-from gateway.sample_images import make_png
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01" + bytes(range(256)) * 40
 PNG = b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(3000)

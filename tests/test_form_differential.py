@@ -1,4 +1,4 @@
-"""gateway.form against python-multipart: for every valid body, the same file bytes and fields.
+"""gateway.http.form against python-multipart: for every valid body, the same file bytes and fields.
 
 Bodies are generated (part count, order and sizes up to past memory_limit, boundaries of 1-70
 characters, quoted or not, transport padding, preambles, epilogues holding delimiters, bytes in
@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
-from gateway.errors import NoData
-from gateway.form import USED_FIELDS, Form, read_form
-from gateway.sample_images import make_jpeg, make_png
+from gateway.core.errors import NoData
+from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.http.form import USED_FIELDS, Form, read_form
 from tests.conftest import TEAM_KEYS, Gateway, Sim
 from tests.test_form import FakeStream
 

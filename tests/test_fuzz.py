@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from urllib3 import encode_multipart_formdata
 
-from gateway.sample_images import make_jpeg, make_png, make_png_of_size
+from gateway.devtools.sample_images import make_jpeg, make_png, make_png_of_size
 from tests.conftest import TEAM_KEYS, UPSTREAM_KEY, Gateway, GatewayFactory, Sim
 
 SEARCH = TEAM_KEYS["search"]

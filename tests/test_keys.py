@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 import requests
 
 from gateway.config import AdminConfig, Secret, hash_key, load_config
-from gateway.keys import REVOKE_BOUND_S, STALE_AFTER_S
-from gateway.sample_images import make_png
+from gateway.core.keys import REVOKE_BOUND_S, STALE_AFTER_S
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

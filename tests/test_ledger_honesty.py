@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, make_config
 
 KEY = TEAM_KEYS["search"]
@@ -129,7 +129,7 @@ async def test_no_cache_and_plain_requests_for_one_image_at_quota_never_500(
 
 
 async def drift(gw_state: object) -> float:
-    from gateway.state import GatewayState
+    from gateway.http.state import GatewayState
 
     assert isinstance(gw_state, GatewayState)
     await gw_state.service.reconcile()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     UPSTREAM_KEY,
     GatewayProcess,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, objects_form, post_requests
 
 

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from gateway.config import ConfigError
-from gateway.logs import AccessLog, JsonFormatter, TextFormatter
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
+from gateway.ops.logs import AccessLog, JsonFormatter, TextFormatter
 from tests.conftest import (
     UPSTREAM_KEY,
     GatewayProcess,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     UPSTREAM_KEY,
     GatewayProcess,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.migrate import Endpoint, MigrationRefused, migrate
-from gateway.owners import Owner, this_host, this_process
 from gateway.store.base import CachedResult, Hit, KeyRecord, Store
+from gateway.store.migrate import Endpoint, MigrationRefused, migrate
+from gateway.store.owners import Owner, this_host, this_process
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import TEAM_KEYS, gateway_command

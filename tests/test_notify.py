@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import NOTIFIER
 from gateway.config import ConfigError, parse_config
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
+from gateway.http.app import NOTIFIER
 from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, Sim, objects_form
 
 

@@ -27,7 +27,7 @@ import requests
 from conftest import TEAM_KEYS, UPSTREAM_KEY, Gateway, Sim, free_port, objects_form, post_requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.sample_images import make_jpeg, make_png
+from gateway.devtools.sample_images import make_jpeg, make_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
@@ -757,7 +757,7 @@ async def test_requests_counted_in_bulk_scrape_as_if_observed_one_by_one() -> No
     scrape must read exactly what Counter.inc() and Histogram.observe() per request give."""
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from gateway.metrics import LATENCY_BUCKETS, Metrics
+    from gateway.ops.metrics import LATENCY_BUCKETS, Metrics
 
     durations = [0.0001, 0.0005, 0.0007, 0.002, 0.0025, 0.3, 0.3, 7.0, 61.0, 1e-9]
     metrics = Metrics(CollectorRegistry())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     UPSTREAM_KEY,
     GatewayProcess,

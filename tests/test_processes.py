@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import GatewayProcess, Sim, free_port, objects_form, post_requests, write_config
 
 

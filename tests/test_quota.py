@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config
-from gateway.owners import Owner, process_start, this_host
-from gateway.quota import QuotaLedger, period_key
-from gateway.sample_images import make_png
+from gateway.core.quota import QuotaLedger, period_key
+from gateway.devtools.sample_images import make_png
 from gateway.store.base import Reclaimed
+from gateway.store.owners import Owner, process_start, this_host
 from gateway.store.sqlite import SQLiteStore
 from tests.conftest import (
     TEAM_KEYS,

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import requests
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from gateway.store.redis import RedisStore
 from tests.conftest import (
     GatewayFactory,

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from gateway.sample_images import make_jpeg
+from gateway.devtools.sample_images import make_jpeg
 from tests.conftest import TEAM_KEYS, Gateway, Sim
 
 ROOT = Path(__file__).resolve().parent.parent

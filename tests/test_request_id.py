@@ -14,8 +14,8 @@ import uuid
 import aiohttp
 import pytest
 
-from gateway.logs import AccessLog
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
+from gateway.ops.logs import AccessLog
 from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, objects_form
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from gateway.sample_images import make_png, make_png_of_size
+from gateway.devtools.sample_images import make_png, make_png_of_size
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

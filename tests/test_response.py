@@ -1,6 +1,6 @@
 """The API's answers as bytes on the wire: what an HTTP client of any kind relies on.
 
-The gateway writes its envelope answers itself (gateway.response), so these tests read the raw
+The gateway writes its envelope answers itself (gateway.http.response), so these tests read the raw
 bytes off a loopback socket: status line, the headers aiohttp would send, Content-Length,
 keep-alive and close for HTTP/1.1 and 1.0.
 """
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from gateway.envelope import CONTENT_TYPE
-from gateway.response import EnvelopeResponse
-from gateway.sample_images import make_png
+from gateway.core.envelope import CONTENT_TYPE
+from gateway.devtools.sample_images import make_png
+from gateway.http.response import EnvelopeResponse
 from tests.conftest import TEAM_KEYS, Gateway
 
 BOUNDARY = "rawsocketboundary42"

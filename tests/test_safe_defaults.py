@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from gateway.config import ConfigError, parse_config
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, GatewayFactory, make_config
 
 SEARCH = TEAM_KEYS["search"]

@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from gateway.sample_images import make_jpeg, make_png, make_png_of_size
+from gateway.devtools.sample_images import make_jpeg, make_png, make_png_of_size
 
-from gateway import sim as sim_module
-from gateway.sim import MAX_FILE_BYTES, SimState, recognize, start_sim
+from gateway.devtools import sim as sim_module
+from gateway.devtools.sim import MAX_FILE_BYTES, SimState, recognize, start_sim
 
 KEY = "test-upstream-key"
 QUOTA = 5
@@ -455,7 +455,7 @@ async def test_control_endpoints(sim: Sim) -> None:
 def test_serve_sim_prints_its_url_and_stops_on_sigterm() -> None:
     root = Path(__file__).resolve().parent.parent
     code = (
-        "from gateway.sim import serve_sim; "
+        "from gateway.devtools.sim import serve_sim; "
         "serve_sim(host='127.0.0.1', port=0, api_key='k', quota=3)"
     )
     env = {**os.environ, "PYTHONPATH": str(root)}

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import TEAM_KEYS, GatewayFactory, Sim
 
 BASE = {"upstream": {"url": "http://127.0.0.1:9/api/v2/"},

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.owners import Owner
 from gateway.store.base import CachedResult, Hit, Reclaimed, Store
+from gateway.store.owners import Owner
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 
@@ -304,7 +304,7 @@ async def test_one_caller_holds_a_keys_flight_lock_until_it_releases_or_it_expir
 
 async def test_store_issued_keys_round_trip_and_every_change_moves_the_generation(
         store: Store) -> None:
-    """Team keys (gateway.keys): a definition replaced keeps its uses; uses add up and the
+    """Team keys (gateway.core.keys): a definition replaced keeps its uses; uses add up and the
     last use only moves forward; an unknown id's uses are dropped; every save changes
     keys_generation, which is how other processes learn to re-read."""
     from gateway.store.base import KeyRecord

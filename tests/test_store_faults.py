@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from tests.conftest import (
     TEAM_KEYS,
     Gateway,

@@ -14,8 +14,8 @@ from typing import Any
 import requests
 
 from gateway.config import load_config
-from gateway.keys import create_key
-from gateway.sample_images import make_png
+from gateway.core.keys import create_key
+from gateway.devtools.sample_images import make_png
 from gateway.store import open_store
 from tests.conftest import (
     UPSTREAM_KEY,

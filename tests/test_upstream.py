@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from gateway import upstream as upstream_module
-from gateway.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.config import Secret, UpstreamConfig
-from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
-from gateway.form import UploadedFile
-from gateway.metrics import Metrics
-from gateway.sample_images import make_png
+from gateway.core.breaker import CLOSED, HALF_OPEN, OPEN
+from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
+from gateway.devtools.sample_images import make_png
+from gateway.http.form import UploadedFile
+from gateway.ops.metrics import Metrics
 from gateway.upstream import MAX_DEPTH, MAX_MESSAGE, UpstreamClient, UpstreamError
 from tests.conftest import free_port
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.owners import Owner
+from gateway.store.owners import Owner
 
 
 class StoreUnavailable(Exception):
@@ -35,7 +35,7 @@ class CacheStats:
     oldest: float | None = None
     by_type: tuple[tuple[str, int, int], ...] = ()  # (type, entries, bytes)
     hits: int = 0
-    # type -> why the audit switched derived hits off for it (gateway.usage.cache_report)
+    # type -> why the audit switched derived hits off for it (gateway.ops.usage.cache_report)
     derive_off: dict[str, str] = field(default_factory=dict)
 
 
@@ -57,14 +57,14 @@ class Reservation:
     undelivered (the call was sent and may have been billed, but no result came back), or
     refunded (the upstream provably did not bill). It is marked *sent*, durably, before the
     request leaves; so when its owner process dies, housekeeping refunds it if it was never
-    sent and keeps the charge (undelivered) if it was (``gateway.owners``)."""
+    sent and keeps the charge (undelivered) if it was (``gateway.store.owners``)."""
 
     id: str
     team: str
     period: str
     used: int  # the team's charged count, this unit included
     at: float
-    owner: str = ""  # the owning process (gateway.owners.Owner.id)
+    owner: str = ""  # the owning process (gateway.store.owners.Owner.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +182,7 @@ class Store(Protocol):
         self, content_hash: str, type_: str, scope: str
     ) -> list[CachedResult]:
         """The results held for one image, type and scope (fresh or not), in one indexed
-        lookup: what a derived hit chooses from (``gateway.derive``)."""
+        lookup: what a derived hit chooses from (``gateway.core.derive``)."""
 
     async def take_token(self, team: str, rate: float, burst: float) -> tuple[bool, float] | None:
         """Refill the team's shared token bucket and take one token if there is one:
@@ -222,7 +222,7 @@ class Store(Protocol):
         """Per key id, add its uses and move its last use forward (never back); an id the
         store does not hold is ignored."""
 
-    # -- migrate-store (gateway.migrate) ---------------------------------------------------
+    # -- migrate-store (gateway.store.migrate) ---------------------------------------------
     async def owners(self) -> list[Owner]:
         """Every registered owner (a gateway process that stopped cleanly leaves none)."""
 
@@ -243,7 +243,7 @@ class Store(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
-    """A team key issued through the store (``gateway.keys``): only its hash is kept."""
+    """A team key issued through the store (``gateway.core.keys``): only its hash is kept."""
 
     id: str
     team: str

@@ -17,7 +17,7 @@ Keys (under ``prefix``):
   owners, beats    hash   owner id -> "host|pid|started", owner id -> beat counter
   meta             hash   name -> value
   fl:<key>         string the lock on a key in flight: its holder's token (expires unless renewed)
-  apikeys          hash   store-issued team key id -> JSON definition (gateway.keys)
+  apikeys          hash   store-issued team key id -> JSON definition (gateway.core.keys)
   apikey_uses      hash   key id -> requests it authorized; apikey_used_at: id -> last use
 """
 
@@ -38,7 +38,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.owners import Owner
 from gateway.store.base import (
     CachedResult,
     CacheStats,
@@ -50,6 +49,7 @@ from gateway.store.base import (
     StoreUnavailable,
     TeamUsage,
 )
+from gateway.store.owners import Owner
 
 log = logging.getLogger("gateway.store")
 
@@ -654,7 +654,7 @@ class RedisStore:
                 results.append(result)
         return sorted(results, key=lambda r: r.params)
 
-    # -- rate limits (gateway.ratelimit) ---------------------------------------------------
+    # -- rate limits (gateway.core.ratelimit) ----------------------------------------------
     async def take_token(self, team: str, rate: float, burst: float) -> tuple[bool, float] | None:
         """Not idempotent: a retry after a dropped connection may take a second token, which
         errs on the strict side and charges nothing."""
@@ -666,13 +666,13 @@ class RedisStore:
         )
         return bool(int(taken)), float(tokens)
 
-    # -- notifications (gateway.notify) ----------------------------------------------------
+    # -- notifications (gateway.ops.notify) ------------------------------------------------
     async def set_meta_if_absent(self, name: str, value: str) -> bool:
         """A retry after a dropped connection may find its own write and answer False: the
         event is then not sent rather than sent twice."""
         return bool(await self._call(self._r.hsetnx(self._k("meta"), name, value)))
 
-    # -- coalescing across replicas (gateway.service) --------------------------------------
+    # -- coalescing across replicas (gateway.core.service) ---------------------------------
     def _flight_script(self, name: str, source: str) -> Any:
         script = getattr(self, name, None)
         if script is None or script.registered_client is not self._r:
@@ -699,7 +699,7 @@ class RedisStore:
         values, held = await self._call(pipe.execute())
         return self._result(key, values), bool(held)
 
-    # -- migrate-store (gateway.migrate) ---------------------------------------------------
+    # -- migrate-store (gateway.store.migrate) ---------------------------------------------
     async def owners(self) -> list[Owner]:
         pipe = self._r.pipeline(transaction=True)
         pipe.hgetall(self._k("owners"))
@@ -768,7 +768,7 @@ class RedisStore:
         items = await self._call(self._r.hgetall(self._k("meta")))
         return {n.decode(): v.decode() for n, v in items.items()}
 
-    # -- team keys (gateway.keys) ----------------------------------------------------------
+    # -- team keys (gateway.core.keys) -----------------------------------------------------
     def _keys_script(self, name: str, source: str) -> Any:
         script = getattr(self, name, None)
         if script is None or script.registered_client is not self._r:

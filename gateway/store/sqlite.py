@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from gateway.owners import Owner
 from gateway.store.base import (
     CachedResult,
     CacheStats,
@@ -42,6 +41,7 @@ from gateway.store.base import (
     StoreUnavailable,
     TeamUsage,
 )
+from gateway.store.owners import Owner
 
 log = logging.getLogger("gateway.store")
 T = TypeVar("T")
@@ -799,7 +799,7 @@ class SQLiteStore:
         more than the check); the workers of one supervisor share them in memory instead."""
         return None
 
-    # -- notifications (gateway.notify) ----------------------------------------------------
+    # -- notifications (gateway.ops.notify) ------------------------------------------------
     async def set_meta_if_absent(self, name: str, value: str) -> bool:
         inserted = await self._write(
             "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
@@ -807,7 +807,7 @@ class SQLiteStore:
         )
         return inserted == 1
 
-    # -- coalescing (gateway.service) ------------------------------------------------------
+    # -- coalescing (gateway.core.service) -------------------------------------------------
     async def claim_flight(self, key: str, token: str, ttl_ms: int) -> bool | None:
         """None: no locks across processes; each process coalesces its own requests."""
         return None
@@ -821,7 +821,7 @@ class SQLiteStore:
     async def flight(self, key: str) -> tuple[CachedResult | None, bool]:
         return None, False
 
-    # -- team keys (gateway.keys) ----------------------------------------------------------
+    # -- team keys (gateway.core.keys) -----------------------------------------------------
     async def save_key(self, key: KeyRecord) -> None:
         def body(w: sqlite3.Connection) -> None:
             w.execute(
@@ -879,7 +879,7 @@ class SQLiteStore:
             )
         )
 
-    # -- migrate-store (gateway.migrate) ---------------------------------------------------
+    # -- migrate-store (gateway.store.migrate) ---------------------------------------------
     async def owners(self) -> list[Owner]:
         rows = await self._read("SELECT id, host, pid, started, beat FROM owners ORDER BY id")
         return [Owner(str(i), str(h), int(p), str(s), int(b)) for i, h, p, s, b in rows]

@@ -30,9 +30,9 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from gateway.envelope import CONTENT_TYPE, HEADERS
-from gateway.errors import NoData, ServerError, error_envelope
-from gateway.response import SERVER_NAME
+from gateway.core.envelope import CONTENT_TYPE, HEADERS
+from gateway.core.errors import NoData, ServerError, error_envelope
+from gateway.http.response import SERVER_NAME
 
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access")
 

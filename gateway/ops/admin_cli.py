@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.config import ANALYSIS_TYPES, Config, ConfigError, hash_key, load_config
-from gateway.keys import (
+from gateway.core.keys import (
     DEFAULT_GRACE,
     REVOKE_BOUND_S,
     KeyProblem,
@@ -35,9 +35,7 @@ from gateway.keys import (
     revoke_key,
     rotate_key,
 )
-from gateway.store import StoreUnavailable, open_store
-from gateway.store.base import CacheStats, KeyRecord, Store
-from gateway.usage import (
+from gateway.ops.usage import (
     PERIOD_FORMS,
     PeriodError,
     TeamLine,
@@ -54,6 +52,8 @@ from gateway.usage import (
     range_period,
     stats_dict,
 )
+from gateway.store import StoreUnavailable, open_store
+from gateway.store.base import CacheStats, KeyRecord, Store
 
 ADMIN_COMMANDS = frozenset({"usage", "cache", "keys", "reload"})
 T = TypeVar("T")
@@ -209,7 +209,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
-    """Run one operator command; ``ConfigError`` is left to ``gateway.cli`` (exit 2)."""
+    """Run one operator command; ``ConfigError`` is left to ``gateway.ops.cli`` (exit 2)."""
     name = f"gateway {args.command}"
     try:
         if args.command == "usage":

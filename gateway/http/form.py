@@ -44,14 +44,14 @@ from urllib.parse import parse_qsl, unquote, unquote_to_bytes
 
 import xxhash
 
-from gateway.errors import FileTooLarge, NoData
+from gateway.core.errors import FileTooLarge, NoData
 
 HEAD_BYTES = 16  # kept from the file's start for the magic-byte check
 MAX_PART_HEAD = 8 * 1024  # padding after a delimiter plus one part's header lines
 LENGTH_SLACK = 1024 * 1024  # what the rest of a body may add to a max-size file
 SPOOL_BATCH = 1024 * 1024  # spooled bytes are written off the event loop in batches this big
-# The fields the API reads (gateway.api, gateway.cache_key): one over max_field_bytes is refused,
-# any other text part that long is skipped.
+# The fields the API reads (gateway.http.api, gateway.core.cache_key): one over max_field_bytes is
+# refused, any other text part that long is skipped.
 USED_FIELDS = frozenset(
     {"apikey", "type", "max_labels", "min_confidence", "nsfw_min_confidence", "hash"}
 )

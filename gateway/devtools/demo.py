@@ -14,10 +14,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.sample_images import make_jpeg, make_png
-from gateway.sim import start_sim
+from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.devtools.sim import start_sim
+from gateway.http.app import create_app
 
 UPSTREAM_KEY = "demo-upstream-key"
 TEAMS = {"search": ("search-demo-key", 25), "ads": ("ads-demo-key", 4)}

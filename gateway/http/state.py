@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import Config, TeamConfig
-from gateway.deadlines import Deadlines
-from gateway.keys import KeyRing
-from gateway.metrics import Metrics
-from gateway.quota import QuotaLedger
-from gateway.ratelimit import RateLimiter
-from gateway.service import RecognitionService
+from gateway.core.keys import KeyRing
+from gateway.core.quota import QuotaLedger
+from gateway.core.ratelimit import RateLimiter
+from gateway.core.service import RecognitionService
+from gateway.http.deadlines import Deadlines
+from gateway.ops.metrics import Metrics
 from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
 
@@ -51,7 +51,7 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.teams_by_key_hash = {h: t for t in self.config.teams for h in t.key_hashes}
-        # Keys issued through the store (gateway.keys), after the config's in _authorize.
+        # Keys issued through the store (gateway.core.keys), after the config's in _authorize.
         self.keyring = KeyRing(self.store, self.ledger.clock)
         # What the process was started with: the socket, the store and the upstream client
         # keep it whatever later reloads say.

@@ -1,6 +1,6 @@
 """The recognition service: look up -> coalesce -> reserve quota -> forward -> store -> answer.
 
-It never imports ``aiohttp.web``: the HTTP handler (``gateway.api``) parses and validates,
+It never imports ``aiohttp.web``: the HTTP handler (``gateway.http.api``) parses and validates,
 then hands a ``Call`` here and renders the ``Answer``.
 """
 
@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import derive, failpoints
-from gateway.cache_key import cache_key, params_text
 from gateway.config import AUDIT_TEAM, Config, TeamConfig
-from gateway.envelope import data_object, data_prefix, success_body, success_json
-from gateway.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
-from gateway.form import UploadedFile
-from gateway.hot_cache import HotCache, UsageCache
-from gateway.metrics import Metrics
-from gateway.quota import QuotaLedger
+from gateway.core import derive, failpoints
+from gateway.core.cache_key import cache_key, params_text
+from gateway.core.envelope import data_object, data_prefix, success_body, success_json
+from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
+from gateway.core.hot_cache import HotCache, UsageCache
+from gateway.core.quota import QuotaLedger
+from gateway.http.form import UploadedFile
+from gateway.ops.metrics import Metrics
 from gateway.store.base import CachedResult, Hit, Reservation, Store, StoreUnavailable
 from gateway.upstream import UpstreamClient, was_billed
 

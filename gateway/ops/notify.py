@@ -1,7 +1,7 @@
 """Webhook notifications (``[notify]``): a team crossing a share of its quota, this process's
 upstream breaker opening or closing, the ledger drifting from the upstream's own count.
 
-Events are found by the background loop (``gateway.app``), never on the request path, and
+Events are found by the background loop (``gateway.http.app``), never on the request path, and
 queued (bounded: past ``max_queue`` the newest are dropped and logged); one task POSTs each
 to every webhook URL, with retries and backoff. A quota share and a drift are notified once
 per period (a day for the drift) across every replica on the store: whoever sets the store's
@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gateway.breaker import CLOSED
 from gateway.config import Config
-from gateway.quota import period_key
+from gateway.core.breaker import CLOSED
+from gateway.core.quota import period_key
 from gateway.store.base import Store, StoreUnavailable
 
 log = logging.getLogger("gateway.notify")

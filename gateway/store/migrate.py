@@ -18,9 +18,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gateway.config import load_config
-from gateway.owners import Owner, gone_locally, this_host
 from gateway.store import Store, open_store
 from gateway.store.base import Reclaimed
+from gateway.store.owners import Owner, gone_locally, this_host
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
 

@@ -2,7 +2,7 @@
 
 Every error the gateway answers uses the upstream's envelope:
 ``{"status": N, "status_message": "...", "data": null}``, and the HTTP status equals ``N``.
-One middleware (``gateway.app``) renders them; nothing else formats an error.
+One middleware (``gateway.http.app``) renders them; nothing else formats an error.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.config import Config, PricingConfig
-from gateway.derive import DERIVABLE, DERIVE_OFF_META
-from gateway.quota import period_key
+from gateway.core.derive import DERIVABLE, DERIVE_OFF_META
+from gateway.core.quota import period_key
 from gateway.store.base import CacheStats, Store
 
 TOTAL_LABEL = "(total)"  # not a valid team name, so it can't collide with one
@@ -396,7 +396,7 @@ async def cache_report(store: Store, config: Config, *, now: float) -> tuple[Cac
         store, config, parse_period("current", ledger=config.quota.period, now=now)
     )
     off = {}
-    for type_ in DERIVABLE:  # what the audit switched off, and why (gateway.service)
+    for type_ in DERIVABLE:  # what the audit switched off, and why (gateway.core.service)
         why = await store.get_meta(DERIVE_OFF_META + type_)
         if why:
             off[type_] = why

@@ -7,7 +7,7 @@ team's name and usage, so it wants a token too: the admin token or the read-only
 ask for it); with neither set it is refused (403) unless ``[admin] public_status = true``.
 Tokens are compared as sha256 digests in constant time and never logged or echoed. Handlers
 read the live config (``state.config``), which a reload replaces. ``/admin/keys`` issues,
-lists, rotates and revokes store-issued team keys (``gateway.keys``); a key's plaintext is in
+lists, rotates and revokes store-issued team keys (``gateway.core.keys``); a key's plaintext is in
 the one answer that creates it, and answers about keys are ``Cache-Control: no-store``.
 """
 
@@ -32,8 +32,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config import ANALYSIS_TYPES, ConfigError, Secret, load_config
-from gateway.errors import GatewayError, error_envelope
-from gateway.keys import (
+from gateway.core.errors import GatewayError, error_envelope
+from gateway.core.keys import (
     DEFAULT_GRACE,
     KeyProblem,
     UnknownKey,
@@ -43,9 +43,8 @@ from gateway.keys import (
     revoke_key,
     rotate_key,
 )
-from gateway.state import STATE, GatewayState
-from gateway.store.base import StoreUnavailable
-from gateway.usage import (
+from gateway.http.state import STATE, GatewayState
+from gateway.ops.usage import (
     PeriodError,
     UsageReport,
     cache_report,
@@ -60,6 +59,7 @@ from gateway.usage import (
     range_period,
     stats_dict,
 )
+from gateway.store.base import StoreUnavailable
 
 log = logging.getLogger("gateway.admin")
 
@@ -253,13 +253,15 @@ async def handle_reload(request: web.Request) -> web.Response:
                 f"{state.config.server.workers} workers",
             }
         )
-    from gateway.server import reload_config  # gateway.server imports gateway.app: not at the top
+    from gateway.ops.server import (  # gateway.ops.server imports gateway.http.app: not at the top
+        reload_config,
+    )
 
     ok, message = reload_config(request.app)
     return web.json_response({"ok": ok, "message": message}, status=200 if ok else 400)
 
 
-# -- team keys (gateway.keys) -----------------------------------------------------------------
+# -- team keys (gateway.core.keys) ------------------------------------------------------------
 async def handle_keys(request: web.Request) -> web.Response:
     state = _admin(request)
     team = request.query.get("team")

@@ -27,8 +27,8 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.config import Config, TeamConfig, hash_key
+from gateway.ops.usage import iso_utc
 from gateway.store.base import KeyRecord, Store, StoreUnavailable
-from gateway.usage import iso_utc
 
 log = logging.getLogger("gateway.keys")
 
@@ -172,7 +172,7 @@ async def rotate_key(
 
 
 class KeyRing:
-    """This process's view of the store-issued keys, for ``gateway.api._authorize``."""
+    """This process's view of the store-issued keys, for ``gateway.http.api._authorize``."""
 
     def __init__(self, store: Store, clock: Callable[[], float] = time.time):
         self.store = store

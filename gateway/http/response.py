@@ -34,7 +34,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict
 
-from gateway.envelope import BROWSER_CONTENT_TYPE, CONTENT_TYPE, HEADERS
+from gateway.core.envelope import BROWSER_CONTENT_TYPE, CONTENT_TYPE, HEADERS
 
 SERVER_NAME = "imagerecognize-gateway"
 

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
-from gateway.errors import Unavailable
+from gateway.core.errors import Unavailable
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half-open"}

@@ -1,6 +1,6 @@
 """``gateway serve``: load config, run until SIGTERM/SIGINT, drain, exit; SIGHUP reloads.
 
-One process, or with ``server.workers > 1`` a supervisor (``gateway.supervisor``) and its
+One process, or with ``server.workers > 1`` a supervisor (``gateway.ops.supervisor``) and its
 workers; either way each serving process runs ``run_worker``.
 """
 
@@ -18,13 +18,13 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 
-from gateway.app import create_app
 from gateway.config import Config, ConfigError, load_config
-from gateway.event_loop import use_event_loop
-from gateway.http_errors import EnvelopeAppRunner, redact_aiohttp_logs
-from gateway.logs import flush_access_log, setup_logging, start_access_log
-from gateway.occupancy import orphaned_workers, port_holders, store_id
-from gateway.state import STATE
+from gateway.http.app import create_app
+from gateway.http.http_errors import EnvelopeAppRunner, redact_aiohttp_logs
+from gateway.http.state import STATE
+from gateway.ops.event_loop import use_event_loop
+from gateway.ops.logs import flush_access_log, setup_logging, start_access_log
+from gateway.ops.occupancy import orphaned_workers, port_holders, store_id
 
 log = logging.getLogger("gateway")
 
@@ -110,7 +110,7 @@ def serve(
     )
     refuse_if_occupied(config, options)
     if config.server.workers > 1:
-        from gateway.supervisor import supervise
+        from gateway.ops.supervisor import supervise
 
         return supervise(options, config)
     run_worker(options, reuse_port=False)
@@ -174,7 +174,7 @@ def run_worker(
     async def install_handlers(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, Reloads(app).request)
-        # A worker starts with SIGHUP blocked (see gateway.supervisor): pending ones now reload.
+        # A worker starts with SIGHUP blocked (see gateway.ops.supervisor): pending ones now reload.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         # Replaces aiohttp's SIGTERM handler: mark the gateway draining first (/readyz 503,
         # new API requests 503) while still listening for server.drain_grace_s, so a load

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from gateway.config import Config, TeamConfig
-from gateway.errors import QuotaReached
-from gateway.owners import Liveness, Owner, this_process
+from gateway.core.errors import QuotaReached
 from gateway.store.base import Reclaimed, Reservation, Store
+from gateway.store.owners import Liveness, Owner, this_process
 
 Clock = Callable[[], float]
 
@@ -77,7 +77,7 @@ class QuotaLedger:
     async def reclaim(self) -> Reclaimed:
         """End the pending reservations of owner processes that are gone: refund those never
         sent, keep the charge of those sent (billed, undelivered). A live owner's are never
-        touched, however old (``gateway.owners``)."""
+        touched, however old (``gateway.store.owners``)."""
         refunded = undelivered = 0
         for owner in await self.store.pending_owners():
             if self.liveness.gone(owner):

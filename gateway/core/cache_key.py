@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from gateway.errors import InvalidParameter
+from gateway.core.errors import InvalidParameter
 
 # (name, minimum, maximum) per type, in canonical order. Every listed parameter is required,
 # as in the seed document's table.
@@ -57,7 +57,7 @@ def _parse(type_: str, raw_values: tuple[str | None, ...]) -> Params:
 
 
 def _range_text(low: int, high: int) -> str:
-    # The simulator's wording (gateway/sim.py), after the seed's table: "int > 0",
+    # The simulator's wording (gateway/devtools/sim.py), after the seed's table: "int > 0",
     # "0 <= int <= 100". A missing parameter gets the same message, as upstream.
     if high == 2**31 - 1:
         return f"must be an integer > {low - 1}"

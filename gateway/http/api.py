@@ -14,11 +14,10 @@ import time
 
 from aiohttp import StreamReader, web
 
-from gateway.cache_key import TYPE_PARAMS, analysis_params
 from gateway.config import ServerConfig, TeamConfig
-from gateway.deadlines import Deadlines
-from gateway.envelope import HEADERS, content_type_for
-from gateway.errors import (
+from gateway.core.cache_key import TYPE_PARAMS, analysis_params
+from gateway.core.envelope import HEADERS, content_type_for
+from gateway.core.errors import (
     GatewayError,
     InvalidFile,
     InvalidFormat,
@@ -30,11 +29,12 @@ from gateway.errors import (
     RequestTimeout,
     Unavailable,
 )
-from gateway.form import Form, UploadedFile, parse_query, read_form
-from gateway.logs import log_access
-from gateway.response import EnvelopeResponse
-from gateway.service import Answer, Call, Directives, NotCached
-from gateway.state import STATE, GatewayState
+from gateway.core.service import Answer, Call, Directives, NotCached
+from gateway.http.deadlines import Deadlines
+from gateway.http.form import Form, UploadedFile, parse_query, read_form
+from gateway.http.response import EnvelopeResponse
+from gateway.http.state import STATE, GatewayState
+from gateway.ops.logs import log_access
 from gateway.store.base import StoreUnavailable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@
 
 What a team can see without an operator: its quota this period (limit, used, remaining, when
 it resets), its spend and savings in money (``[pricing]``), its hit ratio, its requests refused
-since the gateway started, its own limits, and its store-issued keys (``gateway.keys``: label,
+since the gateway started, its own limits, and its store-issued keys (``gateway.core.keys``: label,
 state, created, expires, last use and uses; never a hash). Nothing of another team. The key is
 the one it calls ``/api/v2/`` with, as ``Authorization: Bearer <key>`` (preferred: a query
 string ends up in proxies' logs) or ``?apikey=<key>``; it is checked by the API's own rule, so
@@ -19,15 +19,15 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api import REQUEST_ID, _authorize
 from gateway.config import TeamConfig
-from gateway.errors import GatewayError, KeyInvalid
-from gateway.form import Form
-from gateway.keys import config_key_counts, key_dict
-from gateway.logs import log_access
-from gateway.quota import QuotaLedger
-from gateway.state import STATE, GatewayState
-from gateway.usage import Period, TeamLine, UsageReport, iso_utc, period_resets_at
+from gateway.core.errors import GatewayError, KeyInvalid
+from gateway.core.keys import config_key_counts, key_dict
+from gateway.core.quota import QuotaLedger
+from gateway.http.api import REQUEST_ID, _authorize
+from gateway.http.form import Form
+from gateway.http.state import STATE, GatewayState
+from gateway.ops.logs import log_access
+from gateway.ops.usage import Period, TeamLine, UsageReport, iso_utc, period_resets_at
 
 REFUSALS = ("402", "429")  # quota used up, rate limited
 

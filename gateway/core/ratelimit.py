@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import xxhash
 
 from gateway.config import TeamConfig
-from gateway.errors import RateLimited
+from gateway.core.errors import RateLimited
 from gateway.store.base import Store
 
 log = logging.getLogger("gateway")

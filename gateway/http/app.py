@@ -15,23 +15,23 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway.admin import add_admin_routes
-from gateway.api import REQUEST_ID, handle_api, request_id, respond
 from gateway.config import Config
-from gateway.cors import cors_middleware
-from gateway.errors import GatewayError, ServerError, Unavailable, error_envelope
-from gateway.metrics import Metrics
-from gateway.notify import Notifier
-from gateway.owners import BEAT_INTERVAL_S
-from gateway.quota import Clock, QuotaLedger
-from gateway.ratelimit import RateLimiter
-from gateway.response import EnvelopeResponse, name_the_server
-from gateway.scrape import MetricsPage
-from gateway.service import RecognitionService
-from gateway.state import STATE, GatewayState
+from gateway.core.errors import GatewayError, ServerError, Unavailable, error_envelope
+from gateway.core.quota import Clock, QuotaLedger
+from gateway.core.ratelimit import RateLimiter
+from gateway.core.service import RecognitionService
+from gateway.http.admin import add_admin_routes
+from gateway.http.api import REQUEST_ID, handle_api, request_id, respond
+from gateway.http.cors import cors_middleware
+from gateway.http.response import EnvelopeResponse, name_the_server
+from gateway.http.state import STATE, GatewayState
+from gateway.http.team_status import handle_team
+from gateway.ops.metrics import Metrics
+from gateway.ops.notify import Notifier
+from gateway.ops.scrape import MetricsPage
 from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import Reclaimed, Store
-from gateway.team_status import handle_team
+from gateway.store.owners import BEAT_INTERVAL_S
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -141,14 +141,14 @@ def create_app(
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
-    app.router.add_get("/team", handle_team)  # a team's own figures (gateway.team_status)
+    app.router.add_get("/team", handle_team)  # a team's own figures (gateway.http.team_status)
     add_admin_routes(app)
     return app
 
 
 async def _start_draining(app: web.Application) -> None:
     # aiohttp has stopped listening; in-flight requests now get drain_timeout_s to finish.
-    app[STATE].draining = True  # gateway.server says so in the log, if it was listening
+    app[STATE].draining = True  # gateway.ops.server says so in the log, if it was listening
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -167,7 +167,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Store-issued team keys (gateway.keys): read before the first request, re-read every
+    """Store-issued team keys (gateway.core.keys): read before the first request, re-read every
     second; closed after the last request, with its uses written."""
     keyring = app[STATE].keyring
     await keyring.start()

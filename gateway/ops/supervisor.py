@@ -2,7 +2,7 @@
 
 Quotas stay exact because reservations are atomic in the store. Metrics are whole across
 workers through prometheus-client's multiprocess mode, set up here before any worker imports it;
-rate limits through a table of buckets every worker maps (``gateway.ratelimit``), in the same
+rate limits through a table of buckets every worker maps (``gateway.core.ratelimit``), in the same
 folder.
 
 - A worker dies with its supervisor: on Linux the kernel sends it SIGTERM when the supervisor
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError
-from gateway.occupancy import STORE_ID, WORKER_OF, store_id
-from gateway.ratelimit import SHARED_BUCKETS_ENV
-from gateway.server import Options
+from gateway.core.ratelimit import SHARED_BUCKETS_ENV
+from gateway.ops.occupancy import STORE_ID, WORKER_OF, store_id
+from gateway.ops.server import Options
 from gateway.store.base import StoreUnavailable
 
 log = logging.getLogger("gateway")
@@ -180,8 +180,8 @@ def worker_main(options: Options, report: Connection) -> None:
     if os.getppid() != supervisor:  # it died before the line above
         _leave_metrics_dir()
         return
-    from gateway.logs import setup_logging
-    from gateway.server import begin_drain, run_worker
+    from gateway.ops.logs import setup_logging
+    from gateway.ops.server import begin_drain, run_worker
 
     setup_logging(options.log_format, options.log_level)
     ready = False

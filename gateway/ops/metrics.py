@@ -22,11 +22,11 @@ from prometheus_client import (
 )
 
 from gateway.config import ANALYSIS_TYPES, Config
-from gateway.logs import access_lines_dropped
-from gateway.scrape import TeamGauges
+from gateway.ops.logs import access_lines_dropped
+from gateway.ops.scrape import TeamGauges
 
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "derived", "none")
-DERIVED_TYPES = ("objects", "nsfw")  # the types with a threshold (gateway.derive)
+DERIVED_TYPES = ("objects", "nsfw")  # the types with a threshold (gateway.core.derive)
 ALL_TYPES = (*ANALYSIS_TYPES, "cache")
 # `_created` series double the series count and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway import __version__
-from gateway.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from gateway.config import ConfigError, hash_key, load_config
+from gateway.ops.admin_cli import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from gateway.store.base import StoreUnavailable
 
 
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Until the running gateway installs its reload handler, a SIGHUP (an operator's
             # reload, or a supervisor's) must not kill a gateway that is still starting.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            from gateway.server import serve
+            from gateway.ops.server import serve
 
             return serve(
                 args.config,
@@ -172,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         if args.command == "check-store":
-            from gateway.check_store import check_store
+            from gateway.store.check import check_store
 
             return check_store(load_config(args.config, require_api_key=False), repair=args.repair)
         if args.command == "migrate-store":
-            from gateway.migrate import run_migrate
+            from gateway.store.migrate import run_migrate
 
             return run_migrate(args.source, args.dest, wait_s=args.wait_s)
         if args.command == "hash-key":
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(hash_key(key))
             return 0
         if args.command == "sim":
-            from gateway.sim import serve_sim
+            from gateway.devtools.sim import serve_sim
 
             serve_sim(
                 host=args.host,
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         if args.command == "demo":
-            from gateway.demo import run_demo
+            from gateway.devtools.demo import run_demo
 
             return run_demo(requests_per_team=args.requests, images=args.images)
     except ConfigError as exc:

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.cache_key import Params
-from gateway.envelope import data_prefix
+from gateway.core.cache_key import Params
+from gateway.core.envelope import data_prefix
 
 # type -> (its threshold parameter, its label cap parameter or None)
 DERIVABLE: dict[str, tuple[str, str | None]] = {
@@ -28,7 +28,7 @@ DERIVABLE: dict[str, tuple[str, str | None]] = {
     "nsfw": ("nsfw_min_confidence", None),
 }
 # Meta row name (+ type) holding why the audit switched derived hits off for that type: written
-# by gateway.service, read by every replica and by `gateway cache stats`.
+# by gateway.core.service, read by every replica and by `gateway cache stats`.
 DERIVE_OFF_META = "derive_off:"
 
 
@@ -104,7 +104,7 @@ def usable(type_: str, stored: Stored, asked: Mapping[str, int]) -> bool:
 
 
 def derive(type_: str, stored: Stored, asked: Mapping[str, int]) -> bytes:
-    """The data prefix (``gateway.envelope``) of the answer to ``asked``; ``usable`` first."""
+    """The data prefix (``gateway.core.envelope``) of the answer to ``asked``; ``usable`` first."""
     threshold, cap = DERIVABLE[type_]
     c = asked[threshold]
     kept = [o for o, conf in zip(stored.objects, stored.confidences, strict=True) if conf >= c]

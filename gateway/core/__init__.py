@@ -1,0 +1,1 @@
+"""Recognition core: service, key, quota, limits; imports upstream, store, config; no aiohttp."""

@@ -1,0 +1,1 @@
+"""Dev tools: simulator, demo, sample images; may import any layer, none imports them."""

@@ -1,0 +1,1 @@
+"""HTTP layer: aiohttp app, handlers, admin; imports core, upstream, store, config."""

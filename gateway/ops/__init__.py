@@ -1,0 +1,1 @@
+"""Operations: CLI, server, supervisor, logs, metrics, usage; imports every layer below."""
