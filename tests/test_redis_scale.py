@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.config import Config
-from gateway.sample_images import make_png
+from gateway.devtools.sample_images import make_png
 from gateway.store import StoreUnavailable
 from gateway.store.redis import RedisStore
 from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, free_port, make_config
@@ -100,8 +100,10 @@ async def post(session: aiohttp.ClientSession, url: str, seed: int) -> int:
 
 
 async def test_a_thousand_concurrent_misses_on_one_replica_get_no_503_from_the_store(
-        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path,
-        private_redis: RedisProcess) -> None:
+        private_redis: RedisProcess, gateway_factory: GatewayFactory, sim: Sim,
+        tmp_path: Path) -> None:
+    # private_redis first: set up first, torn down last, after the gateway has closed its
+    # connections (the other way round, Redis died under an open pool).
     config = redis_config(sim, tmp_path, private_redis.url, server={"max_inflight": 2048},
                           upstream={"max_concurrency": 256, "max_queue": 2048})
     gw = await gateway_factory(config)
@@ -116,8 +118,10 @@ async def test_a_thousand_concurrent_misses_on_one_replica_get_no_503_from_the_s
 
 
 async def test_a_redis_restart_costs_at_most_the_requests_in_flight(
-        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path,
-        private_redis: RedisProcess) -> None:
+        private_redis: RedisProcess, gateway_factory: GatewayFactory, sim: Sim,
+        tmp_path: Path) -> None:
+    # private_redis first: set up first, torn down last, after the gateway has closed its
+    # connections (the other way round, Redis died under an open pool).
     gw = await gateway_factory(redis_config(sim, tmp_path, private_redis.url))
     async with aiohttp.ClientSession() as session:
         assert set(await asyncio.gather(*(post(session, gw.url, i) for i in range(40)))) == {200}
