@@ -1,4 +1,4 @@
-"""Prometheus metrics (names and labels are a contract: DESIGN.md §4).
+"""Prometheus metrics (names and labels are a contract: docs/observability.md, "Metrics").
 
 Created against an injected ``CollectorRegistry`` so each test gets a fresh one. Label values
 stay bounded: teams come from config, types from the API's fixed list.
