@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import subprocess
 from pathlib import Path
 from types import ModuleType
 
@@ -106,3 +107,19 @@ def test_readme_layout_links_the_map() -> None:
 def test_a_name_that_does_not_exist_is_caught(name: str) -> None:
     with pytest.raises(LookupError):
         resolve(name)
+
+
+def test_the_repository_cites_no_file_outside_it() -> None:
+    """A fresh clone has nothing beside it: no file names the design notes it grew from."""
+    outside = re.compile(r"\.\./shared|DESIGN\.md|STYLE\.md")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    found = []
+    for name in tracked:
+        if name == "tests/test_docs.py" or not name.endswith((".py", ".md", ".toml", ".yaml",
+                                                             ".yml", ".txt", ".sh", "run")):
+            continue
+        for n, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1):
+            if outside.search(line):
+                found.append(f"{name}:{n}: {line.strip()[:80]}")
+    assert not found, "\n".join(found)
