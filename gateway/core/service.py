@@ -12,9 +12,10 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.config import AUDIT_TEAM, Config, TeamConfig
 from gateway.core import derive, failpoints
@@ -28,6 +29,7 @@ from gateway.ops.metrics import Metrics
 from gateway.store.base import CachedResult, Hit, Reservation, Store, StoreUnavailable
 from gateway.upstream import UpstreamClient, was_billed
 
+T = TypeVar("T")
 log = logging.getLogger("gateway.service")
 
 CACHE_NAME = "imagerecognize-gateway"
@@ -293,9 +295,7 @@ class RecognitionService:
             return  # a spooled upload is gone once the request ends: audit a smaller one
         copy = dataclasses.replace(file, data=bytes(file.data))
         audit = Call(AUDIT_LINE, call.type, call.params, copy)
-        task = asyncio.create_task(self._audit(audit, key, scope, derived))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._audit(audit, key, scope, derived))
 
     async def _audit(self, call: Call, key: str, scope: str, derived: bytes) -> None:
         if call.type in self.derive_off or self.upstream.breaker.is_open():
@@ -457,9 +457,7 @@ class RecognitionService:
         token, flight.token = flight.token, None
         if token is None:
             return
-        task = asyncio.create_task(self._release_lock(key, token))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._release_lock(key, token))
 
     async def _release_lock(self, key: str, token: str) -> None:
         try:
@@ -556,11 +554,7 @@ class RecognitionService:
         derived from its result."""
         # The upstream call runs as its own task: a client hanging up must not cancel it for
         # the followers, nor lose a result that was paid for.
-        task = asyncio.create_task(
-            self._fetch(sent or call, key, scope, reservation, flight, store=store)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._spawn(self._fetch(sent or call, key, scope, reservation, flight, store=store))
         result, upstream_s = await asyncio.shield(task)
         prefix = self._answer_from(result, call) if sent is not None else result.data_prefix
         if prefix is None:
@@ -789,6 +783,14 @@ class RecognitionService:
         except (StoreUnavailable, ValueError):
             return
         self.metrics.ledger_drift.set((base_remaining - remaining) - (charged - base_charged))
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task of ours that outlives its request: kept referenced until done, and
+        awaited by ``drain`` at shutdown."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for upstream calls already running (they were paid for), then flush."""
