@@ -62,6 +62,15 @@ async def post(session: aiohttp.ClientSession, url: str, image: bytes) -> tuple[
         return r.status, r.headers.get("Cache-Status", "")
 
 
+async def upstream_reached(sim: Sim, calls: int) -> None:
+    """Wait until the simulator has received ``calls`` calls (at most 10 s)."""
+    for _ in range(500):
+        if sim.state.calls >= calls:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the upstream got {sim.state.calls} calls, not {calls}")
+
+
 async def test_30_identical_misses_over_two_replicas_make_one_upstream_call(
         gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, prefix: str) -> None:
     config = replica_config(sim, tmp_path, prefix)
@@ -140,10 +149,7 @@ async def test_a_call_slower_than_the_lock_keeps_its_lock_and_its_followers(
     image = make_png(9191)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         first = asyncio.create_task(post(session, a.url, image))
-        for _ in range(500):
-            if sim.state.calls == 1:
-                break
-            await asyncio.sleep(0.02)
+        await upstream_reached(sim, 1)
         await asyncio.sleep(1.8)  # past the lock's own 1 s: alive only because it is renewed
         assert [k async for k in redis_client.scan_iter(match=prefix + "fl:*")]
         second = await post(session, b.url, image)
@@ -163,10 +169,7 @@ async def test_a_follower_on_another_replica_waits_at_most_coalesce_wait_s(
     image = make_png(9292)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         first = asyncio.create_task(post(session, leader.url, image))
-        for _ in range(500):
-            if sim.state.calls == 1:
-                break
-            await asyncio.sleep(0.02)
+        await upstream_reached(sim, 1)
         sim.state.latency_ms = 0
         started = asyncio.get_running_loop().time()
         with caplog.at_level(logging.WARNING, logger="gateway.service"):
