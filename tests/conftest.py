@@ -41,9 +41,10 @@ KILLS_REDIS = {"test_redis_scale", "test_store_faults", "test_compose_sentinel"}
 # What such a kill leaves: redis-py drops the connections whose server is gone unclosed, and
 # their ResourceWarnings come whenever the last reference goes, often inside a gateway's
 # teardown. Expected in those files' tests, through all of setup, call and teardown (a filter
-# around one gc.collect() missed the ones a teardown freed: a CI run failed on four).
+# around one gc.collect() missed the asyncio transports a teardown freed: a CI run failed on
+# four).
 _KILLED_REDIS_LEFTOVERS = pytest.mark.filterwarnings(
-    r"ignore:unclosed (<socket|Connection)|loop is closed:ResourceWarning")
+    r"ignore:unclosed (<socket|Connection|transport)|loop is closed:ResourceWarning")
 
 
 def _kills_redis(item: pytest.Item) -> bool:
