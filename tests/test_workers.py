@@ -190,7 +190,7 @@ def test_workers_that_cannot_reach_redis_back_off_and_give_up_in_one_line(
     retries = [line for line in lines if "failed to start" in line and "starting another" in line]
     delays = sorted({line.rsplit(" in ", 1)[1] for line in retries})
     assert delays == ["0.5 s", "1 s", "2 s"]  # exponential, per worker
-    assert len(retries) == 6 and len(lines) == 8
+    assert len(retries) == 6 and len(lines) == 8, lines
 
 
 async def test_sighups_while_workers_start_kill_none_of_them(

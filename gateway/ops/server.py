@@ -213,7 +213,8 @@ def run_worker(
         app, access_log=None, shutdown_timeout=config.server.drain_timeout_s, handle_signals=True
     )
     _run(_serve(runner, options, reuse_port, listening))
-    log.info("gateway stopped (pid %d)", os.getpid())
+    if bound:  # a worker stopped while still starting never served: nothing stopped
+        log.info("gateway stopped (pid %d)", os.getpid())
 
 
 async def _serve(
