@@ -356,11 +356,11 @@ async def test_usage_endpoint_json_and_csv(
     assert f'filename="gateway-usage-{month}.csv"' in r.headers["Content-Disposition"]
     assert text.splitlines() == [
         "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered,"
-        "spend,savings,currency",
-        f"{month},search,2,1000,998,3,0,3,0,0.004000,0.006000,EUR",
-        f"{month},ads,1,1000,999,1,2,3,0,0.002000,0.006000,EUR",
-        f"{month},tiny,3,3,0,1,0,1,0,0.006000,0.002000,EUR",
-        f"{month},(total),6,2003,1997,5,2,7,0,0.012000,0.014000,EUR",
+        "spend,savings,currency,derived_hits",
+        f"{month},search,2,1000,998,3,0,3,0,0.004000,0.006000,EUR,0",
+        f"{month},ads,1,1000,999,1,2,3,0,0.002000,0.006000,EUR,0",
+        f"{month},tiny,3,3,0,1,0,1,0,0.006000,0.002000,EUR,0",
+        f"{month},(total),6,2003,1997,5,2,7,0,0.012000,0.014000,EUR,0",
     ]
     rows = {t["team"]: t for t in [*report["teams"], report["total"]]}
     assert {name: (t["spend"], t["savings"]) for name, t in rows.items()} == MONEY
@@ -585,7 +585,8 @@ def test_quota_reset_times(period: str, now: str, resets: str | None) -> None:
 
 def test_the_status_page_escapes_team_names() -> None:
     team = {"team": "<img src=x onerror=alert(1)>", "charged": 1, "quota": 2, "remaining": 1,
-            "cache_hits": 0, "coalesced": 0, "calls_saved": 0, "hit_ratio": None,
+            "cache_hits": 0, "derived_hits": 0, "coalesced": 0, "calls_saved": 0,
+            "hit_ratio": None,
             "spend": 0.0, "savings": 0.0}
     page = render_status({
         "generated_at": "2026-11-24T00:00:00Z", "period": "2026-11", "quota_period": "month",

@@ -80,11 +80,11 @@ async def test_usage_table_csv_and_json_for_a_known_workload(
     assert (out.returncode, out.stderr) == (0, "")
     assert out.stdout.splitlines() == [
         "period,team,charged,quota,remaining,cache_hits,coalesced,calls_saved,undelivered,"
-        "spend,savings,currency",
-        f"{month},search,2,1000,998,3,0,3,0,0.004000,0.006000,EUR",
-        f"{month},ads,1,1000,999,1,2,3,0,0.002000,0.006000,EUR",
-        f"{month},tiny,3,3,0,1,0,1,0,0.006000,0.002000,EUR",
-        f"{month},(total),6,2003,1997,5,2,7,0,0.012000,0.014000,EUR",
+        "spend,savings,currency,derived_hits",
+        f"{month},search,2,1000,998,3,0,3,0,0.004000,0.006000,EUR,0",
+        f"{month},ads,1,1000,999,1,2,3,0,0.002000,0.006000,EUR,0",
+        f"{month},tiny,3,3,0,1,0,1,0,0.006000,0.002000,EUR,0",
+        f"{month},(total),6,2003,1997,5,2,7,0,0.012000,0.014000,EUR,0",
     ]
 
     out = await acli("usage", "--config", config, "--format", "json", "--period", month)
@@ -103,14 +103,14 @@ async def test_usage_table_csv_and_json_for_a_known_workload(
     lines = out.stdout.splitlines()
     assert lines[0] == f"Usage for {month} (quota per month)"
     assert lines[1].split() == ["team", "charged", "quota", "remaining", "cache", "hits",
-                                "coalesced", "calls", "saved", "undelivered", "spend", "EUR",
+                                "derived", "coalesced", "calls", "saved", "undelivered", "spend", "EUR",
                                 "savings", "EUR"]
     table = [line for line in lines[2:] if not set(line) <= {"-"} and not line.startswith("note")]
     assert [line.split() for line in table] == [
-        ["search", "2", "1000", "998", "3", "0", "3", "0", "0.004", "0.006"],
-        ["ads", "1", "1000", "999", "1", "2", "3", "0", "0.002", "0.006"],
-        ["tiny", "3", "3", "0", "1", "0", "1", "0", "0.006", "0.002"],
-        ["(total)", "6", "2003", "1997", "5", "2", "7", "0", "0.012", "0.014"],
+        ["search", "2", "1000", "998", "3", "0", "0", "3", "0", "0.004", "0.006"],
+        ["ads", "1", "1000", "999", "1", "0", "2", "3", "0", "0.002", "0.006"],
+        ["tiny", "3", "3", "0", "1", "0", "0", "1", "0", "0.006", "0.002"],
+        ["(total)", "6", "2003", "1997", "5", "0", "2", "7", "0", "0.012", "0.014"],
     ]
     # aligned: every column ends where its heading ends
     ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", lines[1])]

@@ -195,10 +195,10 @@ async def test_status_page_in_browser(
     assert refresh == "10"
     # charged, hit ratio, calls saved, refused (402/429) since start
     # 1 charged, 2 hits; spend and savings (no [pricing] here: 0.00); refusals
-    assert rows["search"] == "search 1 / 1000 used, 999 left 66.7% 2 0.00 USD 0.00 USD 0"
-    assert rows["ads"] == "ads 0 / 1000 used, 1000 left - 0 0.00 USD 0.00 USD 0"
-    assert rows["tiny"] == "tiny 3 / 3 used, 0 left 0.0% 0 0.00 USD 0.00 USD 0"
-    assert rows[""] == "all teams 4 / 2003 used 33.3% 2 0.00 USD 0.00 USD"
+    assert rows["search"] == "search 1 / 1000 used, 999 left 66.7% 2 0 0.00 USD 0.00 USD 0"
+    assert rows["ads"] == "ads 0 / 1000 used, 1000 left - 0 0 0.00 USD 0.00 USD 0"
+    assert rows["tiny"] == "tiny 3 / 3 used, 0 left 0.0% 0 0 0.00 USD 0.00 USD 0"
+    assert rows[""] == "all teams 4 / 2003 used 33.3% 2 0 0.00 USD 0.00 USD"
     assert "entries 4 " in cache
     account_left = gw.state.metrics.registry.get_sample_value("gateway_upstream_quota_remaining")
     assert f"account quota remaining {int(account_left or -1)} " in upstream
@@ -210,5 +210,5 @@ async def test_status_page_in_browser(
     page = await login.new_page()
     response = await page.goto(f"{gw.base}/status")
     assert response is not None and response.status == 200
-    assert await _text(page, 'tr[data-team="tiny"]') == "tiny 3 / 3 used, 0 left 0.0% 0 0.00 USD 0.00 USD 0"
+    assert await _text(page, 'tr[data-team="tiny"]') == "tiny 3 / 3 used, 0 left 0.0% 0 0 0.00 USD 0.00 USD 0"
     await login.close()

@@ -32,6 +32,7 @@ from gateway.http.state import STATE, GatewayState
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,
+    Gateway,
     GatewayFactory,
     Sim,
     free_port,
@@ -250,6 +251,105 @@ async def test_a_derived_hit_is_free_and_counted_as_derived(
     assert 'gateway_upstream_calls_saved_total{team="ads",type="objects"} 1.0' in text
 
 
+def storage_for(backend: str) -> dict[str, Any]:
+    """``[storage]`` for a test's gateway: the default SQLite file, or a fresh Redis prefix."""
+    if backend == "sqlite":
+        return {}
+    return {"backend": "redis", "redis_url": REDIS_URL,
+            "redis_prefix": f"derive:{uuid.uuid4().hex}:"}
+
+
+async def forget(storage: dict[str, Any]) -> None:
+    if storage:
+        r = aioredis.from_url(REDIS_URL)
+        async for k in r.scan_iter(match=storage["redis_prefix"] + "*"):
+            await r.delete(k)
+        await r.aclose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_derived_hits_are_counted_apart_in_usage_the_status_page_and_the_team_view(
+        gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path, backend: str) -> None:
+    """The payer sees what derivation saved: ``gateway usage`` (CSV and JSON), the status page
+    and a team's own /team count derived hits in their own column, within cache hits."""
+    storage = storage_for(backend)
+    gw = await gateway_factory(storage=storage, admin={"public_status": True})
+    try:
+        async with aiohttp.ClientSession() as session:
+            loose, strict = Ask(1, "objects", 40, 10), Ask(1, "objects", 85, 2)
+            assert (await ask(session, gw.url, loose))[0] == MISS  # search pays
+            assert (await ask(session, gw.url, loose))[0].startswith(
+                "imagerecognize-gateway; hit; ttl=")  # search's exact hit
+            for _ in range(2):
+                assert (await ask(session, gw.url, strict, key=ADS))[0] == DERIVED
+            async with session.get(f"{gw.base}/status.json") as r:
+                status = await r.json()
+            async with session.get(f"{gw.base}/status") as r:
+                page = await r.text()
+            async with session.get(f"{gw.base}/team", params={"apikey": ADS}) as r:
+                own = await r.json()
+        assert sim.state.calls == 1
+        teams = {t["team"]: t for t in status["teams"]}
+        assert [(teams[t]["cache_hits"], teams[t]["derived_hits"], teams[t]["calls_saved"])
+                for t in ("search", "ads")] == [(1, 0, 1), (2, 2, 2)]
+        assert status["total"]["derived_hits"] == 2
+        assert own["calls"]["derived_hits"] == 2 and own["calls"]["cache_hits"] == 2
+        head = re.findall(r"<th>([^<]*)</th>", page.partition('<table id="teams">')[2])
+        column = head.index("of them derived") - 1  # the team's name is a <th> in each row
+        row = re.search(r'<tr data-team="ads">.*?</tr>', page, re.S)
+        assert row is not None
+        assert re.findall(r'<td[^>]*>(?:<div.*?</div>)?(.*?)</td>', row[0], re.S)[column] == "2"
+
+        config = write_config(tmp_path / "config.toml", sim_url=sim.url,
+                              db=tmp_path / "gateway.db", port=free_port(),
+                              teams={"search": (SEARCH, 1000), "ads": (ADS, 1000)})
+        if storage:
+            config.write_text(config.read_text().replace(
+                'backend = "sqlite"', f'backend = "redis"\nredis_url = "{REDIS_URL}"\n'
+                f'redis_prefix = "{storage["redis_prefix"]}"'))
+        out = await asyncio.to_thread(
+            subprocess.run, [*gateway_command(), "usage", "--config", str(config),
+                             "--format", "csv"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        header, *rows = [line.split(",") for line in out.stdout.splitlines()]
+        csv = {r[header.index("team")]: dict(zip(header, r, strict=True)) for r in rows}
+        assert [(csv[t]["cache_hits"], csv[t]["derived_hits"])
+                for t in ("search", "ads", "(total)")] == [("1", "0"), ("2", "2"), ("3", "2")]
+    finally:
+        await forget(storage)
+
+
+def test_an_older_ledger_file_gains_the_derived_column_and_keeps_its_counts(
+        tmp_path: Path) -> None:
+    """A ledger written before derived hits were counted apart opens, keeps every count, and
+    reads 0 derived until some are recorded."""
+    import sqlite3
+
+    from gateway.store.base import Hit
+    from gateway.store.sqlite import LEDGER_MIGRATIONS, LEDGER_PROBE, SQLiteStore, prepare_file
+
+    path = str(tmp_path / "gateway.db")
+    prepare_file(path, LEDGER_MIGRATIONS[:-1], LEDGER_PROBE)
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO quota_usage (team, period, used, hits, coalesced) "
+                     "VALUES ('search', '2026-12', 4, 7, 2)")
+
+    async def check() -> list[tuple[int, int, int, int]]:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            before = [(u.charged, u.hits, u.coalesced, u.derived)
+                      for u in await store.usage("2026-12")]
+            await store.record_hits([Hit("k", "search", "2026-12", 0.0, derived=True)])
+            after = [(u.charged, u.hits, u.coalesced, u.derived)
+                     for u in await store.usage("2026-12")]
+            return before + after
+        finally:
+            await store.close()
+
+    assert asyncio.run(check()) == [(4, 7, 2, 0), (4, 8, 2, 1)]
+
+
 async def test_derive_false_keeps_exact_keys(gateway_factory: GatewayFactory, sim: Sim) -> None:
     gw = await gateway_factory(cache={"derive": False})
     async with aiohttp.ClientSession() as session:
@@ -294,9 +394,18 @@ async def test_an_only_if_cached_miss_is_not_counted_as_an_upstream_failure(
 
 
 # -- the audit --------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_the_audit_checks_derived_answers_on_the_audit_line(
-        gateway_factory: GatewayFactory, sim: Sim) -> None:
-    gw = await gateway_factory(cache={"audit_rate": 1.0})
+        gateway_factory: GatewayFactory, sim: Sim, backend: str) -> None:
+    storage = storage_for(backend)
+    try:
+        await audited_on_the_audit_line(await gateway_factory(
+            cache={"audit_rate": 1.0}, storage=storage), sim)
+    finally:
+        await forget(storage)
+
+
+async def audited_on_the_audit_line(gw: Gateway, sim: Sim) -> None:
     async with aiohttp.ClientSession() as session:
         await ask(session, gw.url, Ask(0, "objects", 50, 10))
         assert (await ask(session, gw.url, Ask(0, "objects", 80, 3)))[0] == DERIVED

@@ -73,6 +73,7 @@ async def populate(store: Store) -> None:
         refunded = await store.reserve("tiny", period, 100, at=now)
         assert refunded is not None and await store.refund(refunded)
         await store.record_hits([Hit("k0", "search", period, now)] * (3 + n)
+                                + [Hit("k0", "search", period, now, derived=True)] * (n + 2)
                                 + [Hit("k1", "ads", period, now, coalesced=True)] * (n + 1))
     for i in range(7):
         await store.save_result(CachedResult(
@@ -115,6 +116,7 @@ async def test_a_populated_sqlite_store_goes_to_redis_and_back_losing_nothing(
     await source.open()
     await populate(source)
     before = await dump(source)
+    assert any(row.derived for row in before[0])  # the derived column is copied too
     await source.close()
     usage = {(p, f): gateway("usage", "--config", str(src_cfg), "--period", p, "--format", f)
              for p in PERIODS for f in ("table", "csv")}

@@ -177,11 +177,12 @@ async def test_hits_and_usage(store: Store) -> None:
     await store.reserve("search", "2026-11", 10, at=time.time())
     await store.record_hits([Hit("k", "search", "2026-11", time.time()),
                              Hit("k", "ads", "2026-11", time.time()),
-                             Hit("k", "ads", "2026-11", time.time(), coalesced=True)])
+                             Hit("k", "ads", "2026-11", time.time(), coalesced=True),
+                             Hit("k", "ads", "2026-11", time.time(), derived=True)])
     usage = {u.team: u for u in await store.usage("2026-11")}
-    assert (usage["search"].charged, usage["search"].hits, usage["search"].coalesced) == (1, 1, 0)
-    assert (usage["ads"].charged, usage["ads"].hits, usage["ads"].coalesced) == (0, 1, 1)
-    assert (await store.stats()).hits == 2
+    got = {t: (u.charged, u.hits, u.coalesced, u.derived) for t, u in usage.items()}
+    assert got == {"search": (1, 1, 0, 0), "ads": (0, 2, 1, 1)}  # derived within hits
+    assert (await store.stats()).hits == 3
 
 
 async def test_purge(store: Store) -> None:

@@ -79,8 +79,8 @@ async def test_each_team_sees_its_own_figures_and_no_other_teams(
     resets = datetime.fromisoformat(s["quota"]["resets_at"].replace("Z", "+00:00"))
     assert (resets.day, resets.hour, resets.minute, resets.second) == (1, 0, 0, 0)
     assert 0 < s["quota"]["resets_in_s"] <= 31 * 86400
-    assert s["calls"] == {"charged": 3, "cache_hits": 1, "coalesced": 0, "calls_saved": 1,
-                          "undelivered": 0}
+    assert s["calls"] == {"charged": 3, "cache_hits": 1, "derived_hits": 0, "coalesced": 0,
+                          "calls_saved": 1, "undelivered": 0}
     assert s["hit_ratio"] == 0.25
     assert (s["spend"], s["savings"], s["currency"]) == (0.75, 0.25, "EUR")
     assert s["refused_since_start"] == {"402": 0, "429": 0}

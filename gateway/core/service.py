@@ -267,7 +267,7 @@ class RecognitionService:
                 return None
             self.hot.put(found[0])
         source, prefix = found
-        self._note_hit(source.key, call, period, now, coalesced=False)
+        self._note_hit(source.key, call, period, now, coalesced=False, derived=True)
         rate = self.config.cache.audit_rate
         if rate > 0 and self.audit_random.random() < rate:
             self._start_audit(call, key, scope, prefix)
@@ -693,8 +693,11 @@ class RecognitionService:
         self.usage.put(team.name, reservation.period, reservation.used, time.monotonic())
         return reservation
 
-    def _note_hit(self, key: str, call: Call, period: str, now: float, *, coalesced: bool) -> None:
-        self._hits.append(Hit(key, call.team.name, period, now, coalesced))
+    def _note_hit(
+        self, key: str, call: Call, period: str, now: float, *, coalesced: bool,
+        derived: bool = False,
+    ) -> None:
+        self._hits.append(Hit(key, call.team.name, period, now, coalesced, derived))
         self.metrics.count_saved(call.team.name, call.type)
 
     # -- type=cache ------------------------------------------------------------------------

@@ -487,6 +487,7 @@ def render_status(s: Mapping[str, Any]) -> str:
             f'<span class="num">{e(limit)}</span></td>'
             f'<td class="num">{_ratio(t["hit_ratio"])}</td>'
             f'<td class="num">{t["calls_saved"]}</td>'
+            f'<td class="num">{t["derived_hits"]}</td>'
             f'<td class="num">{_money(t["spend"], s)}</td>'
             f'<td class="num">{_money(t["savings"], s)}</td>'
             f'<td class="num">{_refused(t.get("refused_since_start", {}))}</td></tr>'
@@ -506,6 +507,7 @@ def render_status(s: Mapping[str, Any]) -> str:
         total_quota=total["quota"],
         total_ratio=_ratio(total["hit_ratio"]),
         total_saved=total["calls_saved"],
+        total_derived=total["derived_hits"],
         total_spend=_money(total["spend"], s),
         total_savings=_money(total["savings"], s),
         calls=calls or "none yet",
@@ -561,14 +563,15 @@ footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
 <p id="resets">Quotas reset {resets}.</p>
 <table id="teams">
 <thead><tr><th>team</th><th>upstream calls charged</th><th>hit ratio</th>
-<th>calls saved</th><th>spend</th><th>savings</th>
+<th>calls saved</th><th>of them derived</th><th>spend</th><th>savings</th>
 <th>refused since start (402 quota, 429 rate)</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
 <tfoot><tr data-team=""><th scope="row">all teams</th>
 <td class="num">{total_used} / {total_quota} used</td><td class="num">{total_ratio}</td>
-<td class="num">{total_saved}</td><td class="num">{total_spend}</td>
+<td class="num">{total_saved}</td><td class="num">{total_derived}</td>
+<td class="num">{total_spend}</td>
 <td class="num">{total_savings}</td><td></td></tr></tfoot>
 </table>
 <h2>Upstream</h2>

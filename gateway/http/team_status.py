@@ -96,6 +96,7 @@ async def team_status(
         row.hits if row is not None else 0,
         row.coalesced if row is not None else 0,
         row.undelivered if row is not None else 0,
+        row.derived if row is not None else 0,
     )
     report = UsageReport(
         Period(config.quota.period, period), config.quota.period, (period,), (line,), config.pricing
@@ -116,6 +117,7 @@ async def team_status(
         "calls": {
             "charged": line.charged,
             "cache_hits": line.hits,
+            "derived_hits": line.derived,
             "coalesced": line.coalesced,
             "calls_saved": line.saved,
             "undelivered": line.undelivered,

@@ -73,7 +73,8 @@ def add_admin_commands(sub: Any) -> None:
         "usage",
         help="per-team upstream calls, quota and calls saved (chargeback)",
         description="Per configured team: upstream calls charged, quota, remaining, cache "
-        "hits, coalesced, calls saved (hits + coalesced) and undelivered (charged calls "
+        "hits (of them derived from a looser stored result), coalesced, calls saved (hits + "
+        "coalesced) and undelivered (charged calls "
         "that were sent but delivered no result), with a total line. "
         "A period coarser than quota.period sums the ledger rows inside it.",
     )
@@ -275,6 +276,7 @@ def usage_table(report: UsageReport) -> str:
         "quota",
         "remaining",
         "cache hits",
+        "derived",
         "coalesced",
         "calls saved",
         "undelivered",
@@ -289,6 +291,7 @@ def usage_table(report: UsageReport) -> str:
             _dash(t.quota),
             _dash(t.remaining),
             t.hits,
+            t.derived,
             t.coalesced,
             t.saved,
             t.undelivered,

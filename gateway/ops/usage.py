@@ -40,6 +40,7 @@ CSV_HEADER = (
     "spend",
     "savings",
     "currency",
+    "derived_hits",  # of cache_hits; last, so files read by position before it still read
 )
 _GRAIN = {"day": 0, "week": 1, "month": 2, "total": 3}
 _SPANS = ("quarter", "year", "range")  # summed from whatever rows the ledger keeps
@@ -188,6 +189,7 @@ class TeamLine:
     hits: int
     coalesced: int
     undelivered: int = 0  # of charged: sent upstream (maybe billed), no result delivered
+    derived: int = 0  # of hits: derived from a looser stored result
 
     @property
     def saved(self) -> int:
@@ -206,6 +208,7 @@ class TeamLine:
             "quota": self.quota,
             "remaining": self.remaining,
             "cache_hits": self.hits,
+            "derived_hits": self.derived,
             "coalesced": self.coalesced,
             "calls_saved": self.saved,
             "undelivered": self.undelivered,
@@ -263,6 +266,7 @@ class UsageReport:
             sum(t.hits for t in self.teams),
             sum(t.coalesced for t in self.teams),
             sum(t.undelivered for t in self.teams),
+            sum(t.derived for t in self.teams),
         )
 
     @property
@@ -309,6 +313,7 @@ class UsageReport:
                     f"{self.spend(t):.6f}",
                     f"{self.savings(t):.6f}",
                     self.pricing.currency,
+                    t.derived,
                 )
             )
         return rows
@@ -323,24 +328,27 @@ async def compute_usage(store: Store, config: Config, asked: Period) -> UsageRep
     sums: dict[str, list[int]] = {}
     for key in keys:
         for row in await store.usage(key):
-            acc = sums.setdefault(row.team, [0, 0, 0, 0])
+            acc = sums.setdefault(row.team, [0, 0, 0, 0, 0])
             acc[0] += row.charged
             acc[1] += row.hits
             acc[2] += row.coalesced
             acc[3] += row.undelivered
+            acc[4] += row.derived
     lines = []
     for team in config.teams:
-        charged, hits, coalesced, undelivered = sums.pop(team.name, [0, 0, 0, 0])
+        charged, hits, coalesced, undelivered, derived = sums.pop(team.name, [0, 0, 0, 0, 0])
         quota = team.quota * len(keys)
         lines.append(
             TeamLine(
-                team.name, charged, quota, max(quota - charged, 0), hits, coalesced, undelivered
+                team.name, charged, quota, max(quota - charged, 0), hits, coalesced,
+                undelivered, derived,
             )
         )
     # Charges of teams since removed from the config still belong in a chargeback.
     for name in sorted(sums):
-        charged, hits, coalesced, undelivered = sums[name]
-        lines.append(TeamLine(name, charged, None, None, hits, coalesced, undelivered))
+        charged, hits, coalesced, undelivered, derived = sums[name]
+        lines.append(
+            TeamLine(name, charged, None, None, hits, coalesced, undelivered, derived))
     return UsageReport(asked, config.quota.period, keys, tuple(lines), config.pricing)
 
 

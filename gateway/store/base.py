@@ -47,6 +47,7 @@ class TeamUsage:
     hits: int  # answered from the store
     coalesced: int  # rode on another request's upstream call
     undelivered: int = 0  # of ``charged``: sent upstream (maybe billed), no result delivered
+    derived: int = 0  # of ``hits``: derived from a looser stored result (gateway.core.derive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Hit:
     period: str
     at: float
     coalesced: bool = False
+    derived: bool = False  # answered from another entry's result (the entry is that one)
 
 
 @dataclass(slots=True)
@@ -89,18 +91,20 @@ class HitSummary:
     """A batch of hits folded into one row per entry and one per team and period."""
 
     per_key: dict[str, tuple[int, float]]  # key -> (hits, last hit time)
-    per_team: dict[tuple[str, str], tuple[int, int]]  # (team, period) -> (hits, coalesced)
+    # (team, period) -> (hits, coalesced, derived); derived hits are counted in hits too
+    per_team: dict[tuple[str, str], tuple[int, int, int]]
 
     @classmethod
     def of(cls, hits: list[Hit]) -> HitSummary:
         per_key: dict[str, tuple[int, float]] = {}
-        per_team: dict[tuple[str, str], tuple[int, int]] = {}
+        per_team: dict[tuple[str, str], tuple[int, int, int]] = {}
         for h in hits:
             if not h.coalesced:
                 n, at = per_key.get(h.key, (0, 0.0))
                 per_key[h.key] = (n + 1, max(at, h.at))
-            direct, coalesced = per_team.get((h.team, h.period), (0, 0))
-            per_team[(h.team, h.period)] = (direct + (not h.coalesced), coalesced + h.coalesced)
+            direct, coalesced, derived = per_team.get((h.team, h.period), (0, 0, 0))
+            per_team[(h.team, h.period)] = (
+                direct + (not h.coalesced), coalesced + h.coalesced, derived + h.derived)
         return cls(per_key, per_team)
 
 

@@ -10,7 +10,8 @@ Keys (under ``prefix``):
   lru              zset   result key -> last hit time (eviction order)
   created          zset   result key -> created_at
   totals           hash   entries, bytes
-  used:<period>    hash   team -> charged;  hits:, coalesced:, undelivered:<period> likewise
+  used:<period>    hash   team -> charged;  hits:, coalesced:, undelivered:, derived:<period>
+                   likewise (derived hits are counted in hits: too)
   resv             hash   pending reservations: id -> "team|period|owner|sent"
   resv_of:<owner>  set    ids of one owner's pending reservations
   done:<id>        string how a reservation ended (a week: makes retries idempotent)
@@ -53,6 +54,8 @@ from gateway.store.owners import Owner
 
 log = logging.getLogger("gateway.store")
 
+# The ledger's hashes per period, in TeamUsage's order after the team (charged first).
+_LEDGER_KINDS = ("used:", "hits:", "coalesced:", "undelivered:", "derived:")
 _FIELDS = ("content_hash", "type", "params", "scope", "data", "created_at")
 
 # KEYS: none (prefix in ARGV[1]); ARGV: prefix, key, hash, type, params, scope, data, size,
@@ -543,11 +546,13 @@ class RedisStore:
             return
         summary = HitSummary.of(hits)
         pipe = self._r.pipeline(transaction=False)
-        for (team, period), (direct, coalesced) in summary.per_team.items():
+        for (team, period), (direct, coalesced, derived) in summary.per_team.items():
             if direct:
                 pipe.hincrby(self._k("hits:", period), team, direct)
             if coalesced:
                 pipe.hincrby(self._k("coalesced:", period), team, coalesced)
+            if derived:
+                pipe.hincrby(self._k("derived:", period), team, derived)
         for key, (n, at) in summary.per_key.items():
             pipe.zadd(self._k("lru"), {key: at}, xx=True, gt=True)
             pipe.hincrby(self._k("hitcount"), "all", n)
@@ -555,9 +560,9 @@ class RedisStore:
 
     async def usage(self, period: str) -> list[TeamUsage]:
         pipe = self._r.pipeline(transaction=False)
-        for kind in ("used:", "hits:", "coalesced:", "undelivered:"):
+        for kind in _LEDGER_KINDS:
             pipe.hgetall(self._k(kind, period))
-        used, hits, coalesced, undelivered = await self._call(pipe.execute())
+        used, hits, coalesced, undelivered, derived = await self._call(pipe.execute())
         teams = sorted({k.decode() for k in (*used, *hits, *coalesced)})
         return [
             TeamUsage(
@@ -567,6 +572,7 @@ class RedisStore:
                 hits=int(hits.get(t.encode(), 0)),
                 coalesced=int(coalesced.get(t.encode(), 0)),
                 undelivered=int(undelivered.get(t.encode(), 0)),
+                derived=int(derived.get(t.encode(), 0)),
             )
             for t in teams
         ]
@@ -713,10 +719,9 @@ class RedisStore:
         return owners
 
     async def ledger_rows(self) -> list[TeamUsage]:
-        kinds = ("used:", "hits:", "coalesced:", "undelivered:")
         periods: set[str] = set()
         try:
-            for kind in kinds:
+            for kind in _LEDGER_KINDS:
                 async for name in self._r.scan_iter(match=self._k(kind, "*"), count=1000):
                     periods.add(name.decode()[len(self._k(kind)) :])
         except (RedisError, OSError) as exc:
@@ -724,9 +729,9 @@ class RedisStore:
         rows: list[TeamUsage] = []
         for period in sorted(periods):
             pipe = self._r.pipeline(transaction=True)
-            for kind in kinds:
+            for kind in _LEDGER_KINDS:
                 pipe.hgetall(self._k(kind, period))
-            used, hits, coalesced, undelivered = await self._call(pipe.execute())
+            used, hits, coalesced, undelivered, derived = await self._call(pipe.execute())
             for t in sorted({*used, *hits, *coalesced, *undelivered}):
                 rows.append(
                     TeamUsage(
@@ -736,6 +741,7 @@ class RedisStore:
                         int(hits.get(t, 0)),
                         int(coalesced.get(t, 0)),
                         int(undelivered.get(t, 0)),
+                        int(derived.get(t, 0)),
                     )
                 )
         return rows
@@ -747,6 +753,7 @@ class RedisStore:
             ("hits:", row.hits),
             ("coalesced:", row.coalesced),
             ("undelivered:", row.undelivered),
+            ("derived:", row.derived),
         ):
             pipe.hset(self._k(kind, row.period), row.team, value)
         if self.min_replicas_ack:

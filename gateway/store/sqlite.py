@@ -108,6 +108,12 @@ LEDGER_MIGRATIONS: Migrations = (
         );
     """,
     ),
+    (
+        "derived hits counted apart (still within hits)",
+        """
+        ALTER TABLE quota_usage ADD COLUMN derived INTEGER NOT NULL DEFAULT 0;
+    """,
+    ),
 )
 
 CACHE_MIGRATIONS: Migrations = (
@@ -563,10 +569,11 @@ class SQLiteStore:
                 [(n, at, key) for key, (n, at) in summary.per_key.items()],
             )
             w.executemany(
-                "INSERT INTO quota_usage (team, period, hits, coalesced) VALUES (?, ?, ?, ?) "
+                "INSERT INTO quota_usage (team, period, hits, coalesced, derived) "
+                "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(team, period) DO UPDATE SET hits = hits + excluded.hits, "
-                "coalesced = coalesced + excluded.coalesced",
-                [(t, p, n, c) for (t, p), (n, c) in summary.per_team.items()],
+                "coalesced = coalesced + excluded.coalesced, derived = derived + excluded.derived",
+                [(t, p, n, c, d) for (t, p), (n, c, d) in summary.per_team.items()],
             )
 
         await self._transaction(body)
@@ -754,7 +761,7 @@ class SQLiteStore:
 
     async def usage(self, period: str) -> list[TeamUsage]:
         rows = await self._read(
-            "SELECT team, period, used, hits, coalesced, undelivered FROM quota_usage "
+            "SELECT team, period, used, hits, coalesced, undelivered, derived FROM quota_usage "
             "WHERE period = ? ORDER BY team",
             (period,),
         )
@@ -766,8 +773,9 @@ class SQLiteStore:
                 hits=int(h),
                 coalesced=int(c),
                 undelivered=int(n),
+                derived=int(d),
             )
-            for t, p, u, h, c, n in rows
+            for t, p, u, h, c, n, d in rows
         ]
 
     # -- meta ------------------------------------------------------------------------------
@@ -886,20 +894,22 @@ class SQLiteStore:
 
     async def ledger_rows(self) -> list[TeamUsage]:
         rows = await self._read(
-            "SELECT team, period, used, hits, coalesced, undelivered FROM quota_usage "
+            "SELECT team, period, used, hits, coalesced, undelivered, derived FROM quota_usage "
             "ORDER BY period, team"
         )
         return [
-            TeamUsage(str(t), str(p), int(u), int(h), int(c), int(n)) for t, p, u, h, c, n in rows
+            TeamUsage(str(t), str(p), int(u), int(h), int(c), int(n), int(d))
+            for t, p, u, h, c, n, d in rows
         ]
 
     async def put_ledger_row(self, row: TeamUsage) -> None:
         await self._write(
-            "INSERT INTO quota_usage (team, period, used, hits, coalesced, undelivered) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(team, period) DO UPDATE SET "
+            "INSERT INTO quota_usage (team, period, used, hits, coalesced, undelivered, derived) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(team, period) DO UPDATE SET "
             "used = excluded.used, hits = excluded.hits, coalesced = excluded.coalesced, "
-            "undelivered = excluded.undelivered",
-            (row.team, row.period, row.charged, row.hits, row.coalesced, row.undelivered),
+            "undelivered = excluded.undelivered, derived = excluded.derived",
+            (row.team, row.period, row.charged, row.hits, row.coalesced, row.undelivered,
+             row.derived),
         )
 
     async def results_page(self, cursor: str, limit: int) -> tuple[list[CachedResult], str]:
