@@ -8,7 +8,7 @@ POSTs the same bytes (same Content-Type) to that URL over one keep-alive session
 the answer; no parsing, no key swap, no store.
 
 It runs like ``gateway serve`` does (``web.run_app``, no access log) on the loop the gateway
-picks (``gateway.ops.event_loop``, ``--event-loop`` as ``server.event_loop``: uvloop when
+picks (``gateway.event_loop``, ``--event-loop`` as ``server.event_loop``: uvloop when
 installed), so the ratio gateway/floor measures what the gateway adds to reading an upload.
 """
 
@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.ops.event_loop import EVENT_LOOPS, use_event_loop
+from gateway.event_loop import EVENT_LOOPS, use_event_loop
 
 BODY = b'{"status":200,"message":"Success","data":{"error":0,"quota":0}}'
 

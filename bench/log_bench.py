@@ -1,4 +1,4 @@
-"""One access-log line, as the request path pays for it: gateway.ops.logs.AccessLog (batched)
+"""One access-log line, as the request path pays for it: gateway.obs.logs.AccessLog (batched)
 against a write and flush per line, and against the logging module.
 
     python bench/log_bench.py            # 50,000 lines each
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.ops.logs import AccessLog, JsonFormatter, TextFormatter, write_all
+from gateway.obs.logs import AccessLog, JsonFormatter, TextFormatter, write_all
 
 FIELDS = {"team": "search", "type": "objects", "status": 200, "cache": "hit",
           "hash": "abcdef012345", "bytes": 100000, "gateway_ms": 0.31, "upstream_ms": None}

@@ -1,3 +1,3 @@
-from gateway.ops.cli import main
+from gateway.cli import main
 
 raise SystemExit(main())

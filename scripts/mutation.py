@@ -70,7 +70,7 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
               [f"{REDIS}{part}*" for part in (*STORE_PARTS, "_end_one")],
               ["tests/test_store_contract.py", "tests/test_quota.py"]),
     # What an answer is (success, error envelope, garbage) and whether it was billed...
-    "upstream": ("gateway/upstream.py",
+    "upstream": ("gateway/upstream/__init__.py",
                  ["gateway.upstream.xǁUpstreamClientǁ_interpret*",
                   "gateway.upstream.x_mark_billed*",
                   "gateway.upstream.x_was_billed*",
@@ -80,7 +80,7 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                  ["tests/test_upstream.py", "tests/test_resilience.py"]),
     # ...and the attempts loop and its verdicts (retries, redirects, caps, timeouts): every
     # mutant runs every upstream test, so this one is sampled (--sample).
-    "upstream_call": ("gateway/upstream.py",
+    "upstream_call": ("gateway/upstream/__init__.py",
                       ["gateway.upstream.xǁUpstreamClientǁ_call*",
                        "gateway.upstream.xǁUpstreamClientǁrecognize*"],
                       ["tests/test_upstream.py", "tests/test_resilience.py"]),

@@ -18,7 +18,7 @@ import pytest
 from gateway.config import AdminConfig, PricingConfig, Secret, load_config
 from gateway.devtools.sample_images import make_jpeg, make_png
 from gateway.http.admin import render_status
-from gateway.ops.usage import iso_utc, period_resets_at
+from gateway.core.usage import iso_utc, period_resets_at
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

@@ -19,8 +19,8 @@ import requests
 from gateway.config import hash_key, load_config
 from gateway.core.quota import period_key
 from gateway.devtools.sample_images import make_png
-from gateway.ops.cli import build_parser
-from gateway.ops.usage import Period, PeriodError, ledger_keys, parse_age, parse_period
+from gateway.cli import build_parser
+from gateway.core.usage import Period, PeriodError, ledger_keys, parse_age, parse_period
 from tests.conftest import (
     TEAM_KEYS,
     UPSTREAM_KEY,

@@ -20,7 +20,7 @@ import requests
 
 from gateway.config import ConfigError
 from gateway.devtools.sample_images import make_png
-from gateway.ops.logs import AccessLog, JsonFormatter, TextFormatter
+from gateway.obs.logs import AccessLog, JsonFormatter, TextFormatter
 from tests.conftest import (
     UPSTREAM_KEY,
     GatewayProcess,

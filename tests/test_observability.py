@@ -757,7 +757,7 @@ async def test_requests_counted_in_bulk_scrape_as_if_observed_one_by_one() -> No
     scrape must read exactly what Counter.inc() and Histogram.observe() per request give."""
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from gateway.ops.metrics import LATENCY_BUCKETS, Metrics
+    from gateway.obs.metrics import LATENCY_BUCKETS, Metrics
 
     durations = [0.0001, 0.0005, 0.0007, 0.002, 0.0025, 0.3, 0.3, 7.0, 61.0, 1e-9]
     metrics = Metrics(CollectorRegistry())

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.devtools.sample_images import make_png
-from gateway.ops.logs import AccessLog
+from gateway.obs.logs import AccessLog
 from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, objects_form
 
 

@@ -22,12 +22,12 @@ from prometheus_client import CollectorRegistry
 
 from gateway import upstream as upstream_module
 from gateway.config import Secret, UpstreamConfig
-from gateway.core.breaker import CLOSED, HALF_OPEN, OPEN
 from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
 from gateway.devtools.sample_images import make_png
-from gateway.http.form import UploadedFile
-from gateway.ops.metrics import Metrics
+from gateway.obs.metrics import Metrics
+from gateway.upload import UploadedFile
 from gateway.upstream import MAX_DEPTH, MAX_MESSAGE, UpstreamClient, UpstreamError
+from gateway.upstream.breaker import CLOSED, HALF_OPEN, OPEN
 from tests.conftest import free_port
 
 KEY = "UPSTREAM-SECRET-k3y+0f/the=acc0unt"

@@ -1,1 +1,2 @@
-"""Recognition core: service, key, quota, limits; imports upstream, store, config; no aiohttp."""
+"""Recognition core: service, key, quota, limits, usage reports; imports upstream, store, obs,
+config; no aiohttp."""

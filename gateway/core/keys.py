@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.config import Config, TeamConfig, hash_key
-from gateway.ops.usage import iso_utc
+from gateway.core.usage import iso_utc
 from gateway.store.base import KeyRecord, Store, StoreUnavailable
 
 log = logging.getLogger("gateway.keys")

@@ -2,6 +2,10 @@
 
 It never imports ``aiohttp.web``: the HTTP handler (``gateway.http.api``) parses and validates,
 then hands a ``Call`` here and renders the ``Answer``.
+
+Long because: the request path's steps (look up, derive, coalesce, reserve, forward, store)
+share one ledger, one table of flights and their invariants (quota atomicity, the sent mark);
+coalescing in its own module is still to do (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from gateway.core.envelope import data_object, data_prefix, success_body, succes
 from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
 from gateway.core.hot_cache import HotCache, UsageCache
 from gateway.core.quota import QuotaLedger
-from gateway.http.form import UploadedFile
-from gateway.ops.metrics import Metrics
+from gateway.obs.metrics import Metrics
 from gateway.store.base import CachedResult, Hit, Reservation, Store, StoreUnavailable
+from gateway.upload import UploadedFile
 from gateway.upstream import UpstreamClient, was_billed
 
 T = TypeVar("T")

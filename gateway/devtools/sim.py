@@ -12,6 +12,9 @@ highest first, at most ``max_labels``. ``/_sim/control {"model": "cap-first"}`` 
 way an engine might: it takes the first ``max_labels`` candidates in detection order, then
 filters and sorts them, so a smaller ``max_labels`` is no longer a prefix of a larger one's
 answer (the gateway's cache audit must catch that).
+
+Long because: it is an independent reference of the whole seed API (every type, status and
+fault switch) and by design imports no other gateway module, so it shares no code.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""HTTP layer: aiohttp app, handlers, admin; imports core, upstream, store, config."""
+"""HTTP layer: aiohttp app, handlers, admin, reload; imports core, upstream, store, obs, config."""

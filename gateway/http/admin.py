@@ -9,6 +9,9 @@ Tokens are compared as sha256 digests in constant time and never logged or echoe
 read the live config (``state.config``), which a reload replaces. ``/admin/keys`` issues,
 lists, rotates and revokes store-issued team keys (``gateway.core.keys``); a key's plaintext is in
 the one answer that creates it, and answers about keys are ``Cache-Control: no-store``.
+
+Long because: the admin API, its token checks and the status page share one authentication and
+one state; the page's HTML is the part that could move (to a template file).
 """
 
 from __future__ import annotations
@@ -43,8 +46,7 @@ from gateway.core.keys import (
     revoke_key,
     rotate_key,
 )
-from gateway.http.state import STATE, GatewayState
-from gateway.ops.usage import (
+from gateway.core.usage import (
     PeriodError,
     UsageReport,
     cache_report,
@@ -59,6 +61,8 @@ from gateway.ops.usage import (
     range_period,
     stats_dict,
 )
+from gateway.http.reload import reload_config
+from gateway.http.state import STATE, GatewayState
 from gateway.store.base import StoreUnavailable
 
 log = logging.getLogger("gateway.admin")
@@ -253,10 +257,6 @@ async def handle_reload(request: web.Request) -> web.Response:
                 f"{state.config.server.workers} workers",
             }
         )
-    from gateway.ops.server import (  # gateway.ops.server imports gateway.http.app: not at the top
-        reload_config,
-    )
-
     ok, message = reload_config(request.app)
     return web.json_response({"ok": ok, "message": message}, status=200 if ok else 400)
 

@@ -31,11 +31,12 @@ from gateway.core.errors import (
 )
 from gateway.core.service import Answer, Call, Directives, NotCached
 from gateway.http.deadlines import Deadlines
-from gateway.http.form import Form, UploadedFile, parse_query, read_form
+from gateway.http.form import Form, parse_query, read_form
 from gateway.http.response import EnvelopeResponse
 from gateway.http.state import STATE, GatewayState
-from gateway.ops.logs import log_access
+from gateway.obs.logs import log_access
 from gateway.store.base import StoreUnavailable
+from gateway.upload import UploadedFile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"

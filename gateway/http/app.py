@@ -26,9 +26,9 @@ from gateway.http.cors import cors_middleware
 from gateway.http.response import EnvelopeResponse, name_the_server
 from gateway.http.state import STATE, GatewayState
 from gateway.http.team_status import handle_team
-from gateway.ops.metrics import Metrics
+from gateway.obs.metrics import Metrics
+from gateway.obs.scrape import MetricsPage
 from gateway.ops.notify import Notifier
-from gateway.ops.scrape import MetricsPage
 from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import Reclaimed, Store
 from gateway.store.owners import BEAT_INTERVAL_S

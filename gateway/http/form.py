@@ -28,6 +28,9 @@ The file's bytes, hash and size are therefore exactly what a reference parser ex
 
 Every malformed or over-limit input ends in ``NoData`` (300, its message naming why) or
 ``FileTooLarge`` (413).
+
+Long because: one forward parser and its two feeds (whole body, chunks) share one state
+machine, and the differential test (tests/test_form_differential.py) checks it as one unit.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from urllib.parse import parse_qsl, unquote, unquote_to_bytes
 import xxhash
 
 from gateway.core.errors import FileTooLarge, NoData
+from gateway.upload import HEAD_BYTES, UploadedFile
 
-HEAD_BYTES = 16  # kept from the file's start for the magic-byte check
 MAX_PART_HEAD = 8 * 1024  # padding after a delimiter plus one part's header lines
 LENGTH_SLACK = 1024 * 1024  # what the rest of a body may add to a max-size file
 SPOOL_BATCH = 1024 * 1024  # spooled bytes are written off the event loop in batches this big
@@ -74,30 +77,6 @@ def _invalid(why: str) -> NoData:
 
 class AsyncByteStream(Protocol):
     async def readany(self) -> bytes: ...
-
-
-@dataclass(slots=True)
-class UploadedFile:
-    content_hash: str  # xxh3-128 hex of exactly the content bytes
-    size: int
-    head: bytes  # the first HEAD_BYTES bytes of the content
-    filename: str | None
-    content_type: str | None
-    data: bytes | memoryview | None = None  # small uploads: the content, possibly a view
-    path: str | None = None  # large uploads: a temp file holding the content
-
-    def read_all(self) -> bytes:
-        if self.data is not None:
-            return bytes(self.data)
-        if self.path is not None:
-            with open(self.path, "rb") as f:
-                return f.read()
-        return b""
-
-    def close(self) -> None:
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
 
 
 @dataclass(slots=True)

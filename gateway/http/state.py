@@ -12,7 +12,7 @@ from gateway.core.quota import QuotaLedger
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.service import RecognitionService
 from gateway.http.deadlines import Deadlines
-from gateway.ops.metrics import Metrics
+from gateway.obs.metrics import Metrics
 from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
 

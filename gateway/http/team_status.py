@@ -23,11 +23,11 @@ from gateway.config import TeamConfig
 from gateway.core.errors import GatewayError, KeyInvalid
 from gateway.core.keys import config_key_counts, key_dict
 from gateway.core.quota import QuotaLedger
+from gateway.core.usage import Period, TeamLine, UsageReport, iso_utc, period_resets_at
 from gateway.http.api import REQUEST_ID, _authorize
 from gateway.http.form import Form
 from gateway.http.state import STATE, GatewayState
-from gateway.ops.logs import log_access
-from gateway.ops.usage import Period, TeamLine, UsageReport, iso_utc, period_resets_at
+from gateway.obs.logs import log_access
 
 REFUSALS = ("402", "429")  # quota used up, rate limited
 

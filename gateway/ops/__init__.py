@@ -1,1 +1,2 @@
-"""Operations: CLI, server, supervisor, logs, metrics, usage; imports every layer below."""
+"""Operations: serving (server, supervisor), operator commands, notifications; imports every
+layer below."""

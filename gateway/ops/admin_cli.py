@@ -4,6 +4,9 @@
 ``usage`` and ``cache`` read the configured store directly, so they work while a gateway runs
 (SQLite in WAL mode, or Redis) and when none does. Exit codes: 0 ok, 1 failure, 2 usage or
 config error.
+
+Long because: one function per operator command and its output, sharing the argument helpers
+and exit codes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from gateway.core.keys import (
     revoke_key,
     rotate_key,
 )
-from gateway.ops.usage import (
+from gateway.core.usage import (
     PERIOD_FORMS,
     PeriodError,
     TeamLine,
@@ -210,7 +213,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
-    """Run one operator command; ``ConfigError`` is left to ``gateway.ops.cli`` (exit 2)."""
+    """Run one operator command; ``ConfigError`` is left to ``gateway.cli`` (exit 2)."""
     name = f"gateway {args.command}"
     try:
         if args.command == "usage":

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from gateway.config import Config
-from gateway.core.breaker import CLOSED
 from gateway.core.quota import period_key
 from gateway.store.base import Store, StoreUnavailable
+from gateway.upstream.breaker import CLOSED
 
 log = logging.getLogger("gateway.notify")
 

@@ -180,7 +180,7 @@ def worker_main(options: Options, report: Connection) -> None:
     if os.getppid() != supervisor:  # it died before the line above
         _leave_metrics_dir()
         return
-    from gateway.ops.logs import setup_logging
+    from gateway.obs.logs import setup_logging
     from gateway.ops.server import begin_drain, run_worker
 
     setup_logging(options.log_format, options.log_level)

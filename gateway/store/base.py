@@ -35,7 +35,7 @@ class CacheStats:
     oldest: float | None = None
     by_type: tuple[tuple[str, int, int], ...] = ()  # (type, entries, bytes)
     hits: int = 0
-    # type -> why the audit switched derived hits off for it (gateway.ops.usage.cache_report)
+    # type -> why the audit switched derived hits off for it (gateway.core.usage.cache_report)
     derive_off: dict[str, str] = field(default_factory=dict)
 
 

@@ -20,6 +20,9 @@ Keys (under ``prefix``):
   fl:<key>         string the lock on a key in flight: its holder's token (expires unless renewed)
   apikeys          hash   store-issued team key id -> JSON definition (gateway.core.keys)
   apikey_uses      hash   key id -> requests it authorized; apikey_used_at: id -> last use
+
+Long because: one backend's implementation of every method of the Store protocol, with its Lua
+scripts, read against one contract suite (tests/test_store_contract.py).
 """
 
 from __future__ import annotations

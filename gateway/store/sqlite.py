@@ -11,6 +11,9 @@ migrations per file tracked in ``PRAGMA user_version``. One connection writes, i
 thread, a whole transaction per hop (``_Writer``); another (aiosqlite) reads, so lookups are
 never queued behind writes. Cache totals (entries,
 bytes) are kept by triggers in the same transaction as the change, exact across processes.
+
+Long because: one backend's implementation of every method of the Store protocol, with its
+schema and migrations, read against one contract suite (tests/test_store_contract.py).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Quarters (``2026-Q4``), years (``2026``) and date ranges (``2026-01-05..2026-02-
 days included) are summed the same way; a range must start and end on ledger row boundaries
 (any days for a daily ledger, Monday to Sunday for a weekly one, whole months for a monthly
 one), so that no row is counted in part.
+
+Long because: the period arithmetic (days, ISO weeks, months, quarters, ranges) and the three
+renderings of one report (table, CSV, JSON) belong together: each half would need the other's
+types.
 """
 
 from __future__ import annotations

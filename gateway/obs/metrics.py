@@ -22,8 +22,8 @@ from prometheus_client import (
 )
 
 from gateway.config import ANALYSIS_TYPES, Config
-from gateway.ops.logs import access_lines_dropped
-from gateway.ops.scrape import TeamGauges
+from gateway.obs.logs import access_lines_dropped
+from gateway.obs.scrape import TeamGauges
 
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "derived", "none")
 DERIVED_TYPES = ("objects", "nsfw")  # the types with a threshold (gateway.core.derive)

@@ -1,4 +1,5 @@
 """The one client of the upstream API: one session, a timeout, a cap on concurrent calls.
+(The package's other module is its circuit breaker, ``gateway.upstream.breaker``.)
 
 It speaks the seed document's protocol and turns every way the upstream can fail into the
 gateway's envelope errors: timeout -> 504, unreachable or not an envelope -> 502, account
@@ -22,6 +23,9 @@ Everything else is ``billed = True``: a timeout or dropped connection after send
 that is not the envelope (HTTP 200 or 5xx garbage, over the size cap, bad JSON, NaN, invalid
 Unicode, too deep), a success envelope with bad ``data`` or over a non-2xx HTTP status. A bug
 (an unexpected exception) is logged and becomes a 502 billed as far as the call had got.
+
+Long because: the billing contract (which failure was billed) is read in one place, beside
+every way a call can fail.
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 
 from gateway.config import UpstreamConfig
-from gateway.core.breaker import CircuitBreaker
 from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
-from gateway.http.form import UploadedFile
-from gateway.ops.metrics import Metrics
+from gateway.obs.metrics import Metrics
+from gateway.upload import UploadedFile
+from gateway.upstream.breaker import CircuitBreaker
 
 log = logging.getLogger("gateway.upstream")
 
