@@ -211,7 +211,7 @@ class PricingConfig:
 @dataclass(frozen=True)
 class NotifyConfig:
     """Webhooks told when a team crosses a share of its quota, the breaker opens or closes,
-    or the ledger drifts from the upstream's count (``gateway.ops.notify``)."""
+    or the ledger drifts from the upstream's count (``gateway.http.notify``)."""
 
     webhook_urls: tuple[str, ...] = field(default=(), repr=False)  # may hold a token (Slack)
     slack: bool = False  # a Slack-compatible body ({"text": ...}) instead of the event's JSON

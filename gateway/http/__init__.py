@@ -1,1 +1,2 @@
-"""HTTP layer: aiohttp app, handlers, admin, reload; imports core, upstream, store, obs, config."""
+"""HTTP layer: aiohttp app, handlers, admin, reload, webhooks; imports core, upstream, store,
+obs, config."""

@@ -23,12 +23,12 @@ from gateway.core.service import RecognitionService
 from gateway.http.admin import add_admin_routes
 from gateway.http.api import REQUEST_ID, handle_api, request_id, respond
 from gateway.http.cors import cors_middleware
+from gateway.http.notify import Notifier
 from gateway.http.response import EnvelopeResponse, name_the_server
 from gateway.http.state import STATE, GatewayState
 from gateway.http.team_status import handle_team
 from gateway.obs.metrics import Metrics
 from gateway.obs.scrape import MetricsPage
-from gateway.ops.notify import Notifier
 from gateway.store import StoreUnavailable, open_store
 from gateway.store.base import Reclaimed, Store
 from gateway.store.owners import BEAT_INTERVAL_S

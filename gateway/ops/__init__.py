@@ -1,2 +1,2 @@
-"""Operations: serving (server, supervisor), operator commands, notifications; imports every
-layer below."""
+"""Operations: serving (server, supervisor) and the operator commands; imports every layer
+below."""

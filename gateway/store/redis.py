@@ -675,7 +675,7 @@ class RedisStore:
         )
         return bool(int(taken)), float(tokens)
 
-    # -- notifications (gateway.ops.notify) ------------------------------------------------
+    # -- notifications (gateway.http.notify) ------------------------------------------------
     async def set_meta_if_absent(self, name: str, value: str) -> bool:
         """A retry after a dropped connection may find its own write and answer False: the
         event is then not sent rather than sent twice."""

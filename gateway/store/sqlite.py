@@ -810,7 +810,7 @@ class SQLiteStore:
         more than the check); the workers of one supervisor share them in memory instead."""
         return None
 
-    # -- notifications (gateway.ops.notify) ------------------------------------------------
+    # -- notifications (gateway.http.notify) ------------------------------------------------
     async def set_meta_if_absent(self, name: str, value: str) -> bool:
         inserted = await self._write(
             "INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
