@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.analysis import ANALYSIS_TYPES
 from gateway.event_loop import EVENT_LOOPS, uvloop_installed
 
 PERIODS = ("day", "week", "month", "total")
-ANALYSIS_TYPES = ("objects", "celebrities", "detect_faces", "detect_text", "nsfw")
 
 
 class ConfigError(Exception):

@@ -164,3 +164,20 @@ def test_out_of_range_is_refused_naming_the_parameter(
         analysis_params(type_, fields)
     assert (caught.value.status, caught.value.parameter) == (430, name)
     assert caught.value.message == f"Invalid parameter {name}: {message}"
+
+
+def test_the_one_table_of_types_agrees_with_the_independent_simulator() -> None:
+    """gateway.analysis is the table every module reads; the simulator keeps its own reading of
+    the seed on purpose. They must agree on the types, each type's parameters and their lower
+    bounds (the simulator has no upper bound on max_labels; the gateway caps it at int32)."""
+    from gateway import analysis
+    from gateway.devtools import sim as simulator
+
+    assert simulator.TYPES == (*analysis.ANALYSIS_TYPES, "cache")
+    for t in analysis.TYPES.values():
+        at_low = {p.name: str(p.low) for p in t.params}
+        assert simulator._check_params(t.name, at_low) == {p.name: p.low for p in t.params}
+        for p in t.params:
+            with pytest.raises(simulator._Rejected):
+                simulator._check_params(t.name, {**at_low, p.name: str(p.low - 1)})
+    assert set(analysis.DERIVABLE) == {"objects", "nsfw"}

@@ -10,16 +10,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+from gateway.analysis import TYPES
 from gateway.core.errors import InvalidParameter
 
-# (name, minimum, maximum) per type, in canonical order. Every listed parameter is required,
-# as in the seed document's table.
+# (name, minimum, maximum) per type, in canonical order (gateway.analysis, the one table).
 TYPE_PARAMS: dict[str, tuple[tuple[str, int, int], ...]] = {
-    "objects": (("max_labels", 1, 2**31 - 1), ("min_confidence", 0, 100)),
-    "celebrities": (),
-    "detect_faces": (),
-    "detect_text": (),
-    "nsfw": (("nsfw_min_confidence", 0, 100),),
+    t.name: tuple((p.name, p.low, p.high) for p in t.params) for t in TYPES.values()
 }
 
 

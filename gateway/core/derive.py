@@ -19,14 +19,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import analysis
 from gateway.core.cache_key import Params
 from gateway.core.envelope import data_prefix
 
-# type -> (its threshold parameter, its label cap parameter or None)
-DERIVABLE: dict[str, tuple[str, str | None]] = {
-    "objects": ("min_confidence", "max_labels"),
-    "nsfw": ("nsfw_min_confidence", None),
-}
+# type -> (its threshold parameter, its label cap parameter or None): gateway.analysis
+DERIVABLE = analysis.DERIVABLE
 # Meta row name (+ type) holding why the audit switched derived hits off for that type: written
 # by gateway.core.service, read by every replica and by `gateway cache stats`.
 DERIVE_OFF_META = "derive_off:"

@@ -34,7 +34,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.config import ANALYSIS_TYPES, ConfigError, Secret, load_config
+from gateway.analysis import ANALYSIS_TYPES
+from gateway.config import ConfigError, Secret, load_config
 from gateway.core.errors import GatewayError, error_envelope
 from gateway.core.keys import (
     DEFAULT_GRACE,

@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl, unquote, unquote_to_bytes
 
 import xxhash
 
+from gateway.analysis import TYPES
 from gateway.core.errors import FileTooLarge, NoData
 from gateway.upload import HEAD_BYTES, UploadedFile
 
@@ -56,7 +57,7 @@ SPOOL_BATCH = 1024 * 1024  # spooled bytes are written off the event loop in bat
 # The fields the API reads (gateway.http.api, gateway.core.cache_key): one over max_field_bytes is
 # refused, any other text part that long is skipped.
 USED_FIELDS = frozenset(
-    {"apikey", "type", "max_labels", "min_confidence", "nsfw_min_confidence", "hash"}
+    {"apikey", "type", "hash"} | {p.name for t in TYPES.values() for p in t.params}
 )
 _CACHED_HEAD = 512  # header blocks up to this size are memoised (they repeat across requests)
 

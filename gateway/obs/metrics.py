@@ -21,12 +21,13 @@ from prometheus_client import (
     multiprocess,
 )
 
-from gateway.config import ANALYSIS_TYPES, Config
+from gateway.analysis import ANALYSIS_TYPES, DERIVABLE
+from gateway.config import Config
 from gateway.obs.logs import access_lines_dropped
 from gateway.obs.scrape import TeamGauges
 
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "derived", "none")
-DERIVED_TYPES = ("objects", "nsfw")  # the types with a threshold (gateway.core.derive)
+DERIVED_TYPES = tuple(DERIVABLE)  # the types with a threshold (gateway.analysis)
 ALL_TYPES = (*ANALYSIS_TYPES, "cache")
 # `_created` series double the series count and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.config import ANALYSIS_TYPES, Config, ConfigError, hash_key, load_config
+from gateway.analysis import ANALYSIS_TYPES
+from gateway.config import Config, ConfigError, hash_key, load_config
 from gateway.core.keys import (
     DEFAULT_GRACE,
     REVOKE_BOUND_S,
