@@ -5,12 +5,14 @@ A bad config is refused with one line naming the file, the key and the problem
 ``Secret``, whose ``repr`` hides them.
 
 Long because: every section's dataclass and its checks are in one place, so a key's default,
-type and validation read together (deriving the known-key sets from the dataclasses is still to
-do: docs/architecture.md).
+type and validation read together. A table's known keys are its dataclass's fields
+(``_keys``); the parser's literal defaults are held equal to the dataclasses' by
+``tests/test_config.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -254,6 +256,14 @@ class Config:
         return next((t for t in self.teams if t.name == name), None)
 
 
+def _keys(
+    cls: type, *, without: frozenset[str] = frozenset(), extra: frozenset[str] = frozenset()
+) -> set[str]:
+    """A table's known keys: its dataclass's fields (written once there), less the fields that
+    are not keys of the file (a secret read from the environment), plus keys that are."""
+    return {f.name for f in dataclasses.fields(cls)} - without | extra
+
+
 class _Reader:
     """Typed access to one TOML table, with errors that name file and key.
 
@@ -386,24 +396,7 @@ def parse_config(
         source,
         "server.",
         table("server"),
-        {
-            "host",
-            "port",
-            "workers",
-            "cors_origins",
-            "max_inflight",
-            "drain_timeout_s",
-            "drain_grace_s",
-            "access_log",
-            "access_log_buffer_kb",
-            "access_log_flush_ms",
-            "event_loop",
-            "body_timeout_s",
-            "max_receiving",
-            "body_idle_timeout_s",
-            "body_min_rate",
-            "keepalive_timeout_s",
-        },
+        _keys(ServerConfig),
     )
     port = s.integer("port", 8080, minimum=0)
     if port > 65535:
@@ -443,18 +436,7 @@ def parse_config(
         source,
         "upstream.",
         table("upstream"),
-        {
-            "url",
-            "api_key_env",
-            "timeout_s",
-            "max_concurrency",
-            "max_queue",
-            "retries",
-            "breaker_failures",
-            "breaker_cooldown_s",
-            "max_answer_kb",
-            "api_key_file",
-        },
+        _keys(UpstreamConfig, without=frozenset({"api_key"})),
     )
     url: str = u.get("url", str, UpstreamConfig.url)
     if not url.startswith(("http://", "https://")):
@@ -503,20 +485,7 @@ def parse_config(
         source,
         "storage.",
         table("storage"),
-        {
-            "backend",
-            "path",
-            "cache_path",
-            "synchronous",
-            "busy_timeout_ms",
-            "redis_url",
-            "redis_prefix",
-            "redis_max_connections",
-            "require_persistence",
-            "redis_sentinels",
-            "redis_master_name",
-            "redis_min_replicas_ack",
-        },
+        _keys(StorageConfig),
     )
     backend: str = st.get("backend", str, "sqlite")
     if backend not in ("sqlite", "redis"):
@@ -551,19 +520,7 @@ def parse_config(
         source,
         "cache.",
         table("cache"),
-        {
-            "ttl_days",
-            "max_mb",
-            "share_across_teams",
-            "coalesce_wait_s",
-            "coalesce_lock_s",
-            "stale_if_error_days",
-            "memory_mb",
-            "derive",
-            "widen",
-            "widen_max_labels",
-            "audit_rate",
-        },
+        _keys(CacheConfig),
     )
     cache = CacheConfig(
         ttl_days=c.number("ttl_days", 30.0),
@@ -583,7 +540,7 @@ def parse_config(
     if cache.widen and not cache.derive:
         c.fail("widen", "needs derive = true (a widened miss's answer is derived)")
 
-    q = _Reader(problems, source, "quota.", table("quota"), {"period"})
+    q = _Reader(problems, source, "quota.", table("quota"), _keys(QuotaConfig))
     period: str = q.get("period", str, "month")
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
@@ -593,7 +550,7 @@ def parse_config(
         source,
         "admin.",
         table("admin"),
-        {"token_env", "status_token_env", "public_status"},
+        _keys(AdminConfig, without=frozenset({"token", "status_token"})),
     )
     token_env: str | None = a.get("token_env", str, None)
     status_env: str | None = a.get("status_token_env", str, None)
@@ -648,7 +605,7 @@ _WEBHOOK = re.compile(r"https?://[^/\s]+(/\S*)?")
 
 
 def _parse_pricing(problems: list[str], source: str, raw: Mapping[str, Any]) -> PricingConfig:
-    p = _Reader(problems, source, "pricing.", raw, {"per_call", "currency", "types"})
+    p = _Reader(problems, source, "pricing.", raw, _keys(PricingConfig))
     currency: str = p.get("currency", str, "USD")
     if not _CURRENCY.fullmatch(currency):
         p.fail("currency", f"must be a three-letter ISO 4217 code such as USD, got {currency!r}")
@@ -668,15 +625,7 @@ def _parse_notify(problems: list[str], source: str, raw: Mapping[str, Any]) -> N
         source,
         "notify.",
         raw,
-        {
-            "webhook_urls",
-            "slack",
-            "quota_shares",
-            "drift_calls",
-            "timeout_s",
-            "retries",
-            "max_queue",
-        },
+        _keys(NotifyConfig),
     )
     urls = n.strings("webhook_urls", ())
     for url in urls:
@@ -734,7 +683,9 @@ def _parse_teams(
                 f"{source}: teams.{name}: the name is reserved (the gateway charges its own "
                 "cache audits to a ledger line called \"audit\"); choose another"
             )
-        known = {"keys", "quota", "rate_per_s", "burst", "types", "allow_refresh"}
+        known = _keys(
+            TeamConfig, without=frozenset({"name", "key_hashes"}), extra=frozenset({"keys"})
+        )
         t = _Reader(problems, source, prefix, body, known)
         if "keys" not in body:
             t.fail("keys", "missing (a list of team keys, plain or sha256:<hex>)")

@@ -98,3 +98,46 @@ def test_serve_refuses_to_start_without_the_upstream_key(tmp_path: Path) -> None
                             timeout=30)
     assert result.returncode == 2
     assert "IMAGERECOGNIZE_API_KEY" in result.stderr
+
+
+def test_a_table_left_out_takes_exactly_its_dataclass_defaults() -> None:
+    """Defaults are written once, on the dataclasses: a config that sets nothing but a team
+    reads every section as its dataclass's defaults (a literal default in the parser that
+    drifted from the dataclass fails here)."""
+    import dataclasses
+
+    from gateway import config as c
+
+    got = c.parse_config({"teams": {"t": {"keys": ["k"], "quota": 1}}},
+                         env={"IMAGERECOGNIZE_API_KEY": "x"})
+    sections = {"server": c.ServerConfig, "upstream": c.UpstreamConfig,
+                "storage": c.StorageConfig, "cache": c.CacheConfig, "quota": c.QuotaConfig,
+                "admin": c.AdminConfig, "pricing": c.PricingConfig, "notify": c.NotifyConfig}
+    for name, cls in sections.items():
+        secrets = {f.name for f in dataclasses.fields(cls) if f.type == "Secret"}
+        read = {k: v for k, v in dataclasses.asdict(getattr(got, name)).items()
+                if k not in secrets}
+        default = {k: v for k, v in dataclasses.asdict(cls()).items() if k not in secrets}
+        assert read == default, name
+    (team,) = got.teams
+    defaults = c.TeamConfig(name="t", key_hashes=team.key_hashes, quota=1)
+    assert team == defaults
+
+
+@pytest.mark.parametrize("section", ["server", "upstream", "storage", "cache", "quota", "admin",
+                                     "pricing", "notify"])
+def test_every_key_of_a_section_is_known_and_nothing_else(section: str) -> None:
+    """The known keys are the dataclass's fields: each is accepted, a neighbour is refused."""
+    import dataclasses
+
+    from gateway import config as c
+
+    cls = {f.name: f.type for f in dataclasses.fields(c.Config)}[section]
+    cls = getattr(c, cls) if isinstance(cls, str) else cls
+    fields = [f.name for f in dataclasses.fields(cls) if f.type != "Secret"]
+    assert fields
+    with pytest.raises(ConfigError) as refused:
+        c.parse_config({section: {"no_such_key": 1}, "teams": {"t": {"keys": ["k"], "quota": 1}}},
+                       env={"IMAGERECOGNIZE_API_KEY": "x"})
+    message = str(refused.value)
+    assert f"{section}.no_such_key: unknown key (known: {', '.join(sorted(fields))})" in message
