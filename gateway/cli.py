@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Until the running gateway installs its reload handler, a SIGHUP (an operator's
             # reload, or a supervisor's) must not kill a gateway that is still starting.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            from gateway.ops.server import serve
+            from gateway.ops.serve import serve
 
             return serve(
                 args.config,

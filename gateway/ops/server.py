@@ -1,7 +1,6 @@
-"""``gateway serve``: load config, run until SIGTERM/SIGINT, drain, exit; SIGHUP reloads.
-
-One process, or with ``server.workers > 1`` a supervisor (``gateway.ops.supervisor``) and its
-workers; either way each serving process runs ``run_worker``.
+"""One serving process of ``gateway serve`` (``gateway.ops.serve``): run until SIGTERM/SIGINT,
+drain, exit; SIGHUP reloads. With ``server.workers > 1`` each worker of the supervisor
+(``gateway.ops.supervisor``) runs ``run_worker``, as the single process does otherwise.
 """
 
 from __future__ import annotations
@@ -24,36 +23,10 @@ from gateway.http.app import create_app
 from gateway.http.http_errors import EnvelopeAppRunner, redact_aiohttp_logs
 from gateway.http.reload import Reloads
 from gateway.http.state import STATE
-from gateway.obs.logs import flush_access_log, setup_logging, start_access_log
+from gateway.obs.logs import flush_access_log, start_access_log
 from gateway.ops.occupancy import orphaned_workers, port_holders, store_id
 
 log = logging.getLogger("gateway")
-
-
-def serve(
-    config_path: str,
-    *,
-    host: str | None = None,
-    port: int | None = None,
-    log_format: str = "text",
-    log_level: str = "INFO",
-) -> int:
-    config = load_config(config_path)
-    setup_logging(log_format, log_level)
-    options = Options(
-        config_path,
-        host or config.server.host,
-        config.server.port if port is None else port,
-        log_format,
-        log_level,
-    )
-    refuse_if_occupied(config, options)
-    if config.server.workers > 1:
-        from gateway.ops.supervisor import supervise
-
-        return supervise(options, config)
-    run_worker(options, reuse_port=False)
-    return 0
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Any
 from gateway.config import Config, ConfigError
 from gateway.core.ratelimit import SHARED_BUCKETS_ENV
 from gateway.ops.occupancy import STORE_ID, WORKER_OF, store_id
-from gateway.ops.server import Options
+from gateway.ops.server import Options, begin_drain, run_worker
 from gateway.store.base import StoreUnavailable
 
 log = logging.getLogger("gateway")
@@ -181,7 +181,6 @@ def worker_main(options: Options, report: Connection) -> None:
         _leave_metrics_dir()
         return
     from gateway.obs.logs import setup_logging
-    from gateway.ops.server import begin_drain, run_worker
 
     setup_logging(options.log_format, options.log_level)
     ready = False
