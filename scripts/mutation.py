@@ -48,13 +48,17 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
     "cache_key": ("gateway/core/cache_key.py", ["gateway.core.cache_key.*"],
                   ["tests/test_cache_key.py", "tests/test_api.py"]),
     "cors": ("gateway/http/cors.py", ["gateway.http.cors.*"], ["tests/test_cors.py"]),
+    # Cache-Control read and Cache-Status / Warning written (the service returns facts).
+    "cache_headers": ("gateway/http/api.py",
+                      [f"gateway.http.api.x_{f}*" for f in ("parse_cache_control", "cache_status")],
+                      ["tests/test_api.py", "tests/test_resilience.py",
+                       "tests/test_service_rules.py", "tests/test_derive.py"]),
     "admin_auth": ("gateway/http/admin.py",
                    [f"gateway.http.admin.x_{f}*"
                     for f in ("token_matches", "_admin", "_status_denied")],
                    ["tests/test_admin.py"]),
     "service": ("gateway/core/service.py",
-                [f"{SERVICE}{f}*" for f in SERVICE_PARTS]
-                + ["gateway.core.service.xǁDirectivesǁparse*"],
+                [f"{SERVICE}{f}*" for f in SERVICE_PARTS],
                 ["tests/test_api.py", "tests/test_resilience.py", "tests/test_cache_key.py",
                  "tests/test_derive.py", "tests/test_coalescing_replicas.py",
                  "tests/test_service_rules.py", "tests/test_store_faults.py",

@@ -36,7 +36,6 @@ from gateway.upstream import UpstreamClient, was_billed
 T = TypeVar("T")
 log = logging.getLogger("gateway.service")
 
-CACHE_NAME = "imagerecognize-gateway"
 _UNREAD = "\0unread"  # the store's cache_generation before the first look at it
 USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (other processes)
 # The ledger line of the gateway's own cache audits: its limit bounds the audits a period.
@@ -58,22 +57,11 @@ class NotCached(GatewayTimeout):
 
 @dataclass(frozen=True, slots=True)
 class Directives:
-    """Request Cache-Control directives the gateway honours (RFC 9111)."""
+    """What the request asks of the cache (the HTTP layer reads them from Cache-Control)."""
 
-    no_cache: bool = False
-    no_store: bool = False
-    only_if_cached: bool = False
-
-    @classmethod
-    def parse(cls, header: str | None) -> Directives:
-        if not header:
-            return _NO_DIRECTIVES
-        names = {part.split("=", 1)[0].strip().lower() for part in header.split(",")}
-        return cls(
-            no_cache="no-cache" in names or "max-age=0" in header.replace(" ", ""),
-            no_store="no-store" in names,
-            only_if_cached="only-if-cached" in names,
-        )
+    no_cache: bool = False  # do not answer from the store: ask the upstream
+    no_store: bool = False  # ask the upstream and keep nothing
+    only_if_cached: bool = False  # answer from the store or not at all
 
 
 _NO_DIRECTIVES = Directives()
@@ -90,12 +78,16 @@ class Call:
 
 @dataclass(slots=True)
 class Answer:
+    """What the service answered and how; the HTTP layer renders it (Cache-Status, Warning)."""
+
     body: bytes
     outcome: str  # hit | miss | coalesced | derived | none (metric label)
-    cache_status: str  # the Cache-Status header value
     content_hash: str
     upstream_ms: float | None = None
-    warning: str | None = None  # RFC 7234 Warning, on a stale answer
+    fwd: str | None = None  # forwarded upstream, and why: miss | request | stale
+    stored: bool = False  # forwarded and its result stored
+    ttl: int | None = None  # a stored answer's freshness left, s (negative once stale)
+    stale: bool = False  # a stale stored answer, served because the upstream failed
 
 
 class _Retry(Exception):
@@ -158,7 +150,7 @@ class RecognitionService:
             raise NotCached()
         if d.no_store:
             self._refuse_if_breaker_open()
-            return await self._forward(call, key, scope, store=False, cache_status="fwd=request")
+            return await self._forward(call, key, scope, store=False, fwd="request")
         derivable = self.derivable(call.type)
         # A widened miss asks for every object at once, so later variants are derived hits.
         sent = self._widened(call) if derivable and not d.no_cache else None
@@ -198,7 +190,7 @@ class RecognitionService:
                     ):
                         return await self._coalesced(landed, key, call, scope)
                 self._refuse_if_breaker_open()
-                fwd = "fwd=request" if d.no_cache else "fwd=stale" if entry else "fwd=miss"
+                fwd = "request" if d.no_cache else "stale" if entry else "miss"
                 return await self._lead(call, flight_key, scope, fwd, sent)
             except (BadGateway, GatewayTimeout, Unavailable) as exc:
                 stale = await self._stale(entry, key, call, period)
@@ -275,12 +267,8 @@ class RecognitionService:
         rate = self.config.cache.audit_rate
         if rate > 0 and self.audit_random.random() < rate:
             self._start_audit(call, key, scope, prefix)
-        return Answer(
-            success_body(prefix, self.ledger.left(call.team, used)),
-            "derived",
-            f"{CACHE_NAME}; hit; detail=derived",
-            content_hash,
-        )
+        return Answer(success_body(prefix, self.ledger.left(call.team, used)), "derived",
+                      content_hash)
 
     def _answer_from(self, result: CachedResult, call: Call) -> bytes | None:
         """``result``'s data prefix as the answer to ``call``: itself when its parameters
@@ -390,9 +378,9 @@ class RecognitionService:
         return Answer(
             success_body(entry.data_prefix, self.ledger.left(call.team, used)),
             "hit",
-            f"{CACHE_NAME}; hit; ttl={ttl}" + ("; detail=stale-if-error" if stale else ""),
             call.file.content_hash,
-            warning=f'110 {CACHE_NAME} "Response is Stale"' if stale else None,
+            ttl=ttl,
+            stale=stale,
         )
 
     async def _lead(
@@ -402,7 +390,7 @@ class RecognitionService:
         self._flights[key] = flight  # a no-cache leader may take over a plain one's key
         shared: CachedResult | None = None
         try:
-            if fwd != "fwd=request" and not await self._claim(key, flight):
+            if fwd != "request" and not await self._claim(key, flight):
                 # Another process is calling for this key: wait for its result.
                 shared = await self._follow_shared(key, flight)
             if shared is None:
@@ -516,31 +504,23 @@ class RecognitionService:
                 "coalesced request waited %.0fs; forwarding on its own",
                 self.config.cache.coalesce_wait_s,
             )
-            return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
+            return await self._forward(call, key, scope, store=True, fwd="miss")
         return await self._coalesced(result, key, call, scope)
 
     async def _coalesced(self, result: CachedResult, key: str, call: Call, scope: str) -> Answer:
         """The answer of a request that rode on another's upstream call: free."""
         prefix = self._answer_from(result, call)
         if prefix is None:  # the leader's (widened) answer does not follow the model
-            return await self._forward(call, key, scope, store=True, cache_status="fwd=miss")
+            return await self._forward(call, key, scope, store=True, fwd="miss")
         period = self.ledger.period()
         self._note_hit(result.key, call, period, self.ledger.clock(), coalesced=True)
         used = await self._used(call.team.name, period)
-        return Answer(
-            success_body(prefix, self.ledger.left(call.team, used)),
-            "coalesced",
-            f"{CACHE_NAME}; hit; detail=coalesced",
-            call.file.content_hash,
-        )
+        return Answer(success_body(prefix, self.ledger.left(call.team, used)), "coalesced",
+                      call.file.content_hash)
 
-    async def _forward(
-        self, call: Call, key: str, scope: str, *, store: bool, cache_status: str
-    ) -> Answer:
+    async def _forward(self, call: Call, key: str, scope: str, *, store: bool, fwd: str) -> Answer:
         reservation = await self._reserve(call.team)
-        return await self._call_upstream(
-            call, key, scope, reservation, None, store=store, fwd=cache_status
-        )
+        return await self._call_upstream(call, key, scope, reservation, None, store=store, fwd=fwd)
 
     async def _call_upstream(
         self,
@@ -566,13 +546,14 @@ class RecognitionService:
             # the type from now, and this caller's exact question is asked (and paid) again.
             await self._model_broken(call.type, result.params)
             exact = cache_key(call.file.content_hash, call.type, call.params, scope)
-            return await self._forward(call, exact, scope, store=True, cache_status=fwd)
+            return await self._forward(call, exact, scope, store=True, fwd=fwd)
         return Answer(
             success_body(prefix, self.ledger.left(call.team, reservation.used)),
             "miss" if store else "none",
-            f"{CACHE_NAME}; {fwd}" + ("; stored" if store else ""),
             call.file.content_hash,
             upstream_s * 1000,
+            fwd=fwd,
+            stored=store,
         )
 
     async def _fetch(

@@ -63,6 +63,33 @@ def request_id(sent: str | None) -> str:
     return b.hex()
 
 
+CACHE_NAME = "imagerecognize-gateway"  # this cache's name in Cache-Status (RFC 9211)
+STALE_WARNING = f'110 {CACHE_NAME} "Response is Stale"'  # RFC 7234, on a stale-if-error answer
+_NO_DIRECTIVES = Directives()
+
+
+def parse_cache_control(header: str | None) -> Directives:
+    """The request Cache-Control directives the gateway honours (RFC 9111)."""
+    if not header:
+        return _NO_DIRECTIVES
+    names = {part.split("=", 1)[0].strip().lower() for part in header.split(",")}
+    return Directives(
+        no_cache="no-cache" in names or "max-age=0" in header.replace(" ", ""),
+        no_store="no-store" in names,
+        only_if_cached="only-if-cached" in names,
+    )
+
+
+def cache_status(answer: Answer) -> str:
+    """The Cache-Status header (RFC 9211) that says how ``answer`` was served."""
+    if answer.fwd is not None:
+        return f"{CACHE_NAME}; fwd={answer.fwd}" + ("; stored" if answer.stored else "")
+    if answer.outcome in ("derived", "coalesced"):
+        return f"{CACHE_NAME}; hit; detail={answer.outcome}"
+    return f"{CACHE_NAME}; hit; ttl={answer.ttl}" + (
+        "; detail=stale-if-error" if answer.stale else "")
+
+
 async def handle_api(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     started = time.perf_counter()
@@ -107,17 +134,17 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
             return respond(request, body, 200, {**limits, "X-Request-Id": rid})
         file = _image(form)
         params = analysis_params(type_, form.fields)
-        directives = Directives.parse(request.headers.get("Cache-Control"))
+        directives = parse_cache_control(request.headers.get("Cache-Control"))
         answer = await state.service.recognize(Call(team, type_, params, file, directives))
         outcome, status = answer.outcome, 200
         headers = {
-            "Cache-Status": answer.cache_status,
+            "Cache-Status": cache_status(answer),
             "X-Content-Hash": answer.content_hash,
             "X-Request-Id": rid,
             **limits,
         }
-        if answer.warning is not None:
-            headers["Warning"] = answer.warning
+        if answer.stale:
+            headers["Warning"] = STALE_WARNING
         return respond(request, answer.body, 200, headers)
     except GatewayError as exc:
         status = exc.status
