@@ -272,3 +272,40 @@ async def test_a_hit_right_after_a_miss_reports_the_quota_that_miss_left(
     status, left = await quota(first)  # from the in-process tier, within the count's age
     assert status.startswith("imagerecognize-gateway; hit;")
     assert left == limit - 2
+
+
+@pytest.mark.parametrize(("header", "served"), [
+    pytest.param(None, "imagerecognize-gateway; hit; ttl=", id="none"),
+    pytest.param("no-cache", "imagerecognize-gateway; fwd=request; stored", id="no-cache"),
+    pytest.param("NO-CACHE", "imagerecognize-gateway; fwd=request; stored", id="upper-case"),
+    pytest.param('no-cache="x"', "imagerecognize-gateway; fwd=request; stored",
+                 id="no-cache-with-an-argument"),
+    pytest.param("max-age=0", "imagerecognize-gateway; fwd=request; stored", id="max-age-0"),
+    pytest.param("max-age = 0", "imagerecognize-gateway; fwd=request; stored",
+                 id="max-age-0-spaced"),
+    pytest.param("max-age=10", "imagerecognize-gateway; hit; ttl=", id="max-age-10"),
+    pytest.param("private, no-store", "imagerecognize-gateway; fwd=request", id="no-store"),
+    pytest.param("no-cachex", "imagerecognize-gateway; hit; ttl=", id="not-a-directive"),
+    pytest.param("only-if-cached", "imagerecognize-gateway; hit; ttl=", id="only-if-cached"),
+])
+async def test_the_cache_control_a_client_sends_decides_how_a_held_answer_is_served(
+        gateway_factory: GatewayFactory, held: HeldUpstream, tmp_path: Path,
+        header: str | None, served: str) -> None:
+    """An image already held, asked again with each Cache-Control: answered from the store,
+    or forwarded (stored unless no-store). The service gets only the directives; the handler
+    reads the header and writes Cache-Status."""
+    held.release.set()
+    gw = await gateway_factory(make_config(held.url, tmp_path / "g.db"))
+
+    async def ask(headers: dict[str, str]) -> str:
+        form = aiohttp.FormData({"apikey": SEARCH, "type": "objects", "max_labels": "10",
+                                 "min_confidence": "80"})
+        form.add_field("file", IMAGE, filename="a.png")
+        async with aiohttp.ClientSession() as session, \
+                session.post(gw.url, data=form, headers=headers) as r:
+            assert r.status == 200
+            return r.headers["Cache-Status"]
+
+    assert (await ask({})) == "imagerecognize-gateway; fwd=miss; stored"
+    status = await ask({} if header is None else {"Cache-Control": header})
+    assert status.startswith(served) and (served.endswith("ttl=") or status == served), status
