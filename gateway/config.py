@@ -97,26 +97,35 @@ def hash_key(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+# A [server] key read once at start (the listening socket, the app's middlewares and
+# connection settings, run_app's shutdown timeout, the access log's writer, the event loop):
+# a reload that changes it says a restart applies it. The other keys are read per request.
+_RESTART = {"restart": True}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    cors_origins: tuple[str, ...] = ()
+    host: str = field(default="127.0.0.1", metadata=_RESTART)
+    port: int = field(default=8080, metadata=_RESTART)
+    workers: int = field(default=1, metadata=_RESTART)
+    cors_origins: tuple[str, ...] = field(default=(), metadata=_RESTART)
     max_inflight: int = 1024
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = field(default=30.0, metadata=_RESTART)
     drain_grace_s: float = 0.0
     access_log: bool = True
-    access_log_buffer_kb: int = 32  # access lines written in batches of up to this...
-    access_log_flush_ms: int = 1000  # ...or this long after the first one, off the loop
-    event_loop: str = "auto"  # uvloop where installed, or "asyncio" / "uvloop"
+    # Access lines are written in batches of up to this many KB, or this long after the first
+    # one, off the loop.
+    access_log_buffer_kb: int = field(default=32, metadata=_RESTART)
+    access_log_flush_ms: int = field(default=1000, metadata=_RESTART)
+    # uvloop where installed, or "asyncio" / "uvloop"
+    event_loop: str = field(default="auto", metadata=_RESTART)
     body_timeout_s: float = 60.0
     # Bodies still arriving are bounded on their own, not by max_inflight (which counts
     # requests whose body is in): a client trickling its body costs a socket, not a slot.
     max_receiving: int = 4096
     body_idle_timeout_s: float = 10.0  # no byte of the body for this long: 408
     body_min_rate: int = 1024  # bytes/s on average, checked once a body is 5 s old
-    keepalive_timeout_s: float = 75.0
+    keepalive_timeout_s: float = field(default=75.0, metadata=_RESTART)
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,26 @@ class Config:
         return next((t for t in self.teams if t.name == name), None)
 
 
+class LiveConfig:
+    """The config in force, held once: every part that follows a reload (the handlers, the
+    quota ledger, the recognition service) reads ``current`` here, and a reload replaces it in
+    one assignment, so no part can run on a config the others have left."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config):
+        self.current = config
+
+
+def live(config: Config | LiveConfig) -> LiveConfig:
+    return config if isinstance(config, LiveConfig) else LiveConfig(config)
+
+
+def restart_only(cls: type) -> tuple[str, ...]:
+    """The keys of a section that a reload cannot apply (marked ``_RESTART`` on the field)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("restart"))
+
+
 def _keys(
     cls: type, *, without: frozenset[str] = frozenset(), extra: frozenset[str] = frozenset()
 ) -> set[str]:
@@ -264,12 +293,27 @@ def _keys(
     return {f.name for f in dataclasses.fields(cls)} - without | extra
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """Each field's default, as its dataclass writes it (the one place a default is written)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+_OWN = object()  # "the dataclass's default for this key"
+
+
 class _Reader:
     """Typed access to one TOML table, with errors that name file and key.
 
-    A problem is noted in ``problems`` (shared by every table of one file) and reading goes
-    on with the key's default, so one run of ``check-config`` reports them all;
-    ``parse_config`` raises them together at the end."""
+    Built on a section's dataclass, it knows the table's keys and each key's default from the
+    dataclass's fields, so neither is written again here. A problem is noted in ``problems``
+    (shared by every table of one file) and reading goes on with the key's default, so one run
+    of ``check-config`` reports them all; ``parse_config`` raises them together at the end."""
 
     def __init__(
         self,
@@ -277,9 +321,16 @@ class _Reader:
         source: str,
         prefix: str,
         table: Mapping[str, Any],
-        known: set[str],
+        section: type | set[str],
+        *,
+        without: frozenset[str] = frozenset(),
+        extra: frozenset[str] = frozenset(),
     ):
         self.problems, self.source, self.prefix, self.table = problems, source, prefix, table
+        if isinstance(section, set):
+            known, self.defaults = section, {}
+        else:
+            known, self.defaults = _keys(section, without=without, extra=extra), _defaults(section)
         for key in table:
             if key not in known:
                 self.fail(key, f"unknown key (known: {', '.join(sorted(known))})")
@@ -287,7 +338,11 @@ class _Reader:
     def fail(self, key: str, problem: str) -> None:
         self.problems.append(f"{self.source}: {self.prefix}{key}: {problem}")
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    def _default(self, key: str, default: Any) -> Any:
+        return self.defaults[key] if default is _OWN else default
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _OWN) -> Any:
+        default = self._default(key, default)
         if key not in self.table:
             return default
         value = self.table[key]
@@ -300,22 +355,25 @@ class _Reader:
         return value
 
     def number(
-        self, key: str, default: float, *, minimum: float = 0.0, strict: bool = True
+        self, key: str, default: Any = _OWN, *, minimum: float = 0.0, strict: bool = True
     ) -> float:
-        value = float(self.get(key, (int, float), default))
+        fallback = float(self._default(key, default))
+        value = float(self.get(key, (int, float), fallback))
         if value < minimum or (strict and value == minimum):
             self.fail(key, f"must be {'>' if strict else '>='} {minimum:g}")
-            return default
+            return fallback
         return value
 
-    def integer(self, key: str, default: int, *, minimum: int = 1) -> int:
-        value: int = self.get(key, int, default)
+    def integer(self, key: str, default: Any = _OWN, *, minimum: int = 1) -> int:
+        fallback = int(self._default(key, default))
+        value: int = self.get(key, int, fallback)
         if value < minimum:
             self.fail(key, f"must be an integer >= {minimum}")
-            return default
+            return fallback
         return value
 
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def strings(self, key: str) -> tuple[str, ...]:
+        default: tuple[str, ...] = tuple(self.defaults.get(key, ()))
         value = self.get(key, list, list(default))
         if not all(isinstance(v, str) and v for v in value):
             self.fail(key, "must be a list of non-empty strings")
@@ -396,39 +454,39 @@ def parse_config(
         source,
         "server.",
         table("server"),
-        _keys(ServerConfig),
+        ServerConfig,
     )
-    port = s.integer("port", 8080, minimum=0)
+    port = s.integer("port", minimum=0)
     if port > 65535:
         s.fail("port", "must be <= 65535")
-    buffer_kb = s.integer("access_log_buffer_kb", 32)
+    buffer_kb = s.integer("access_log_buffer_kb")
     if buffer_kb > 65536:
         s.fail("access_log_buffer_kb", "must be <= 65536 (64 MB)")
-    flush_ms = s.integer("access_log_flush_ms", 1000)
+    flush_ms = s.integer("access_log_flush_ms")
     if flush_ms > 60000:
         s.fail("access_log_flush_ms", "must be <= 60000 (a killed process loses up to this)")
-    event_loop: str = s.get("event_loop", str, "auto")
+    event_loop: str = s.get("event_loop", str)
     if event_loop not in EVENT_LOOPS:
         s.fail("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {event_loop!r}")
     if event_loop == "uvloop" and not uvloop_installed():
         s.fail("event_loop", 'uvloop is not installed (pip install uvloop), or use "auto"')
     server = ServerConfig(
-        host=s.get("host", str, "127.0.0.1"),
+        host=s.get("host", str),
         port=port,
-        workers=s.integer("workers", 1),
-        cors_origins=_origins(s, s.strings("cors_origins", ())),
-        max_inflight=s.integer("max_inflight", 1024),
-        drain_timeout_s=s.number("drain_timeout_s", 30.0),
-        drain_grace_s=s.number("drain_grace_s", 0.0, strict=False),
-        access_log=s.get("access_log", bool, True),
+        workers=s.integer("workers"),
+        cors_origins=_origins(s, s.strings("cors_origins")),
+        max_inflight=s.integer("max_inflight"),
+        drain_timeout_s=s.number("drain_timeout_s"),
+        drain_grace_s=s.number("drain_grace_s", strict=False),
+        access_log=s.get("access_log", bool),
         access_log_buffer_kb=buffer_kb,
         access_log_flush_ms=flush_ms,
         event_loop=event_loop,
-        body_timeout_s=s.number("body_timeout_s", 60.0),
-        max_receiving=s.integer("max_receiving", 4096),
-        body_idle_timeout_s=s.number("body_idle_timeout_s", 10.0),
-        body_min_rate=s.integer("body_min_rate", 1024, minimum=0),
-        keepalive_timeout_s=s.number("keepalive_timeout_s", 75.0),
+        body_timeout_s=s.number("body_timeout_s"),
+        max_receiving=s.integer("max_receiving"),
+        body_idle_timeout_s=s.number("body_idle_timeout_s"),
+        body_min_rate=s.integer("body_min_rate", minimum=0),
+        keepalive_timeout_s=s.number("keepalive_timeout_s"),
     )
 
     u = _Reader(
@@ -436,15 +494,16 @@ def parse_config(
         source,
         "upstream.",
         table("upstream"),
-        _keys(UpstreamConfig, without=frozenset({"api_key"})),
+        UpstreamConfig,
+        without=frozenset({"api_key"}),
     )
-    url: str = u.get("url", str, UpstreamConfig.url)
+    url: str = u.get("url", str)
     if not url.startswith(("http://", "https://")):
         u.fail("url", "must be an http:// or https:// URL")
-    key_env: str = u.get("api_key_env", str, UpstreamConfig.api_key_env)
+    key_env: str = u.get("api_key_env", str)
     if not key_env.strip() or "=" in key_env or "\0" in key_env:
         u.fail("api_key_env", "must name an environment variable")
-    key_file: str = u.get("api_key_file", str, "")
+    key_file: str = u.get("api_key_file", str)
     unread = len(problems)
     if key_file:
         # A missing secret file is refused only where the key is needed: check-config runs
@@ -469,13 +528,13 @@ def parse_config(
     upstream = UpstreamConfig(
         url=url,
         api_key_env=key_env,
-        timeout_s=u.number("timeout_s", 30.0),
-        max_concurrency=u.integer("max_concurrency", 64),
-        max_queue=u.integer("max_queue", 256),
-        retries=u.integer("retries", 2, minimum=0),
-        breaker_failures=u.integer("breaker_failures", 5),
-        breaker_cooldown_s=u.number("breaker_cooldown_s", 10.0),
-        max_answer_kb=u.integer("max_answer_kb", UpstreamConfig.max_answer_kb),
+        timeout_s=u.number("timeout_s"),
+        max_concurrency=u.integer("max_concurrency"),
+        max_queue=u.integer("max_queue"),
+        retries=u.integer("retries", minimum=0),
+        breaker_failures=u.integer("breaker_failures"),
+        breaker_cooldown_s=u.number("breaker_cooldown_s"),
+        max_answer_kb=u.integer("max_answer_kb"),
         api_key_file=key_file,
         api_key=Secret(api_key),
     )
@@ -485,24 +544,24 @@ def parse_config(
         source,
         "storage.",
         table("storage"),
-        _keys(StorageConfig),
+        StorageConfig,
     )
-    backend: str = st.get("backend", str, "sqlite")
+    backend: str = st.get("backend", str)
     if backend not in ("sqlite", "redis"):
         st.fail("backend", 'must be "sqlite" or "redis"')
     storage = StorageConfig(
         backend=backend,
-        path=st.get("path", str, StorageConfig.path),
-        cache_path=st.get("cache_path", str, ""),
-        synchronous=st.get("synchronous", str, "normal").lower(),
-        busy_timeout_ms=st.integer("busy_timeout_ms", 5000, minimum=0),
-        redis_url=st.get("redis_url", str, StorageConfig.redis_url),
-        redis_prefix=st.get("redis_prefix", str, StorageConfig.redis_prefix),
-        redis_max_connections=st.integer("redis_max_connections", 0, minimum=0),
-        require_persistence=st.get("require_persistence", bool, False),
-        redis_sentinels=st.strings("redis_sentinels", ()),
-        redis_master_name=st.get("redis_master_name", str, "mymaster"),
-        redis_min_replicas_ack=st.integer("redis_min_replicas_ack", -1, minimum=-1),
+        path=st.get("path", str),
+        cache_path=st.get("cache_path", str),
+        synchronous=st.get("synchronous", str).lower(),
+        busy_timeout_ms=st.integer("busy_timeout_ms", minimum=0),
+        redis_url=st.get("redis_url", str),
+        redis_prefix=st.get("redis_prefix", str),
+        redis_max_connections=st.integer("redis_max_connections", minimum=0),
+        require_persistence=st.get("require_persistence", bool),
+        redis_sentinels=st.strings("redis_sentinels"),
+        redis_master_name=st.get("redis_master_name", str),
+        redis_min_replicas_ack=st.integer("redis_min_replicas_ack", minimum=-1),
     )
     for address in storage.redis_sentinels:
         sentinel_host, _, sentinel_port = address.rpartition(":")
@@ -520,28 +579,28 @@ def parse_config(
         source,
         "cache.",
         table("cache"),
-        _keys(CacheConfig),
+        CacheConfig,
     )
     cache = CacheConfig(
-        ttl_days=c.number("ttl_days", 30.0),
-        max_mb=c.number("max_mb", 1024.0),
-        share_across_teams=c.get("share_across_teams", bool, True),
-        coalesce_wait_s=c.number("coalesce_wait_s", 60.0),
-        coalesce_lock_s=c.number("coalesce_lock_s", 5.0),
-        stale_if_error_days=c.number("stale_if_error_days", 7.0, strict=False),
-        memory_mb=c.number("memory_mb", 64.0, strict=False),
-        derive=c.get("derive", bool, True),
-        widen=c.get("widen", bool, False),
-        widen_max_labels=c.integer("widen_max_labels", 100),
-        audit_rate=c.number("audit_rate", 0.01, strict=False),
+        ttl_days=c.number("ttl_days"),
+        max_mb=c.number("max_mb"),
+        share_across_teams=c.get("share_across_teams", bool),
+        coalesce_wait_s=c.number("coalesce_wait_s"),
+        coalesce_lock_s=c.number("coalesce_lock_s"),
+        stale_if_error_days=c.number("stale_if_error_days", strict=False),
+        memory_mb=c.number("memory_mb", strict=False),
+        derive=c.get("derive", bool),
+        widen=c.get("widen", bool),
+        widen_max_labels=c.integer("widen_max_labels"),
+        audit_rate=c.number("audit_rate", strict=False),
     )
     if not 0.0 <= cache.audit_rate <= 1.0:
         c.fail("audit_rate", "must be between 0 and 1 (a share of derived answers)")
     if cache.widen and not cache.derive:
         c.fail("widen", "needs derive = true (a widened miss's answer is derived)")
 
-    q = _Reader(problems, source, "quota.", table("quota"), _keys(QuotaConfig))
-    period: str = q.get("period", str, "month")
+    q = _Reader(problems, source, "quota.", table("quota"), QuotaConfig)
+    period: str = q.get("period", str)
     if period not in PERIODS:
         q.fail("period", f"must be one of {', '.join(PERIODS)}")
 
@@ -550,10 +609,11 @@ def parse_config(
         source,
         "admin.",
         table("admin"),
-        _keys(AdminConfig, without=frozenset({"token", "status_token"})),
+        AdminConfig,
+        without=frozenset({"token", "status_token"}),
     )
-    token_env: str | None = a.get("token_env", str, None)
-    status_env: str | None = a.get("status_token_env", str, None)
+    token_env: str | None = a.get("token_env", str)
+    status_env: str | None = a.get("status_token_env", str)
     admin = AdminConfig(
         token_env=token_env,
         token=Secret(
@@ -576,7 +636,7 @@ def parse_config(
             if status_env
             else ""
         ),
-        public_status=a.get("public_status", bool, False),
+        public_status=a.get("public_status", bool),
     )
     if admin.token and admin.token == admin.status_token:
         a.fail("status_token_env", "the viewer token must differ from the admin token")
@@ -605,8 +665,8 @@ _WEBHOOK = re.compile(r"https?://[^/\s]+(/\S*)?")
 
 
 def _parse_pricing(problems: list[str], source: str, raw: Mapping[str, Any]) -> PricingConfig:
-    p = _Reader(problems, source, "pricing.", raw, _keys(PricingConfig))
-    currency: str = p.get("currency", str, "USD")
+    p = _Reader(problems, source, "pricing.", raw, PricingConfig)
+    currency: str = p.get("currency", str)
     if not _CURRENCY.fullmatch(currency):
         p.fail("currency", f"must be a three-letter ISO 4217 code such as USD, got {currency!r}")
     types: list[tuple[str, float]] = []
@@ -615,7 +675,7 @@ def _parse_pricing(problems: list[str], source: str, raw: Mapping[str, Any]) -> 
         if name in ANALYSIS_TYPES:
             types.append((name, t.number(name, 0.0, strict=False)))
     return PricingConfig(
-        per_call=p.number("per_call", 0.0, strict=False), currency=currency, types=tuple(types)
+        per_call=p.number("per_call", strict=False), currency=currency, types=tuple(types)
     )
 
 
@@ -625,29 +685,29 @@ def _parse_notify(problems: list[str], source: str, raw: Mapping[str, Any]) -> N
         source,
         "notify.",
         raw,
-        _keys(NotifyConfig),
+        NotifyConfig,
     )
-    urls = n.strings("webhook_urls", ())
+    urls = n.strings("webhook_urls")
     for url in urls:
         if not _WEBHOOK.fullmatch(url):
             n.fail("webhook_urls", "each must be an http:// or https:// URL")
             break
-    shares = n.get("quota_shares", list, [0.8, 1.0])
+    shares = n.get("quota_shares", list, list(n.defaults["quota_shares"]))
     if not all(
         isinstance(x, int | float) and not isinstance(x, bool) and 0 < x <= 1 for x in shares
     ):
         n.fail(
             "quota_shares", "must be a list of shares of the quota, each > 0 and <= 1 (0.8 = 80%)"
         )
-        shares = [0.8, 1.0]
+        shares = list(n.defaults["quota_shares"])
     return NotifyConfig(
         webhook_urls=urls,
-        slack=n.get("slack", bool, False),
+        slack=n.get("slack", bool),
         quota_shares=tuple(sorted({float(x) for x in shares})),
-        drift_calls=n.integer("drift_calls", 10),
-        timeout_s=n.number("timeout_s", 5.0),
-        retries=n.integer("retries", 3, minimum=0),
-        max_queue=n.integer("max_queue", 100),
+        drift_calls=n.integer("drift_calls"),
+        timeout_s=n.number("timeout_s"),
+        retries=n.integer("retries", minimum=0),
+        max_queue=n.integer("max_queue"),
     )
 
 
@@ -676,23 +736,28 @@ def _parse_teams(
         if name.lower() in RESERVED_TEAM_NAMES:
             problems.append(
                 f"{source}: teams.{name}: the name is reserved (metrics and logs label "
-                "requests without a valid key as team \"unknown\"); choose another"
+                'requests without a valid key as team "unknown"); choose another'
             )
         if name.lower() == AUDIT_TEAM:
             problems.append(
                 f"{source}: teams.{name}: the name is reserved (the gateway charges its own "
-                "cache audits to a ledger line called \"audit\"); choose another"
+                'cache audits to a ledger line called "audit"); choose another'
             )
-        known = _keys(
-            TeamConfig, without=frozenset({"name", "key_hashes"}), extra=frozenset({"keys"})
+        t = _Reader(
+            problems,
+            source,
+            prefix,
+            body,
+            TeamConfig,
+            without=frozenset({"name", "key_hashes"}),
+            extra=frozenset({"keys"}),
         )
-        t = _Reader(problems, source, prefix, body, known)
         if "keys" not in body:
             t.fail("keys", "missing (a list of team keys, plain or sha256:<hex>)")
         if "quota" not in body:
             t.fail("quota", "missing (upstream calls per quota.period)")
         hashes: set[str] = set()
-        listed = t.strings("keys", ())
+        listed = t.strings("keys")
         for key in listed:
             h = _key_hash(key)
             if h is None:
@@ -709,7 +774,7 @@ def _parse_teams(
         rate = t.get("rate_per_s", (int, float), None)
         if rate is not None and rate <= 0:
             t.fail("rate_per_s", "must be > 0")
-        burst = t.get("burst", int, None)
+        burst = t.get("burst", int)
         if burst is not None and burst < 1:
             t.fail("burst", "must be an integer >= 1")
         types = t.get("types", list, None)
@@ -719,11 +784,11 @@ def _parse_teams(
             TeamConfig(
                 name=name,
                 key_hashes=frozenset(hashes),
-                quota=t.integer("quota", 0, minimum=0),
+                quota=t.integer("quota", 0, minimum=0),  # required: a missing one is noted above
                 rate_per_s=float(rate) if rate is not None else None,
                 burst=burst,
                 types=frozenset(types) if types is not None else None,
-                allow_refresh=t.get("allow_refresh", bool, True),
+                allow_refresh=t.get("allow_refresh", bool),
             )
         )
     if not raw:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -484,3 +485,51 @@ async def test_rate_limited_requests_are_counted_under_their_type(
         "gateway_requests_total",
         {"team": "search", "type": "objects", "status": "429", "cache": "none"})
     assert sample == 1
+
+
+RESTARTED_VALUES = {"host": "127.0.0.2", "port": 9999, "workers": 2,
+                    "cors_origins": ["http://app.example"], "drain_timeout_s": 5.0,
+                    "access_log_buffer_kb": 64, "access_log_flush_ms": 500,
+                    "event_loop": "asyncio", "keepalive_timeout_s": 10.0}
+
+
+def test_the_server_keys_a_reload_cannot_apply_are_the_ones_operators_md_lists() -> None:
+    """Marked once, on ServerConfig's fields; the operators' guide names the same keys."""
+    import re
+
+    from gateway.http.state import RESTART_ONLY_SERVER_KEYS
+
+    text = (Path(__file__).parent.parent / "docs" / "operators.md").read_text()
+    listed = text.split("these `[server]` keys", 1)[1].split("apply at once", 1)[0]
+    named = set(re.findall(r"`(\w+)`", listed.split("The other", 1)[0]))
+    assert named == set(RESTART_ONLY_SERVER_KEYS) == set(RESTARTED_VALUES)
+
+
+@pytest.mark.parametrize("key", sorted(RESTARTED_VALUES))
+async def test_a_reload_names_each_server_key_read_only_at_start(
+        gateway: Gateway, sim: Sim, tmp_path, key: str) -> None:
+    from tests.conftest import make_config
+
+    changed = make_config(sim.url, tmp_path / "gateway.db", server={key: RESTARTED_VALUES[key]})
+    assert gateway.state.apply_config(changed) == [f"server.{key}"]
+
+
+async def test_one_reload_reaches_the_handlers_the_ledger_and_the_cache_at_once(
+        gateway: Gateway, sim: Sim, tmp_path) -> None:
+    """The quota period (read by the ledger), cache sharing (read by the service) and team keys
+    (read by the handler) all follow one reload."""
+    from tests.conftest import make_config
+
+    image = make_png(31)
+    assert (await post_requests(gateway.url, *objects_form(SEARCH, image))).status_code == 200
+    assert "; hit;" in (await post_requests(gateway.url, *objects_form(ADS, image))
+                        ).headers["Cache-Status"]
+    reloaded = make_config(sim.url, tmp_path / "gateway.db", quota={"period": "total"},
+                           cache={"share_across_teams": False, "audit_rate": 0})
+    assert gateway.state.apply_config(reloaded) == []
+    apart = await post_requests(gateway.url, *objects_form(ADS, make_png(31)))
+    assert "fwd=miss" in apart.headers["Cache-Status"]   # no longer shared across teams
+    assert sim.state.calls == 2
+    usage = {u.team: u for u in await gateway.state.store.usage("total")}
+    assert usage["ads"].charged == 1                    # charged under the new period
+    assert gateway.state.ledger.config is gateway.state.service.config is gateway.state.config

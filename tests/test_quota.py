@@ -110,7 +110,7 @@ def test_the_period_moves_on_at_the_boundary_and_with_the_config(tmp_path: Path)
     assert ledger.period() == "2026-11-30"
     now[0] += 0.4                                   # 00:00:00.1, the next day
     assert ledger.period() == "2026-12-01"
-    ledger.config = replace(config, quota=replace(config.quota, period="week"))  # a reload
+    ledger.live.current = replace(config, quota=replace(config.quota, period="week"))  # a reload
     assert ledger.period() == "2026-W49"            # within the same second
 
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from gateway.config import Config, TeamConfig
+from gateway.config import Config, LiveConfig, TeamConfig, live
 from gateway.core.errors import QuotaReached
 from gateway.store.base import Reclaimed, Reservation, Store
 from gateway.store.owners import Liveness, Owner, this_process
@@ -35,16 +35,25 @@ class QuotaLedger:
     """
 
     def __init__(
-        self, store: Store, config: Config, *, clock: Clock = time.time, owner: Owner | None = None
+        self,
+        store: Store,
+        config: Config | LiveConfig,
+        *,
+        clock: Clock = time.time,
+        owner: Owner | None = None,
     ):
         self.store = store
-        self.config = config
+        self.live = live(config)
         self.clock = clock
         self.owner = owner if owner is not None else this_process()
         self.liveness = Liveness(self.owner)
         self._period_second = -1
         self._period_kind = ""
         self._period_key = ""
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     def period(self) -> str:
         # Formatting a date costs more than the rest of a cache hit: once a second is enough

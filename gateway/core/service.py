@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from gateway.config import AUDIT_TEAM, Config, TeamConfig
+from gateway.config import AUDIT_TEAM, Config, LiveConfig, TeamConfig, live
 from gateway.core import derive, failpoints
 from gateway.core.cache_key import cache_key, params_text
 from gateway.core.envelope import data_object, data_prefix, success_body, success_json
@@ -110,13 +110,14 @@ class _Flight:
 class RecognitionService:
     def __init__(
         self,
-        config: Config,
+        config: Config | LiveConfig,
         store: Store,
         ledger: QuotaLedger,
         upstream: UpstreamClient,
         metrics: Metrics,
     ):
-        self.config = config
+        self.live = live(config)
+        config = self.live.current
         self.store = store
         self.ledger = ledger
         self.upstream = upstream
@@ -124,7 +125,6 @@ class RecognitionService:
         self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hits: list[Hit] = []
-        self.max_bytes = int(config.cache.max_mb * 1024 * 1024)
         self.hot = HotCache(int(config.cache.memory_mb * 1024 * 1024))
         self.usage = UsageCache(USAGE_MAX_AGE_S)
         self._generation = store.generation
@@ -137,6 +137,14 @@ class RecognitionService:
         self.derive_off: dict[str, str] = {}
         self._derive_off_unwritten: set[str] = set()
         self.audit_random = random.Random()
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.live.current.cache.max_mb * 1024 * 1024)
 
     # -- the request path ------------------------------------------------------------------
     async def recognize(self, call: Call) -> Answer:
@@ -154,8 +162,10 @@ class RecognitionService:
         derivable = self.derivable(call.type)
         # A widened miss asks for every object at once, so later variants are derived hits.
         sent = self._widened(call) if derivable and not d.no_cache else None
-        flight_key = key if sent is None else cache_key(
-            call.file.content_hash, call.type, sent.params, scope
+        flight_key = (
+            key
+            if sent is None
+            else cache_key(call.file.content_hash, call.type, sent.params, scope)
         )
         while True:
             period = self.ledger.period()
@@ -267,8 +277,9 @@ class RecognitionService:
         rate = self.config.cache.audit_rate
         if rate > 0 and self.audit_random.random() < rate:
             self._start_audit(call, key, scope, prefix)
-        return Answer(success_body(prefix, self.ledger.left(call.team, used)), "derived",
-                      content_hash)
+        return Answer(
+            success_body(prefix, self.ledger.left(call.team, used)), "derived", content_hash
+        )
 
     def _answer_from(self, result: CachedResult, call: Call) -> bytes | None:
         """``result``'s data prefix as the answer to ``call``: itself when its parameters
@@ -515,8 +526,11 @@ class RecognitionService:
         period = self.ledger.period()
         self._note_hit(result.key, call, period, self.ledger.clock(), coalesced=True)
         used = await self._used(call.team.name, period)
-        return Answer(success_body(prefix, self.ledger.left(call.team, used)), "coalesced",
-                      call.file.content_hash)
+        return Answer(
+            success_body(prefix, self.ledger.left(call.team, used)),
+            "coalesced",
+            call.file.content_hash,
+        )
 
     async def _forward(self, call: Call, key: str, scope: str, *, store: bool, fwd: str) -> Answer:
         reservation = await self._reserve(call.team)
@@ -679,7 +693,13 @@ class RecognitionService:
         return reservation
 
     def _note_hit(
-        self, key: str, call: Call, period: str, now: float, *, coalesced: bool,
+        self,
+        key: str,
+        call: Call,
+        period: str,
+        now: float,
+        *,
+        coalesced: bool,
         derived: bool = False,
     ) -> None:
         self._hits.append(Hit(key, call.team.name, period, now, coalesced, derived))

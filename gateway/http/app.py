@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from gateway.config import Config
+from gateway.config import Config, LiveConfig
 from gateway.core.errors import GatewayError, ServerError, Unavailable, error_envelope
 from gateway.core.quota import Clock, QuotaLedger
 from gateway.core.ratelimit import RateLimiter
@@ -101,11 +101,12 @@ def create_app(
         if store is not None
         else open_store(config.storage, max_inflight=config.server.max_inflight)
     )
-    ledger = QuotaLedger(store, config, clock=clock)
+    current = LiveConfig(config)  # the one object a reload replaces the config in
+    ledger = QuotaLedger(store, current, clock=clock)
     upstream = UpstreamClient(config.upstream, metrics)
-    service = RecognitionService(config, store, ledger, upstream, metrics)
+    service = RecognitionService(current, store, ledger, upstream, metrics)
     state = GatewayState(
-        config=config,
+        live=current,
         store=store,
         metrics=metrics,
         ledger=ledger,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.config import Config, TeamConfig
+from gateway.config import Config, LiveConfig, ServerConfig, TeamConfig, restart_only
 from gateway.core.keys import KeyRing
 from gateway.core.quota import QuotaLedger
 from gateway.core.ratelimit import RateLimiter
@@ -16,25 +16,13 @@ from gateway.obs.metrics import Metrics
 from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
 
-# Read once at start (the listening socket, the app's middlewares and connection settings,
-# run_app's shutdown timeout, the access log's writer, the event loop); the other [server]
-# keys are read per request or at SIGTERM.
-RESTART_ONLY_SERVER_KEYS = (
-    "host",
-    "port",
-    "workers",
-    "cors_origins",
-    "keepalive_timeout_s",
-    "drain_timeout_s",
-    "access_log_buffer_kb",
-    "access_log_flush_ms",
-    "event_loop",
-)
+# Marked on ServerConfig's fields: read once at start, so a reload only reports them.
+RESTART_ONLY_SERVER_KEYS = restart_only(ServerConfig)
 
 
 @dataclass(eq=False)
 class GatewayState:
-    config: Config
+    live: LiveConfig
     store: Store
     metrics: Metrics
     ledger: QuotaLedger
@@ -57,6 +45,10 @@ class GatewayState:
         # keep it whatever later reloads say.
         self.started = self.config
 
+    @property
+    def config(self) -> Config:
+        return self.live.current
+
     def apply_config(self, new: Config) -> list[str]:
         """Swap in a re-read config: team keys, quotas, rate limits, types and cache rules
         change at once, without dropping a request. Returns the changed keys that only a
@@ -75,10 +67,7 @@ class GatewayState:
             )
             if a != b
         ]
-        self.config = new
-        self.ledger.config = new
-        self.service.config = new
-        self.service.max_bytes = int(new.cache.max_mb * 1024 * 1024)
+        self.live.current = new  # the ledger and the service read the same object
         self.teams_by_key_hash = {h: t for t in new.teams for h in t.key_hashes}
         self.teams_by_key = {}
         self.metrics.preinitialize(new)  # a removed team's quota gauges go with it
