@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SQLITE, REDIS = "gateway.store.sqlite.xǁSQLiteStoreǁ", "gateway.store.redis.xǁRedisStoreǁ"
+SQLITE = "gateway.store.sqlite.store.xǁSQLiteStoreǁ"
+REDIS = "gateway.store.redis.store.xǁRedisStoreǁ"
 STORE_PARTS = ("reserve", "mark_sent", "settle", "keep_undelivered", "refund", "save_result")
 SERVICE = "gateway.core.service.xǁRecognitionServiceǁ"
 # The request path (look up, derive, coalesce, reserve, forward, store, answer) and the refund
@@ -65,12 +66,12 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                  "tests/test_ledger_honesty.py"]),
     "derive": ("gateway/core/derive.py", ["gateway.core.derive.*"],
                ["tests/test_derive.py"]),
-    "sqlite": ("gateway/store/sqlite.py",
+    "sqlite": ("gateway/store/sqlite/store.py",
                [f"{SQLITE}{part}*" for part in STORE_PARTS]
-               + ["gateway.store.sqlite.x__transact*"],
+               + ["gateway.store.sqlite.store.x__transact*"],
                ["tests/test_store_contract.py", "tests/test_store_faults.py",
                 "tests/test_quota.py"]),
-    "redis": ("gateway/store/redis.py",
+    "redis": ("gateway/store/redis/store.py",
               [f"{REDIS}{part}*" for part in (*STORE_PARTS, "_end_one")],
               ["tests/test_store_contract.py", "tests/test_quota.py"]),
     # What an answer is (success, error envelope, garbage) and whether it was billed...

@@ -11,7 +11,7 @@ def test_closing_the_store_mid_checkpoint_does_not_crash_the_process(tmp_path: P
     not the end of the test run."""
     script = textwrap.dedent(f"""
         import asyncio, time
-        import gateway.store.sqlite as m
+        import gateway.store.sqlite.store as m
         from gateway.store.base import CachedResult
         m.CHECKPOINT_INTERVAL_S = 0  # checkpoint back to back
         async def main():
