@@ -698,3 +698,20 @@ def test_monitoring_config_points_at_the_compose_services(compose: dict[str, Any
     assert any("/var/lib/grafana/dashboards" in t for t in texts), (
         "no dashboard provider reading /var/lib/grafana/dashboards, where compose mounts them"
     )
+
+
+def test_a_plain_install_carries_every_file_the_package_reads(tmp_path: Path) -> None:
+    """`pip install .` (not -e) builds a wheel: the status page's templates, and any other file
+    under gateway/ that is not Python, must be in it, or /status fails only once installed."""
+    import zipfile
+
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("imagerecognize_gateway-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    data = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "gateway").rglob("*")
+                  if p.is_file() and p.suffix not in (".py", ".pyc"))
+    assert "gateway/http/templates/status.html" in data
+    assert [p for p in data if p not in shipped] == []

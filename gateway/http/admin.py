@@ -10,8 +10,10 @@ read the live config (``state.config``), which a reload replaces. ``/admin/keys`
 lists, rotates and revokes store-issued team keys (``gateway.core.keys``); a key's plaintext is in
 the one answer that creates it, and answers about keys are ``Cache-Control: no-store``.
 
-Long because: the admin API, its token checks and the status page share one authentication and
-one state; the page's HTML is the part that could move (to a template file).
+The page's HTML is rendered by ``gateway.http.status_page`` from template files.
+
+Long because: the admin API, its token checks and the status page's data share one
+authentication and one state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import binascii
 import contextlib
 import hashlib
 import hmac
-import html
 import logging
 import math
 import multiprocessing
@@ -52,10 +53,8 @@ from gateway.core.usage import (
     UsageReport,
     cache_report,
     compute_usage,
-    human_age,
     human_bytes,
     iso_utc,
-    money_places,
     parse_age,
     parse_period,
     period_resets_at,
@@ -64,6 +63,7 @@ from gateway.core.usage import (
 )
 from gateway.http.reload import reload_config
 from gateway.http.state import STATE, GatewayState
+from gateway.http.status_page import render_status
 from gateway.store.base import StoreUnavailable
 
 log = logging.getLogger("gateway.admin")
@@ -468,128 +468,5 @@ async def _upstream_health(state: GatewayState) -> dict[str, Any]:
         "failed_since_start": failed,
     }
 
-
-def render_status(s: Mapping[str, Any]) -> str:
-    e = html.escape
-    rows = []
-    for t in s["teams"]:
-        quota, used = t["quota"], t["charged"]
-        share = min(used / quota, 1.0) if quota else (1.0 if quota == 0 else 0.0)
-        level = "full" if share >= 0.9 else "high" if share >= 0.75 else "ok"
-        limit = (
-            f"{used} used, team not configured"
-            if quota is None
-            else f"{used} / {quota} used, {t['remaining']} left"
-        )
-        rows.append(
-            f'<tr data-team="{e(t["team"])}"><th scope="row">{e(t["team"])}</th>'
-            f'<td><div class="bar {level}" role="img" aria-label="{share:.0%} of quota used">'
-            f'<span style="width:{share * 100:.1f}%"></span></div>'
-            f'<span class="num">{e(limit)}</span></td>'
-            f'<td class="num">{_ratio(t["hit_ratio"])}</td>'
-            f'<td class="num">{t["calls_saved"]}</td>'
-            f'<td class="num">{t["derived_hits"]}</td>'
-            f'<td class="num">{_money(t["spend"], s)}</td>'
-            f'<td class="num">{_money(t["savings"], s)}</td>'
-            f'<td class="num">{_refused(t.get("refused_since_start", {}))}</td></tr>'
-        )
-    up, cache, total = s["upstream"], s["cache"], s["total"]
-    calls = ", ".join(f"{e(k)}: {v}" for k, v in sorted(up["calls_since_start"].items()))
-    quota_left = up["account_quota_remaining"]
-    resets = s.get("quota_resets_at")
-    return _PAGE.format(
-        period=e(s["period"]),
-        quota_period=e(s["quota_period"]),
-        resets="never (quota.period = total)"
-        if resets is None
-        else f"{e(resets)} (in {human_age(s.get('quota_resets_in_s') or 0)})",
-        rows="\n".join(rows),
-        total_used=total["charged"],
-        total_quota=total["quota"],
-        total_ratio=_ratio(total["hit_ratio"]),
-        total_saved=total["calls_saved"],
-        total_derived=total["derived_hits"],
-        total_spend=_money(total["spend"], s),
-        total_savings=_money(total["savings"], s),
-        calls=calls or "none yet",
-        failed=up["failed_since_start"],
-        called=sum(up["calls_since_start"].values()),
-        account="unknown" if quota_left is None else quota_left,
-        entries=cache["entries"],
-        size=e(cache["size"]),
-        size_bytes=cache["size_bytes"],
-        generated=e(s["generated_at"]),
-        json_link="/status.json",
-    )
-
-
-def _money(amount: float, s: Mapping[str, Any]) -> str:
-    places = money_places(s["price_per_call"])
-    return f"{amount:.{places}f} {html.escape(s['currency'])}"
-
-
-def _refused(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{n} &times; {status}" for status, n in counts.items() if n) or "0"
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="refresh" content="10">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>ImageRecognize gateway status</title>
-<style>
-body {{ font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 60em;
-       padding: 0 1em; color: #222; }}
-h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.1em; margin-top: 1.6em; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .4em .6em; border-bottom: 1px solid #ddd; }}
-td.num, .num {{ font-variant-numeric: tabular-nums; }}
-.bar {{ background: #eee; border-radius: 3px; height: .9em; width: 100%; margin: .2em 0; }}
-.bar span {{ display: block; height: 100%; border-radius: 3px; background: #2e7d32; }}
-.bar.high span {{ background: #f9a825; }} .bar.full span {{ background: #c62828; }}
-dl {{ display: grid; grid-template-columns: max-content auto; gap: .3em 1.2em; }}
-dt {{ color: #555; }} dd {{ margin: 0; }}
-footer {{ color: #777; font-size: .85em; margin-top: 2em; }}
-</style>
-</head>
-<body>
-<h1>ImageRecognize gateway</h1>
-<h2>Team quotas, period {period} (quota per {quota_period})</h2>
-<p id="resets">Quotas reset {resets}.</p>
-<table id="teams">
-<thead><tr><th>team</th><th>upstream calls charged</th><th>hit ratio</th>
-<th>calls saved</th><th>of them derived</th><th>spend</th><th>savings</th>
-<th>refused since start (402 quota, 429 rate)</th></tr></thead>
-<tbody>
-{rows}
-</tbody>
-<tfoot><tr data-team=""><th scope="row">all teams</th>
-<td class="num">{total_used} / {total_quota} used</td><td class="num">{total_ratio}</td>
-<td class="num">{total_saved}</td><td class="num">{total_derived}</td>
-<td class="num">{total_spend}</td>
-<td class="num">{total_savings}</td><td></td></tr></tfoot>
-</table>
-<h2>Upstream</h2>
-<dl id="upstream">
-<dt>account quota remaining</dt><dd class="num">{account}</dd>
-<dt>failed calls since start</dt><dd class="num">{failed} of {called}</dd>
-<dt>calls since start, by status</dt><dd class="num">{calls}</dd>
-</dl>
-<h2>Cache</h2>
-<dl id="cache">
-<dt>entries</dt><dd class="num">{entries}</dd>
-<dt>size</dt><dd class="num">{size} ({size_bytes} bytes)</dd>
-</dl>
-<footer>Generated {generated}; refreshes every 10 s. Same numbers as JSON:
-<a href="{json_link}">{json_link}</a></footer>
-</body>
-</html>
-"""
 
 __all__ = ["add_admin_routes", "render_status", "token_matches"]
