@@ -37,8 +37,8 @@ SERVICE = "gateway.core.service.xǁRecognitionServiceǁ"
 # rules; the background (flush, reconcile, the audit's bookkeeping) and type=cache are not.
 SERVICE_PARTS = (
     "recognize", "_lookup", "_used", "derivable", "_widened", "_usable", "_derived",
-    "_answer_from", "_start_audit", "_audit", "_stale", "_hit", "_lead", "_claim",
-    "_follow_shared", "_land", "_follow", "_coalesced", "_forward", "_call_upstream", "_fetch",
+    "_answer_from", "_start_audit", "_audit", "_stale", "_hit", "_lead",
+    "_follow", "_coalesced", "_forward", "_call_upstream", "_fetch",
     "_end_unanswered", "_retry_unended", "_reserve",
 )
 
@@ -64,6 +64,12 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                  "tests/test_derive.py", "tests/test_coalescing_replicas.py",
                  "tests/test_service_rules.py", "tests/test_store_faults.py",
                  "tests/test_ledger_honesty.py"]),
+    # The flight table and the locks across processes (gateway.core.coalesce).
+    "coalesce": ("gateway/core/coalesce.py",
+                 [f"gateway.core.coalesce.xǁFlightsǁ{f}*"
+                  for f in ("start", "land", "claim", "follow_shared")],
+                 ["tests/test_api.py", "tests/test_coalescing_replicas.py",
+                  "tests/test_ledger_honesty.py", "tests/test_resilience.py"]),
     "derive": ("gateway/core/derive.py", ["gateway.core.derive.*"],
                ["tests/test_derive.py"]),
     "sqlite": ("gateway/store/sqlite/store.py",

@@ -121,7 +121,7 @@ async def test_no_cache_and_plain_requests_for_one_image_at_quota_never_500(
             statuses += [s for s, _ in answers]
     assert set(statuses) <= {200, 402}, sorted(set(statuses))
     assert 402 in statuses
-    assert gw.state.service._flights == {}
+    assert len(gw.state.service.flights) == 0
     (usage,) = await gw.state.store.usage(gw.state.ledger.period())
     assert (usage.charged, usage.undelivered) == (20, 0)
     assert await gw.state.store.pending_owners() == []

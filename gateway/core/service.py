@@ -4,8 +4,8 @@ It never imports ``aiohttp.web``: the HTTP handler (``gateway.http.api``) parses
 then hands a ``Call`` here and renders the ``Answer``.
 
 Long because: the request path's steps (look up, derive, coalesce, reserve, forward, store)
-share one ledger, one table of flights and their invariants (quota atomicity, the sent mark);
-coalescing in its own module is still to do (docs/architecture.md).
+share one ledger and its invariants (quota atomicity, the sent mark); the table of flights and
+the locks across processes are in ``gateway.core.coalesce``.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from gateway.config import AUDIT_TEAM, Config, LiveConfig, TeamConfig, live
 from gateway.core import derive, failpoints
 from gateway.core.cache_key import cache_key, params_text
+from gateway.core.coalesce import Flight, Flights
 from gateway.core.envelope import data_object, data_prefix, success_body, success_json
 from gateway.core.errors import BadGateway, GatewayError, GatewayTimeout, QuotaReached, Unavailable
 from gateway.core.hot_cache import HotCache, UsageCache
@@ -42,8 +42,6 @@ USAGE_MAX_AGE_S = 0.25  # how stale the quota shown on a free answer may be (oth
 AUDIT_CALLS_PER_PERIOD = 10_000
 AUDIT_LINE = TeamConfig(AUDIT_TEAM, frozenset(), AUDIT_CALLS_PER_PERIOD)
 # A follower of another process's call polls the store, backing off up to this.
-FOLLOW_POLL_FIRST_S = 0.005
-FOLLOW_POLL_MAX_S = 0.1
 
 
 class NotCached(GatewayTimeout):
@@ -94,19 +92,6 @@ class _Retry(Exception):
     """The leader could not go ahead (its team was over quota): followers try themselves."""
 
 
-@dataclass(slots=True)
-class _Flight:
-    """One key in flight in this process. With a store that locks keys across processes
-    (Redis), it also holds that lock while its call runs (``token``, renewed by
-    ``renewer``), or waits on the process that holds it, this process's followers behind."""
-
-    future: asyncio.Future[CachedResult] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    token: str | None = None
-    renewer: asyncio.Task[None] | None = None
-
-
 class RecognitionService:
     def __init__(
         self,
@@ -122,7 +107,6 @@ class RecognitionService:
         self.ledger = ledger
         self.upstream = upstream
         self.metrics = metrics
-        self._flights: dict[str, _Flight] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._hits: list[Hit] = []
         self.hot = HotCache(int(config.cache.memory_mb * 1024 * 1024))
@@ -133,6 +117,7 @@ class RecognitionService:
         self._account_quota: int | None = None  # latest account quota, for reconcile()
         # Ledger writes refused by the store after the upstream call ended: retried by flush().
         self._unended: list[tuple[str, Reservation]] = []
+        self.flights = Flights(store, self.live, lambda: self.ledger.clock(), self._spawn)
         # Types the audit found the upstream not following the model for: type -> why.
         self.derive_off: dict[str, str] = {}
         self._derive_off_unwritten: set[str] = set()
@@ -186,7 +171,7 @@ class RecognitionService:
                     raise NotCached()
             try:
                 if not d.no_cache:
-                    flight = self._flights.get(flight_key)
+                    flight = self.flights.get(flight_key)
                     if flight is not None:
                         try:
                             return await self._follow(flight, key, call, scope)
@@ -397,23 +382,22 @@ class RecognitionService:
     async def _lead(
         self, call: Call, key: str, scope: str, fwd: str, sent: Call | None = None
     ) -> Answer:
-        flight = _Flight()
-        self._flights[key] = flight  # a no-cache leader may take over a plain one's key
+        flight = self.flights.start(key)
         shared: CachedResult | None = None
         try:
-            if fwd != "request" and not await self._claim(key, flight):
+            if fwd != "request" and not await self.flights.claim(key, flight):
                 # Another process is calling for this key: wait for its result.
-                shared = await self._follow_shared(key, flight)
+                shared = await self.flights.follow_shared(key, flight)
             if shared is None:
                 reservation = await self._reserve(call.team)
         except BaseException:
-            self._land(key, flight)
-            self._release(key, flight)
+            self.flights.land(key, flight)
+            self.flights.release(key, flight)
             flight.future.set_exception(_Retry())
             flight.future.exception()  # retrieved: followers may be none
             raise
         if shared is not None:
-            self._land(key, flight)
+            self.flights.land(key, flight)
             self.hot.put(shared)
             flight.future.set_result(shared)
             exact = cache_key(call.file.content_hash, call.type, call.params, scope)
@@ -422,90 +406,7 @@ class RecognitionService:
             call, key, scope, reservation, flight, store=True, fwd=fwd, sent=sent
         )
 
-    # -- coalescing across processes (a store that locks keys: Redis) -----------------------
-    async def _claim(self, key: str, flight: _Flight) -> bool:
-        """Whether this process is to call for ``key``: True when it took the store's lock
-        on it (renewed from now until its call lands), when the store keeps no such locks
-        (SQLite: coalescing stays per process) or cannot be asked (the ledger, which fails
-        closed, decides then); False while another process holds it."""
-        token = uuid.uuid4().hex
-        ttl_ms = max(1, int(self.config.cache.coalesce_lock_s * 1000))
-        try:
-            claimed = await self.store.claim_flight(key, token, ttl_ms)
-        except StoreUnavailable:
-            return True
-        if claimed is None:
-            return True
-        if not claimed:
-            return False
-        flight.token = token
-        flight.renewer = asyncio.create_task(self._renew(key, token, ttl_ms))
-        return True
-
-    async def _renew(self, key: str, token: str, ttl_ms: int) -> None:
-        while True:
-            await asyncio.sleep(ttl_ms / 3000)
-            try:
-                if not await self.store.renew_flight(key, token, ttl_ms):
-                    return  # lapsed and taken: the other holder's followers wait on it
-            except StoreUnavailable:
-                continue  # should it lapse meanwhile, another process calls too: no harm
-
-    def _release(self, key: str, flight: _Flight) -> None:
-        """Drop ``flight``'s lock across processes, off the answer's path (unreleased, it
-        expires by itself)."""
-        if flight.renewer is not None:
-            flight.renewer.cancel()
-            flight.renewer = None
-        token, flight.token = flight.token, None
-        if token is None:
-            return
-        self._spawn(self._release_lock(key, token))
-
-    async def _release_lock(self, key: str, token: str) -> None:
-        try:
-            await self.store.release_flight(key, token)
-        except StoreUnavailable as exc:
-            log.warning("could not release a coalescing lock (it expires): %s", exc)
-
-    async def _follow_shared(self, key: str, flight: _Flight) -> CachedResult | None:
-        """Wait, polling with backoff, for the result of the process holding ``key``'s lock.
-        None: this process calls itself, because it now holds the lock (the holder ended
-        without a stored result: it failed, its team was over quota, or it died and its lock
-        expired), or it waited ``coalesce_wait_s``, or the store cannot be asked."""
-        wait_s = self.config.cache.coalesce_wait_s
-        deadline = time.monotonic() + wait_s
-        delay = FOLLOW_POLL_FIRST_S
-        while True:
-            try:
-                result, held = await self.store.flight(key)
-            except StoreUnavailable:
-                return None
-            fresh = result is not None and (
-                self.ledger.clock() - result.created_at < self.config.cache.ttl_s
-            )
-            if fresh:
-                return result
-            if not held:
-                if await self._claim(key, flight):
-                    return None
-                continue  # yet another process took it first: wait on that one
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning(
-                    "coalesced request waited %.0fs for another replica; forwarding on its own",
-                    wait_s,
-                )
-                return None
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, FOLLOW_POLL_MAX_S)
-
-    def _land(self, key: str, flight: _Flight) -> None:
-        """Take ``flight`` off the in-flight table, unless another leader has taken its key."""
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-
-    async def _follow(self, flight: _Flight, key: str, call: Call, scope: str) -> Answer:
+    async def _follow(self, flight: Flight, key: str, call: Call, scope: str) -> Answer:
         try:
             result = await asyncio.wait_for(
                 asyncio.shield(flight.future), self.config.cache.coalesce_wait_s
@@ -542,7 +443,7 @@ class RecognitionService:
         key: str,
         scope: str,
         reservation: Reservation,
-        flight: _Flight | None,
+        flight: Flight | None,
         *,
         store: bool,
         fwd: str,
@@ -576,7 +477,7 @@ class RecognitionService:
         key: str,
         scope: str,
         reservation: Reservation,
-        flight: _Flight | None,
+        flight: Flight | None,
         *,
         store: bool,
     ) -> tuple[CachedResult, float]:
@@ -641,14 +542,14 @@ class RecognitionService:
             failpoints.hit("saved")
         except BaseException as exc:
             if flight is not None:
-                self._land(key, flight)
-                self._release(key, flight)
+                self.flights.land(key, flight)
+                self.flights.release(key, flight)
                 flight.future.set_exception(exc)
                 flight.future.exception()
             raise
         if flight is not None:
-            self._land(key, flight)
-            self._release(key, flight)
+            self.flights.land(key, flight)
+            self.flights.release(key, flight)
             flight.future.set_result(result)
         return result, upstream_s
 
