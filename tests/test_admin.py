@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import calendar
 import json
@@ -16,10 +15,10 @@ import aiohttp
 import pytest
 
 from gateway.config import AdminConfig, PricingConfig, Secret, load_config
-from gateway.devtools.sample_images import make_jpeg, make_png
-from gateway.http.admin import render_status
 from gateway.core.usage import iso_utc, period_resets_at
-from tests.conftest import (
+from gateway.devtools.sample_images import make_png
+from gateway.http.admin import render_status
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     Gateway,
@@ -31,45 +30,13 @@ from tests.conftest import (
     post_requests,
     write_config,
 )
+from tests.support.admin import BEARER, EXPECTED, IMAGES, TOKEN, call, play_workload
 
-TOKEN = "admin-t0ken-for-tests-only-9f8e7d"
-BEARER = {"Authorization": f"Bearer {TOKEN}"}
 UNAUTHORIZED = {"status": 401, "status_message": "Admin token missing or invalid", "data": None}
 
-# What play_workload leaves in the ledger: (charged, quota, remaining, hits, coalesced, saved)
-EXPECTED = {
-    "search": (2, 1000, 998, 3, 0, 3),
-    "ads": (1, 1000, 999, 1, 2, 3),
-    "tiny": (3, 3, 0, 1, 0, 1),
-    "(total)": (6, 2003, 1997, 5, 2, 7),
-}
 # At 0.002 EUR a call: spend = charged x price, savings = calls saved x price.
 MONEY = {"search": (0.004, 0.006), "ads": (0.002, 0.006), "tiny": (0.006, 0.002),
          "(total)": (0.012, 0.014)}
-IMAGES = {name: make_png(700 + i) for i, name in enumerate("ABCDEG")} | {"F": make_jpeg(706)}
-
-
-async def play_workload(gw: Gateway, sim: Sim) -> None:
-    """A known mix: misses, hits, a coalesced burst, a team running out of quota. Leaves six
-    results stored (five objects, one nsfw)."""
-    search, ads, tiny = TEAM_KEYS["search"], TEAM_KEYS["ads"], TEAM_KEYS["tiny"]
-
-    async def send(key: str, image: str, status: int = 200, **extra: str) -> None:
-        r = await post_requests(gw.url, *objects_form(key, IMAGES[image], **extra))
-        assert r.status_code == status, r.text
-
-    for image in "AABBA":                       # search: 2 charged, 3 hits
-        await send(search, image)
-    await send(ads, "A")                        # ads: a hit on search's paid result
-    sim.state.latency_ms = 400                  # ads: 3 at once -> 1 charged, 2 coalesced
-    await asyncio.gather(*(send(ads, "C") for _ in range(3)))
-    sim.state.latency_ms = 0
-    await send(tiny, "D")                       # tiny: 3 charged (its whole quota)...
-    await send(tiny, "E")
-    await send(tiny, "F", type="nsfw", nsfw_min_confidence="50")
-    await send(tiny, "G", 402)                  # ...then 402, not charged
-    await send(tiny, "A")                       # a hit stays free with no quota left
-    await gw.state.service.flush()              # hit counters are written in batches
 
 
 def team_rows(report: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -84,17 +51,6 @@ async def admin_gw(gateway_factory: GatewayFactory, sim: Sim, tmp_path: Path) ->
     return await gateway_factory(replace(config, admin=AdminConfig("GW_ADMIN_TOKEN",
                                                                    Secret(TOKEN)),
                                          pricing=PricingConfig(per_call=0.002, currency="EUR")))
-
-
-async def call(client: aiohttp.ClientSession, method: str, url: str,
-               **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with client.request(method, url, **kwargs) as r:
-        text = await r.text()
-        try:
-            body: Any = json.loads(text)
-        except ValueError:
-            body = text
-        return r.status, body, r
 
 
 ADMIN_ROUTES = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,12 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from gateway.cli import build_parser
 from gateway.config import hash_key, load_config
 from gateway.core.quota import period_key
-from gateway.devtools.sample_images import make_png
-from gateway.cli import build_parser
 from gateway.core.usage import Period, PeriodError, ledger_keys, parse_age, parse_period
-from tests.conftest import (
+from gateway.devtools.sample_images import make_png
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     Gateway,
@@ -32,40 +31,10 @@ from tests.conftest import (
     gateway_command,
     objects_form,
     post_requests,
-    write_config,
 )
-from tests.test_admin import EXPECTED, IMAGES, TOKEN, play_workload
-
-TEAMS = {"search": (TEAM_KEYS["search"], 1000), "ads": (TEAM_KEYS["ads"], 1000),
-         "tiny": (TEAM_KEYS["tiny"], 3)}
-ADMIN = '\n[admin]\ntoken_env = "GW_ADMIN_TOKEN"\n'
-NO_UPSTREAM = "http://127.0.0.1:9/api/v2/"   # reload tests make no upstream call
-
-
-def cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "GW_ADMIN_TOKEN"}
-    if token is not None:
-        env["GW_ADMIN_TOKEN"] = token
-    return subprocess.run([*gateway_command(), *args], capture_output=True, text=True,
-                          timeout=60, env=env, check=False)
-
-
-async def acli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    """The CLI off the event loop, so an in-process gateway keeps answering meanwhile."""
-    return await asyncio.to_thread(cli, *args, token=token)
-
+from tests.support.admin import ADMIN, EXPECTED, IMAGES, TOKEN, acli, cli, config_for, play_workload
 
 PRICING = '\n[pricing]\nper_call = 0.002\ncurrency = "EUR"\n'
-
-
-def config_for(tmp_path: Path, sim: Sim | None, *, period: str = "month", extra: str = "",
-               port: int | None = None) -> Path:
-    """A config file on the store the test's gateway uses (``tmp_path / "gateway.db"``)."""
-    url = sim.url if sim is not None else NO_UPSTREAM
-    path = write_config(tmp_path / "config.toml", sim_url=url, db=tmp_path / "gateway.db",
-                        port=port or free_port(), teams=TEAMS, extra=extra)
-    path.write_text(path.read_text().replace('period = "month"', f'period = "{period}"'))
-    return path
 
 
 # -- usage ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, GatewayFactory, objects_form, post_requests
+from tests.support import TEAM_KEYS, GatewayFactory, objects_form, post_requests
 
 HEAD = (
     "POST /api/v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -14,7 +14,7 @@ import requests
 import xxhash
 
 from gateway.devtools.sample_images import make_jpeg, make_png
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     Gateway,
@@ -464,7 +464,7 @@ async def test_reload_names_only_the_settings_that_need_a_restart(
         gateway: Gateway, sim: Sim, tmp_path) -> None:
     """Compared with what the process started with, not with the previous reload: a value
     read per request (max_inflight) applies at once; the port does not, until restart."""
-    from tests.conftest import make_config
+    from tests.support import make_config
 
     db = tmp_path / "gateway.db"
     assert gateway.state.apply_config(make_config(sim.url, db, server={"max_inflight": 1})) == []
@@ -508,7 +508,7 @@ def test_the_server_keys_a_reload_cannot_apply_are_the_ones_operators_md_lists()
 @pytest.mark.parametrize("key", sorted(RESTARTED_VALUES))
 async def test_a_reload_names_each_server_key_read_only_at_start(
         gateway: Gateway, sim: Sim, tmp_path, key: str) -> None:
-    from tests.conftest import make_config
+    from tests.support import make_config
 
     changed = make_config(sim.url, tmp_path / "gateway.db", server={key: RESTARTED_VALUES[key]})
     assert gateway.state.apply_config(changed) == [f"server.{key}"]
@@ -518,7 +518,7 @@ async def test_one_reload_reaches_the_handlers_the_ledger_and_the_cache_at_once(
         gateway: Gateway, sim: Sim, tmp_path) -> None:
     """The quota period (read by the ledger), cache sharing (read by the service) and team keys
     (read by the handler) all follow one reload."""
-    from tests.conftest import make_config
+    from tests.support import make_config
 
     image = make_png(31)
     assert (await post_requests(gateway.url, *objects_form(SEARCH, image))).status_code == 200

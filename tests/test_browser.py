@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.config import AdminConfig, Secret
 from gateway.devtools.sample_images import make_jpeg, make_png
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     GatewayFactory,
     Sim,

@@ -15,7 +15,7 @@ from gateway.core import cache_key as cache_key_module
 from gateway.core.cache_key import TYPE_PARAMS, analysis_params, cache_key
 from gateway.core.errors import InvalidParameter
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, Sim, post_requests
+from tests.support import TEAM_KEYS, Gateway, GatewayFactory, Sim, post_requests
 
 KEY = TEAM_KEYS["search"]
 MISS = "imagerecognize-gateway; fwd=miss; stored"

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import gateway_command
+from tests.support import gateway_command
 
 SIX_PROBLEMS = """\
 [server]

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import Config
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     GatewayFactory,
     GatewayProcess,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, Secret, hash_key, load_config
-from tests.conftest import gateway_command
+from tests.support import gateway_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"IMAGERECOGNIZE_API_KEY": "real-upstream-key"}

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, objects_form
+from tests.support import TEAM_KEYS, Gateway, GatewayFactory, objects_form
 
 ALLOWED = "http://intranet.example:8000"
 REFUSED = "http://evil.example"

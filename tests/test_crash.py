@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import GatewayFactory, GatewayProcess, Sim, free_port, make_config, write_config
+from tests.support import GatewayFactory, GatewayProcess, Sim, free_port, make_config, write_config
 
 KEY = "crash-team-key"
 ROUNDS = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from tests.conftest import gateway_command
+from tests.support import gateway_command
 
 
 def test_demo_plays_a_workload_and_prints_what_it_saved() -> None:

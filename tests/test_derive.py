@@ -29,7 +29,7 @@ from gateway.devtools.sample_images import make_jpeg, make_png
 from gateway.devtools.sim import start_sim
 from gateway.http.app import create_app
 from gateway.http.state import STATE, GatewayState
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     Gateway,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError
-from tests.conftest import GatewayProcess, Sim, free_port, make_config, write_config
+from tests.support import GatewayProcess, Sim, free_port, make_config, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,6 @@ reference."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import string
 from collections.abc import Sequence
@@ -30,30 +29,13 @@ from gateway.http.form import (
     parse_query,
     read_form,
 )
+from tests.support.form import FakeStream
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01" + bytes(range(256)) * 40
 PNG = b"\x89PNG\r\n\x1a\n" + random.Random(1).randbytes(3000)
 SEED_FIELDS = {"apikey": "YOUR-API-KEY", "type": "objects", "max_labels": "10",
                "min_confidence": "80"}
 MODES = ["whole", "whole-chunks", "stream", "spool"]
-
-
-class FakeStream:
-    """aiohttp's StreamReader.readany(), over given chunks; counts what was consumed."""
-
-    def __init__(self, body: bytes, cuts: Sequence[int] | int = 65536) -> None:
-        if isinstance(cuts, int):
-            cuts = range(cuts, len(body), cuts)
-        points = [0, *sorted(c for c in set(cuts) if 0 < c < len(body)), len(body)]
-        self.chunks = [body[a:b] for a, b in itertools.pairwise(points) if b > a]
-        self.consumed = 0
-
-    async def readany(self) -> bytes:
-        if not self.chunks:
-            return b""
-        chunk = self.chunks.pop(0)
-        self.consumed += len(chunk)
-        return chunk
 
 
 async def parse(content_type: str | None, body: bytes, mode: str = "whole",

@@ -32,8 +32,8 @@ from python_multipart.multipart import parse_options_header
 from gateway.core.errors import NoData
 from gateway.devtools.sample_images import make_jpeg, make_png
 from gateway.http.form import USED_FIELDS, Form, read_form
-from tests.conftest import TEAM_KEYS, Gateway, Sim
-from tests.test_form import FakeStream
+from tests.support import TEAM_KEYS, Gateway, Sim
+from tests.support.form import FakeStream
 
 MEMORY_LIMIT = 1024 * 1024  # read_form's default
 MAX_FIELD = 8 * 1024  # read_form's default max_field_bytes

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from urllib3 import encode_multipart_formdata
 
 from gateway.devtools.sample_images import make_jpeg, make_png, make_png_of_size
-from tests.conftest import TEAM_KEYS, UPSTREAM_KEY, Gateway, GatewayFactory, Sim
+from tests.support import TEAM_KEYS, UPSTREAM_KEY, Gateway, GatewayFactory, Sim
 
 SEARCH = TEAM_KEYS["search"]
 ENVELOPE_STATUSES = {200, 300, 400, 401, 402, 412, 413, 415, 420, 429, 430, 502, 503, 504}

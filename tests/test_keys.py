@@ -23,7 +23,7 @@ import requests
 from gateway.config import AdminConfig, Secret, hash_key, load_config
 from gateway.core.keys import REVOKE_BOUND_S, STALE_AFTER_S
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     Gateway,
@@ -35,8 +35,7 @@ from tests.conftest import (
     objects_form,
     post_requests,
 )
-from tests.test_admin import BEARER, TOKEN, call
-from tests.test_admin_cli import ADMIN, acli, config_for
+from tests.support.admin import ADMIN, BEARER, TOKEN, acli, call, config_for
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 KEY_INVALID = {"status": 401, "status_message": "APIkey invalid", "data": None}

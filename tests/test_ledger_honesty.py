@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, make_config
+from tests.support import TEAM_KEYS, GatewayFactory, Sim, make_config
 
 KEY = TEAM_KEYS["search"]
 

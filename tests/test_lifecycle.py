@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     Sim,

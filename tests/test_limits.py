@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, objects_form, post_requests
+from tests.support import TEAM_KEYS, GatewayFactory, Sim, objects_form, post_requests
 
 
 async def raw_exchange(port: int, data: bytes, *, then_wait: float) -> bytes:

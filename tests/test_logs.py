@@ -21,7 +21,7 @@ import requests
 from gateway.config import ConfigError
 from gateway.devtools.sample_images import make_png
 from gateway.obs.logs import AccessLog, JsonFormatter, TextFormatter
-from tests.conftest import (
+from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     Sim,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     Sim,

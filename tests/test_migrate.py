@@ -18,7 +18,7 @@ from gateway.store.migrate import Endpoint, MigrationRefused, migrate
 from gateway.store.owners import Owner, this_host, this_process
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import TEAM_KEYS, gateway_command
+from tests.support import TEAM_KEYS, gateway_command
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 PERIODS = ("2026-09", "2026-10", "2026-11")

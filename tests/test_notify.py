@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.config import ConfigError, parse_config
 from gateway.devtools.sample_images import make_png
 from gateway.http.app import NOTIFIER
-from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, Sim, objects_form
+from tests.support import TEAM_KEYS, Gateway, GatewayFactory, Sim, objects_form
 
 
 @dataclass

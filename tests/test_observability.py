@@ -24,14 +24,22 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from conftest import TEAM_KEYS, UPSTREAM_KEY, Gateway, Sim, free_port, objects_form, post_requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.devtools.sample_images import make_jpeg, make_png
+from tests.support import (
+    TEAM_KEYS,
+    UPSTREAM_KEY,
+    Gateway,
+    Sim,
+    free_port,
+    objects_form,
+    post_requests,
+)
+from tests.support.prometheus import ALERTS, rules_without_annotations, run, tool
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
-ALERTS = ROOT / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "gateway.json"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "gateway.yml"
@@ -59,20 +67,6 @@ LABEL_VALUES = re.compile(r"label_values\((?:(.+),\s*)?(\w+)\)")
 # Dashboard queries the workload leaves empty, with the reason. None: the workload includes an
 # upstream failure, a 402 and a 401, and the error-ratio panels fall back to `or vector(0)`.
 ALLOWED_EMPTY: dict[str, str] = {}
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
-    if path is None:
-        pytest.fail(f"`{name}` is not installed: `apt-get install -y prometheus` provides it "
-                    "(CI installs it)", pytrace=False)
-    return path
-
-
-def run(*args: str, cwd: Path | None = None, stdin: str | None = None
-        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, text=True,
-                          timeout=60, check=False)
 
 
 # -- the workload ----------------------------------------------------------------------------
@@ -194,23 +188,6 @@ def concrete(expr: str) -> str:
     expr = re.sub(r"\$\{price_per_call\}|\$price_per_call\b", "0.001", expr)
     assert "$" not in expr, f"unsubstituted variable in {expr}"
     return expr
-
-
-def rules_without_annotations(text: str) -> str:
-    """alerts.yml minus its annotations blocks, so ``promtool test rules`` checks labels only
-    (annotations are prose; ``promtool check rules`` already checks their templates)."""
-    out: list[str] = []
-    block_indent: int | None = None
-    for line in text.splitlines():
-        indent = len(line) - len(line.lstrip())
-        if block_indent is not None and (not line.strip() or indent > block_indent):
-            continue
-        block_indent = None
-        if line.strip() == "annotations:":
-            block_indent = indent
-            continue
-        out.append(line)
-    return "\n".join(out) + "\n"
 
 
 # -- static checks ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     Sim,

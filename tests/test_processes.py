@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import GatewayProcess, Sim, free_port, objects_form, post_requests, write_config
+from tests.support import GatewayProcess, Sim, free_port, objects_form, post_requests, write_config
 
 
 def start(tmp_path: Path, sim: Sim, name: str, *, quota: int) -> GatewayProcess:
@@ -133,7 +133,7 @@ def test_a_taken_port_is_one_clear_line_not_a_traceback(tmp_path: Path, sim: Sim
     import socket
     import subprocess
 
-    from tests.conftest import gateway_command
+    from tests.support import gateway_command
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

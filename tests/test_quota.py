@@ -18,7 +18,7 @@ from gateway.devtools.sample_images import make_png
 from gateway.store.base import Reclaimed
 from gateway.store.owners import Owner, process_start, this_host
 from gateway.store.sqlite import SQLiteStore
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     GatewayFactory,
     Sim,

@@ -13,7 +13,8 @@ import requests
 
 from gateway.devtools.sample_images import make_png
 from gateway.store.redis import RedisStore
-from tests.conftest import (
+from tests.support import (
+    REDIS_URL,
     GatewayFactory,
     GatewayProcess,
     Sim,
@@ -23,7 +24,6 @@ from tests.conftest import (
     post_requests,
     write_config,
 )
-from tests.test_store_contract import REDIS_URL
 
 
 async def test_team_over_its_rate_gets_429_without_charge(gateway_factory: GatewayFactory,

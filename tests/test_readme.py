@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from gateway.devtools.sample_images import make_jpeg
-from tests.conftest import TEAM_KEYS, Gateway, Sim
+from tests.support import TEAM_KEYS, Gateway, Sim
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "docs" / "upstream-api-v2.txt"  # the upstream's own document, kept in the repo

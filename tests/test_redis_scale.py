@@ -20,7 +20,7 @@ from gateway.config import Config
 from gateway.devtools.sample_images import make_png
 from gateway.store import StoreUnavailable
 from gateway.store.redis import RedisStore
-from tests.conftest import TEAM_KEYS, GatewayFactory, Sim, free_port, make_config
+from tests.support import TEAM_KEYS, GatewayFactory, Sim, free_port, make_config
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.devtools.sample_images import make_png
 from gateway.obs.logs import AccessLog
-from tests.conftest import TEAM_KEYS, Gateway, GatewayFactory, objects_form
+from tests.support import TEAM_KEYS, Gateway, GatewayFactory, objects_form
 
 
 def form(key: str, image: bytes) -> aiohttp.FormData:

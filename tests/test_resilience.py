@@ -11,7 +11,7 @@ from pathlib import Path
 import requests
 
 from gateway.devtools.sample_images import make_png, make_png_of_size
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     Gateway,
@@ -21,7 +21,7 @@ from tests.conftest import (
     objects_form,
     post_requests,
 )
-from tests.test_observability import ALERTS, rules_without_annotations, run, tool
+from tests.support.prometheus import ALERTS, rules_without_annotations, run, tool
 
 SEARCH = TEAM_KEYS["search"]
 

@@ -20,7 +20,7 @@ from aiohttp.test_utils import make_mocked_request
 from gateway.core.envelope import CONTENT_TYPE
 from gateway.devtools.sample_images import make_png
 from gateway.http.response import EnvelopeResponse
-from tests.conftest import TEAM_KEYS, Gateway
+from tests.support import TEAM_KEYS, Gateway
 
 BOUNDARY = "rawsocketboundary42"
 

@@ -16,7 +16,7 @@ import requests
 
 from gateway.config import ConfigError, parse_config
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     UPSTREAM_KEY,
     GatewayFactory,

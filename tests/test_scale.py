@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import GatewayProcess, Sim, free_port, write_config
+from tests.support import GatewayProcess, Sim, free_port, write_config
 
 TEAMS = 5000
 

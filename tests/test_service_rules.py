@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, GatewayFactory, make_config
+from tests.support import TEAM_KEYS, GatewayFactory, make_config
 
 SEARCH = TEAM_KEYS["search"]
 IMAGE = make_png(4242)

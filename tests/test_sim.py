@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
-from gateway.devtools.sample_images import make_jpeg, make_png, make_png_of_size
 
 from gateway.devtools import sim as sim_module
+from gateway.devtools.sample_images import make_jpeg, make_png, make_png_of_size
 from gateway.devtools.sim import MAX_FILE_BYTES, SimState, recognize, start_sim
 
 KEY = "test-upstream-key"

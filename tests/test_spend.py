@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.devtools.sample_images import make_png
-from tests.conftest import TEAM_KEYS, GatewayFactory, Sim
+from tests.support import TEAM_KEYS, GatewayFactory, Sim
 
 BASE = {"upstream": {"url": "http://127.0.0.1:9/api/v2/"},
         "teams": {"a": {"keys": ["k"], "quota": 5}}}

@@ -14,8 +14,7 @@ from gateway.store.base import CachedResult, Hit, Reclaimed, Store
 from gateway.store.owners import Owner
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import SQLiteStore
-
-REDIS_URL = "redis://127.0.0.1:6379/15"
+from tests.support import REDIS_URL
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.devtools.sample_images import make_png
-from tests.conftest import (
+from tests.support import (
     TEAM_KEYS,
     Gateway,
     GatewayFactory,

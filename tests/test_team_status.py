@@ -17,7 +17,7 @@ from gateway.config import load_config
 from gateway.core.keys import create_key
 from gateway.devtools.sample_images import make_png
 from gateway.store import open_store
-from tests.conftest import (
+from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     Sim,

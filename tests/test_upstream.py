@@ -28,7 +28,7 @@ from gateway.obs.metrics import Metrics
 from gateway.upload import UploadedFile
 from gateway.upstream import MAX_DEPTH, MAX_MESSAGE, UpstreamClient, UpstreamError
 from gateway.upstream.breaker import CLOSED, HALF_OPEN, OPEN
-from tests.conftest import free_port
+from tests.support import free_port
 
 KEY = "UPSTREAM-SECRET-k3y+0f/the=acc0unt"
 PNG = make_png(1)
