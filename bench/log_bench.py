@@ -4,7 +4,7 @@ against a write and flush per line, and against the logging module.
     python bench/log_bench.py            # 50,000 lines each
     python bench/log_bench.py --quick    # CI smoke: 500 lines, judges nothing
 
-All write the same line (tests/test_logs.py) to a real file in a temporary directory, as
+All write the same line (tests/obs/test_logs.py) to a real file in a temporary directory, as
 ``gateway serve 2>> gateway.log`` does. Microseconds per line on the calling thread: the
 batched log formats and appends there, its writer thread writes (and is waited for at the
 end, so a writer that cannot keep up shows here too).

@@ -4,7 +4,7 @@ metrics and the form parser read. A value leaf at the floor of the layers: it im
 the gateway.
 
 The simulator (``gateway.devtools.sim``) keeps its own copy on purpose, as an independent
-reference of the seed document; ``tests/test_cache_key.py`` checks the two agree.
+reference of the seed document; ``tests/core/test_cache_key.py`` checks the two agree.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ A bad config is refused with one line naming the file, the key and the problem
 Long because: every section's dataclass and its checks are in one place, so a key's default,
 type and validation read together. A table's known keys are its dataclass's fields
 (``_keys``); the parser's literal defaults are held equal to the dataclasses' by
-``tests/test_config.py``.
+``tests/config/test_config.py``.
 """
 
 from __future__ import annotations

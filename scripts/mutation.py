@@ -45,41 +45,41 @@ SERVICE_PARTS = (
 # name: (file, mutant name globs, test files that can kill them)
 MODULES: dict[str, tuple[str, list[str], list[str]]] = {
     "quota": ("gateway/core/quota.py", ["gateway.core.quota.*"],
-              ["tests/test_quota.py", "tests/test_api.py"]),
+              ["tests/core/test_quota.py", "tests/http/test_api.py"]),
     "cache_key": ("gateway/core/cache_key.py", ["gateway.core.cache_key.*"],
-                  ["tests/test_cache_key.py", "tests/test_api.py"]),
-    "cors": ("gateway/http/cors.py", ["gateway.http.cors.*"], ["tests/test_cors.py"]),
+                  ["tests/core/test_cache_key.py", "tests/http/test_api.py"]),
+    "cors": ("gateway/http/cors.py", ["gateway.http.cors.*"], ["tests/http/test_cors.py"]),
     # Cache-Control read and Cache-Status / Warning written (the service returns facts).
     "cache_headers": ("gateway/http/api.py",
                       [f"gateway.http.api.x_{f}*" for f in ("parse_cache_control", "cache_status")],
-                      ["tests/test_api.py", "tests/test_resilience.py",
-                       "tests/test_service_rules.py", "tests/test_derive.py"]),
+                      ["tests/http/test_api.py", "tests/upstream/test_resilience.py",
+                       "tests/core/test_service_rules.py", "tests/core/test_derive.py"]),
     "admin_auth": ("gateway/http/admin.py",
                    [f"gateway.http.admin.x_{f}*"
                     for f in ("token_matches", "_admin", "_status_denied")],
-                   ["tests/test_admin.py"]),
+                   ["tests/http/test_admin.py"]),
     "service": ("gateway/core/service.py",
                 [f"{SERVICE}{f}*" for f in SERVICE_PARTS],
-                ["tests/test_api.py", "tests/test_resilience.py", "tests/test_cache_key.py",
-                 "tests/test_derive.py", "tests/test_coalescing_replicas.py",
-                 "tests/test_service_rules.py", "tests/test_store_faults.py",
-                 "tests/test_ledger_honesty.py"]),
+                ["tests/http/test_api.py", "tests/upstream/test_resilience.py", "tests/core/test_cache_key.py",
+                 "tests/core/test_derive.py", "tests/core/test_coalescing_replicas.py",
+                 "tests/core/test_service_rules.py", "tests/store/test_store_faults.py",
+                 "tests/core/test_ledger_honesty.py"]),
     # The flight table and the locks across processes (gateway.core.coalesce).
     "coalesce": ("gateway/core/coalesce.py",
                  [f"gateway.core.coalesce.xǁFlightsǁ{f}*"
                   for f in ("start", "land", "claim", "follow_shared")],
-                 ["tests/test_api.py", "tests/test_coalescing_replicas.py",
-                  "tests/test_ledger_honesty.py", "tests/test_resilience.py"]),
+                 ["tests/http/test_api.py", "tests/core/test_coalescing_replicas.py",
+                  "tests/core/test_ledger_honesty.py", "tests/upstream/test_resilience.py"]),
     "derive": ("gateway/core/derive.py", ["gateway.core.derive.*"],
-               ["tests/test_derive.py"]),
+               ["tests/core/test_derive.py"]),
     "sqlite": ("gateway/store/sqlite/store.py",
                [f"{SQLITE}{part}*" for part in STORE_PARTS]
                + ["gateway.store.sqlite.store.x__transact*"],
-               ["tests/test_store_contract.py", "tests/test_store_faults.py",
-                "tests/test_quota.py"]),
+               ["tests/store/test_store_contract.py", "tests/store/test_store_faults.py",
+                "tests/core/test_quota.py"]),
     "redis": ("gateway/store/redis/store.py",
               [f"{REDIS}{part}*" for part in (*STORE_PARTS, "_end_one")],
-              ["tests/test_store_contract.py", "tests/test_quota.py"]),
+              ["tests/store/test_store_contract.py", "tests/core/test_quota.py"]),
     # What an answer is (success, error envelope, garbage) and whether it was billed...
     "upstream": ("gateway/upstream/__init__.py",
                  ["gateway.upstream.xǁUpstreamClientǁ_interpret*",
@@ -88,13 +88,13 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                   "gateway.upstream.x__parse_envelope*",
                   "gateway.upstream.x__suspect*",
                   "gateway.upstream.x__sound*"],
-                 ["tests/test_upstream.py", "tests/test_resilience.py"]),
+                 ["tests/upstream/test_upstream.py", "tests/upstream/test_resilience.py"]),
     # ...and the attempts loop and its verdicts (retries, redirects, caps, timeouts): every
     # mutant runs every upstream test, so this one is sampled (--sample).
     "upstream_call": ("gateway/upstream/__init__.py",
                       ["gateway.upstream.xǁUpstreamClientǁ_call*",
                        "gateway.upstream.xǁUpstreamClientǁrecognize*"],
-                      ["tests/test_upstream.py", "tests/test_resilience.py"]),
+                      ["tests/upstream/test_upstream.py", "tests/upstream/test_resilience.py"]),
     # What decides the file's bytes, hash and size and what is refused; not the part
     # headers' parsing (name, filename, content type), which the differential test covers.
     "form": ("gateway/http/form.py",
@@ -102,7 +102,7 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                  "x_read_form", "x__read_streamed", "x__read_body", "x__unquote",
                  "xǁ_FileSinkǁwrite", "xǁ_FileSinkǁresult", "xǁ_MultipartParserǁfeed",
                  "xǁ_MultipartParserǁ_content", "xǁ_UrlencodedParserǁfeed")],
-             ["tests/test_form.py"]),
+             ["tests/http/test_form.py"]),
 }
 SEED = 18  # the sample's seed: the same sample on every run of a commit
 KILLED = {1, 3, 36, 37, -24, 24, 152, 255}  # a failing test, a timeout, the type checker

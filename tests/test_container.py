@@ -378,7 +378,7 @@ def test_copy_sources_exist_and_survive_dockerignore(dockerfile: Dockerfile) -> 
         ".git/HEAD",
         ".venv/bin/python",
         "data/gateway.db",
-        "tests/test_api.py",
+        "tests/http/test_api.py",
         ".env",
         "gateway/__pycache__/cli.cpython-311.pyc",
         ".pytest_cache/README.md",

@@ -310,3 +310,37 @@ def test_a_long_module_without_a_reason_is_caught(copy: Path) -> None:
 
 def _lines(copy: Path) -> int:
     return (copy / "gateway" / "core" / "quota.py").read_text(encoding="utf-8").count("\n")
+
+
+# The test files that try the repository as a whole (its docs, layout, container, bench),
+# beside the folders that mirror the packages.
+REPOSITORY_TESTS = {"test_bench.py", "test_compose_sentinel.py", "test_container.py",
+                    "test_docs.py", "test_layers.py", "test_readme.py", "test_soak.py"}
+
+
+def test_the_tests_mirror_the_packages() -> None:
+    """tests/<layer>/ for each package of gateway/ (tests/config/ for the floor's config);
+    a test file elsewhere is one of the repository-wide ones."""
+    tests = ROOT / "tests"
+    packages = {p.name for p in (ROOT / "gateway").iterdir() if (p / "__init__.py").exists()}
+    folders = {p.parent.name for p in tests.glob("*/test_*.py")}
+    assert folders <= packages | {"config"}, folders - packages
+    assert {p.name for p in tests.glob("test_*.py")} == REPOSITORY_TESTS
+
+
+def test_tests_share_helpers_through_tests_support_only() -> None:
+    """Fixtures come from conftest.py by name; a helper is imported from tests.support, never
+    from conftest or from another test file."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if "node_modules" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                ours = name == "conftest" or name.startswith(("tests.", "test_"))
+                last = name.rpartition(".")[2]
+                if ours and (last == "conftest" or last.startswith("test_")):
+                    found.append(f"{path.relative_to(ROOT)}: {name}")
+    assert found == []

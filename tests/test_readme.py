@@ -64,6 +64,6 @@ async def test_readme_python_example_runs_against_a_gateway(
 
 
 def test_browser_test_page_is_the_documents_own() -> None:
-    # tests/test_browser.py serves this copy to a real browser; it must not drift from the doc.
+    # tests/http/test_browser.py serves this copy to a real browser; it must not drift from the doc.
     page = (ROOT / "tests" / "browser" / "seed-example.html").read_text(encoding="utf-8")
     assert page.rstrip() == seed_example("<!DOCTYPE html>", None).rstrip()

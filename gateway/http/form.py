@@ -13,7 +13,7 @@ Where a part ends is never guessed: a delimiter (CRLF, ``--``, the boundary) any
 body is a boundary, so the parser finds the next one with one ``bytes.find`` over each region
 (preamble, every part), and every byte of the body before the close delimiter is scanned once.
 The file's bytes, hash and size are therefore exactly what a reference parser extracts
-(tests/test_form_differential.py checks this against python-multipart). What is accepted:
+(tests/http/test_form_differential.py checks this against python-multipart). What is accepted:
 
 * any part order and sizes, a preamble and an epilogue of any length, transport padding after
   a delimiter, a quoted boundary of 1-200 characters, bare-LF header lines;
@@ -30,7 +30,7 @@ Every malformed or over-limit input ends in ``NoData`` (300, its message naming 
 ``FileTooLarge`` (413).
 
 Long because: one forward parser and its two feeds (whole body, chunks) share one state
-machine, and the differential test (tests/test_form_differential.py) checks it as one unit.
+machine, and the differential test (tests/http/test_form_differential.py) checks it as one unit.
 """
 
 from __future__ import annotations

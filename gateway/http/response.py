@@ -19,7 +19,7 @@ us): ``StreamResponse.__init__`` is skipped, so the class-level defaults of ``_e
 ``_payload_writer``, ``_keep_alive``, ``_req`` and ``_body_length`` must exist (aiohttp 3.11.8
 and later; before, every answer fails with ``AttributeError: '_eof_sent'``); it sets
 ``_state`` and calls ``_set_status``, and overrides ``_headers``; of the request it takes
-``request._payload_writer`` and awaits ``request._prepare_hook``. ``tests/test_response.py``
+``request._payload_writer`` and awaits ``request._prepare_hook``. ``tests/http/test_response.py``
 reads the bytes on the wire; pyproject.toml's aiohttp floor is a version it passes on.
 """
 

@@ -1,5 +1,5 @@
 """The storage protocol. One implementation a module (``sqlite``, ``redis``); one contract
-test suite (``tests/test_store_contract.py``) runs over every implementation."""
+test suite (``tests/store/test_store_contract.py``) runs over every implementation."""
 
 from __future__ import annotations
 

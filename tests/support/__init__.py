@@ -143,6 +143,15 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on ``port`` (a server is up)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 # -- waiting ----------------------------------------------------------------------------------
 def wait_until(condition: Callable[[], object], *, timeout: float = 10.0, every: float = 0.01,
                what: str = "the condition") -> Any:

@@ -24,7 +24,7 @@ Keys (under ``prefix``):
 The Lua scripts are in ``gateway.store.redis.scripts``.
 
 Long because: one backend's implementation of every method of the Store protocol, read against
-one contract suite (tests/test_store_contract.py).
+one contract suite (tests/store/test_store_contract.py).
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
     Switching a file to WAL needs it to itself for a moment, and SQLite answers "database is
     locked" at once rather than through the busy timeout when another connection is in the
     middle of it: two workers starting together on a new file (``server.workers = 2``), or
-    two gateways, failed that way about half the time (tests/test_store_faults.py)."""
+    two gateways, failed that way about half the time (tests/store/test_store_faults.py)."""
     deadline = time.monotonic() + PREPARE_TIMEOUT_S
     while True:
         try:

@@ -16,7 +16,7 @@ The files' schema and migrations are in ``gateway.store.sqlite.schema``, the che
 ``gateway.store.sqlite.check``.
 
 Long because: one backend's implementation of every method of the Store protocol, read against
-one contract suite (tests/test_store_contract.py).
+one contract suite (tests/store/test_store_contract.py).
 """
 
 from __future__ import annotations

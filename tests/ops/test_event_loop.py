@@ -13,7 +13,7 @@ import pytest
 from gateway.config import ConfigError
 from tests.support import GatewayProcess, Sim, free_port, make_config, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def loaded_uvloop(pid: int) -> bool:

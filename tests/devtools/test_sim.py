@@ -453,7 +453,7 @@ async def test_control_endpoints(sim: Sim) -> None:
 
 
 def test_serve_sim_prints_its_url_and_stops_on_sigterm() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     code = (
         "from gateway.devtools.sim import serve_sim; "
         "serve_sim(host='127.0.0.1', port=0, api_key='k', quota=3)"

@@ -20,7 +20,7 @@ from gateway.config import Config
 from gateway.devtools.sample_images import make_png
 from gateway.store import StoreUnavailable
 from gateway.store.redis import RedisStore
-from tests.support import TEAM_KEYS, GatewayFactory, Sim, free_port, make_config
+from tests.support import TEAM_KEYS, GatewayFactory, Sim, eventually, free_port, make_config
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -238,21 +238,29 @@ async def test_a_sentinel_failover_under_load_loses_no_charge_and_overspends_not
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             clients = [asyncio.create_task(client(n, session)) for n in range(4)]
-            await asyncio.sleep(1.0)
+            await eventually(lambda: sum(s == 200 for _, s in statuses) >= 20,
+                             what="load through the first primary")
             ha.primary.kill()  # kill -9 of the primary under load
             killed_at = time.monotonic() - started
             for _ in range(300):  # the failover takes a few seconds; then 3 s more of load
                 if any(s == 200 and t > killed_at + 1 for t, s in statuses):
                     break
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(3.0)
+            await eventually(  # load through the new primary
+                lambda: sum(s == 200 and t > killed_at + 1 for t, s in statuses) >= 40,
+                timeout=30, what="40 answers after the failover")
             stop.set()
             await asyncio.gather(*clients)
         codes = {s for _, s in statuses}
         assert codes <= {200, 402, 503}, codes  # fails closed while no primary answers
         assert any(s == 200 and t > killed_at + 1 for t, s in statuses), "no recovery"
         delivered = sum(1 for _, s in statuses if s == 200)
-        await asyncio.sleep(1.5)  # charges the store refused during the failover are retried
+
+        async def settled() -> bool:  # charges the store refused in the failover are retried
+            (usage,) = await gw.state.store.usage(gw.state.ledger.period())
+            return bool(usage.charged == sim.state.calls)
+
+        await eventually(settled, timeout=15, every=0.1, what="the refused charges retried")
         (usage,) = await gw.state.store.usage(gw.state.ledger.period())
         assert delivered <= usage.charged <= quota, (delivered, usage)
         assert usage.charged == sim.state.calls, (usage, sim.state.calls)

@@ -38,7 +38,7 @@ from tests.support import (
 )
 from tests.support.prometheus import ALERTS, rules_without_annotations, run, tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 PROMETHEUS_CONFIG = ROOT / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "gateway.json"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

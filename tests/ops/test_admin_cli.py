@@ -30,7 +30,9 @@ from tests.support import (
     free_port,
     gateway_command,
     objects_form,
+    port_open,
     post_requests,
+    wait_until,
 )
 from tests.support.admin import ADMIN, EXPECTED, IMAGES, TOKEN, acli, cli, config_for, play_workload
 
@@ -394,7 +396,7 @@ def test_keys_new_refuses_a_team_the_config_does_not_have(tmp_path: Path) -> Non
     assert out.stderr.splitlines() == [
         f"gateway keys: team search is already in {path}: drop --new-team"]
     # the container's config has no teams: --new-team is how its first team starts
-    docker = Path(__file__).resolve().parent.parent / "config.docker.toml"
+    docker = Path(__file__).resolve().parents[2] / "config.docker.toml"
     out = cli("keys", "new", "search", "--config", str(docker))
     assert out.returncode == 2 and out.stdout == "" and "no team is configured" in out.stderr
     out = cli("keys", "new", "search", "--new-team", "--config", str(docker))
@@ -488,7 +490,7 @@ def test_reload_with_sighup(
     with subprocess.Popen([*gateway_command(), "sim", "--port", str(sim_port), "--api-key",
                            "k", "--quota", "1"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL) as sim:
-        time.sleep(0.5)
+        wait_until(lambda: port_open(sim_port), what="the simulator listening")
         out = cli("reload", "--config", str(config), "--pid", str(sim.pid))
         assert out.returncode == 2 and "is not `gateway serve`" in out.stderr
         assert sim.poll() is None

@@ -59,7 +59,7 @@ def test_every_parameter_is_in_the_table_below() -> None:
 async def test_each_parameter_a_type_uses_is_part_of_the_key(
         gateway_factory: GatewayFactory, sim: Sim, type_: str, name: str) -> None:
     # Exact keys only: with derivation on, the stricter second request would be answered
-    # from the first (tests/test_derive.py).
+    # from the first (tests/core/test_derive.py).
     gateway = await gateway_factory(cache={"derive": False})
     image = make_png(4100 + ALL_PARAMS.index(name))
     first_status, first = await send(gateway, form(type_), image)

@@ -11,7 +11,15 @@ import pytest
 import requests
 
 from gateway.devtools.sample_images import make_png
-from tests.support import GatewayProcess, Sim, free_port, objects_form, post_requests, write_config
+from tests.support import (
+    GatewayProcess,
+    Sim,
+    eventually,
+    free_port,
+    objects_form,
+    post_requests,
+    write_config,
+)
 
 
 def start(tmp_path: Path, sim: Sim, name: str, *, quota: int) -> GatewayProcess:
@@ -57,7 +65,7 @@ async def test_kill_9_under_load_loses_no_delivered_result_and_no_charge(
                 delivered.append(seed)
 
     workers = [asyncio.create_task(client(w)) for w in range(8)]
-    await asyncio.sleep(1.5)
+    await eventually(lambda: len(delivered) >= 40, timeout=20, what="40 results delivered")
     gw.proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(gw.proc.wait)
     stop.set()
@@ -81,7 +89,7 @@ async def test_kill_9_under_load_loses_no_delivered_result_and_no_charge(
     # call was never sent was refunded; one marked sent (durably, before its request left)
     # stays charged as undelivered, since the upstream may have billed it. So every call the
     # upstream received is charged, and a call the kill cut short between that mark and the
-    # socket is the only slack, at most one per client. (tests/test_crash.py holds the same.)
+    # socket is the only slack, at most one per client. (tests/store/test_crash.py holds the same.)
     with sqlite3.connect(tmp_path / "shared.db") as db:
         (pending,) = db.execute("SELECT COUNT(*) FROM reservations").fetchone()
         (undelivered,) = db.execute(

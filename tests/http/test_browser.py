@@ -29,7 +29,7 @@ from tests.support import (
     post_requests,
 )
 
-BROWSER_DIR = Path(__file__).parent / "browser"
+BROWSER_DIR = Path(__file__).resolve().parents[1] / "browser"  # tests/browser (npm ci there)
 SEED_PAGE = BROWSER_DIR / "seed-example.html"
 JQUERY = BROWSER_DIR / "node_modules" / "jquery" / "dist" / "jquery.min.js"
 CHROMIUM = "/usr/bin/chromium"

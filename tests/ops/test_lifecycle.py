@@ -15,6 +15,7 @@ from tests.support import (
     UPSTREAM_KEY,
     GatewayProcess,
     Sim,
+    eventually,
     free_port,
     objects_form,
     post_requests,
@@ -64,13 +65,13 @@ async def test_sighup_reload_raises_a_quota_and_refuses_a_broken_config(
     good = config.read_text().replace("quota = 1", "quota = 3")
     config.write_text(good)
     gw.proc.send_signal(signal.SIGHUP)
-    await asyncio.sleep(0.5)
+    await eventually(lambda: "reloaded " in gw.log_path.read_text(), what="the reload's log line")
     r = await post_requests(gw.url, *objects_form("team-key", make_png(2)))
     assert r.status_code == 200 and r.json()["data"]["quota"] == 1
 
     config.write_text(good.replace("quota = 3", "quota = 'lots'"))
     gw.proc.send_signal(signal.SIGHUP)
-    await asyncio.sleep(0.5)
+    await eventually(lambda: "reload refused" in gw.log_path.read_text(), what="the refusal")
     assert gw.proc.poll() is None
     r = await post_requests(gw.url, *objects_form("team-key", make_png(3)))
     assert r.status_code == 200 and r.json()["data"]["quota"] == 0  # old config kept
@@ -85,9 +86,10 @@ async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     await asyncio.to_thread(gw.wait_ready)
     in_flight = [asyncio.create_task(post_requests(gw.url, *objects_form("team-key", make_png(i))))
                  for i in range(5)]
-    await asyncio.sleep(0.5)
+    await eventually(lambda: sim.state.calls == 5, what="all five at the upstream")
     gw.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    await eventually(lambda: "draining: finishing" in gw.log_path.read_text(),
+                     what="the listener to close")
     started = time.monotonic()
     try:
         late = await asyncio.to_thread(requests.post, gw.url, timeout=5,
@@ -116,9 +118,9 @@ async def test_sigterm_grace_turns_readyz_503_before_the_listener_closes(
     assert ready.status_code == 200
     in_flight = [asyncio.create_task(post_requests(gw.url, *objects_form("team-key", make_png(i))))
                  for i in range(3)]
-    await asyncio.sleep(0.4)
+    await eventually(lambda: sim.state.calls == 3, what="all three at the upstream")
     gw.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    await eventually(lambda: "SIGTERM: draining" in gw.log_path.read_text(), what="the drain")
     ready = await asyncio.to_thread(requests.get, f"http://127.0.0.1:{gw.port}/readyz", timeout=5)
     assert ready.status_code == 503 and "draining" in ready.json()["problems"]
     assert ready.headers["Retry-After"] == "1"

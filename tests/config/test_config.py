@@ -10,7 +10,7 @@ import pytest
 from gateway.config import ConfigError, Secret, hash_key, load_config
 from tests.support import gateway_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 ENV = {"IMAGERECOGNIZE_API_KEY": "real-upstream-key"}
 
 
