@@ -60,8 +60,9 @@ MODULES: dict[str, tuple[str, list[str], list[str]]] = {
                    ["tests/http/test_admin.py"]),
     "service": ("gateway/core/service.py",
                 [f"{SERVICE}{f}*" for f in SERVICE_PARTS],
-                ["tests/http/test_api.py", "tests/upstream/test_resilience.py", "tests/core/test_cache_key.py",
-                 "tests/core/test_derive.py", "tests/core/test_coalescing_replicas.py",
+                ["tests/http/test_api.py", "tests/upstream/test_resilience.py",
+                 "tests/core/test_cache_key.py", "tests/core/test_derive.py",
+                 "tests/core/test_coalescing_replicas.py",
                  "tests/core/test_service_rules.py", "tests/store/test_store_faults.py",
                  "tests/core/test_ledger_honesty.py"]),
     # The flight table and the locks across processes (gateway.core.coalesce).
