@@ -32,7 +32,7 @@ from gateway.core.errors import (
 from gateway.core.service import Answer, Call, Directives, NotCached
 from gateway.http.deadlines import Deadlines
 from gateway.http.form import Form, parse_query, read_form
-from gateway.http.response import EnvelopeResponse
+from gateway.http.response import envelope_answer
 from gateway.http.state import STATE, GatewayState
 from gateway.obs.logs import log_access
 from gateway.store.base import StoreUnavailable
@@ -315,4 +315,4 @@ def respond(
             charset="utf-8",
             headers={**HEADERS, **headers},
         )
-    return EnvelopeResponse(body, status, headers, content_type=content_type)
+    return envelope_answer(body, status, headers, content_type=content_type)

@@ -20,7 +20,9 @@ us): ``StreamResponse.__init__`` is skipped, so the class-level defaults of ``_e
 and later; before, every answer fails with ``AttributeError: '_eof_sent'``); it sets
 ``_state`` and calls ``_set_status``, and overrides ``_headers``; of the request it takes
 ``request._payload_writer`` and awaits ``request._prepare_hook``. ``tests/http/test_response.py``
-reads the bytes on the wire; pyproject.toml's aiohttp floor is a version it passes on.
+reads the bytes on the wire, through this writer and through the ``web.Response`` fallback
+(``FAST``, below) that is used where one of those parts is missing; pyproject.toml's aiohttp
+floor is a version it passes on.
 """
 
 from __future__ import annotations
@@ -141,6 +143,25 @@ class EnvelopeResponse(web.StreamResponse):
         self._req = None
         self._body_length = len(self._payload)
         self._payload_writer = None
+
+
+
+# The private parts used above, checked once at import. Where one is missing (an aiohttp
+# outside the tested range), every answer goes through the public ``web.Response`` instead:
+# the same status, headers and body (tests/http/test_response.py runs on both), a few us slower.
+_PRIVATE_RESPONSE = ("_eof_sent", "_payload_writer", "_keep_alive", "_req", "_body_length")
+FAST = all(hasattr(web.StreamResponse, name) for name in (*_PRIVATE_RESPONSE, "_set_status")) and (
+    hasattr(web.BaseRequest, "_prepare_hook")
+)
+
+
+def envelope_answer(
+    body: bytes, status: int, headers: dict[str, str], *, content_type: str
+) -> web.StreamResponse:
+    """An envelope answer: written here where aiohttp's internals allow, else ``web.Response``."""
+    if FAST:
+        return EnvelopeResponse(body, status, headers, content_type=content_type)
+    return web.Response(body=body, status=status, headers={**dict(_FIXED[content_type]), **headers})
 
 
 async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:

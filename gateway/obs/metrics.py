@@ -26,6 +26,19 @@ from gateway.config import Config
 from gateway.obs.logs import access_lines_dropped
 from gateway.obs.scrape import TeamGauges
 
+
+def bulk_histograms(child: Any) -> bool:
+    """Whether a histogram child has the private ``_sum`` and ``_buckets`` counters that
+    ``Metrics.fold`` adds to in bulk (prometheus-client 0.20 to today). Where not, each request
+    is observed through the public ``observe()`` as it is counted: the same series, one lock
+    per request instead of one per loop turn."""
+    buckets = getattr(child, "_buckets", None)
+    return (
+        hasattr(getattr(child, "_sum", None), "inc")
+        and isinstance(buckets, list)
+        and all(hasattr(b, "inc") for b in buckets)
+    )
+
 CACHE_OUTCOMES = ("hit", "miss", "coalesced", "derived", "none")
 DERIVED_TYPES = tuple(DERIVABLE)  # the types with a threshold (gateway.analysis)
 ALL_TYPES = (*ANALYSIS_TYPES, "cache")
@@ -69,6 +82,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Checked on a series preinitialize() creates anyway: no probe series in the registry.
+        self.bulk = bulk_histograms(self.request_duration.labels(ALL_TYPES[0], "hit"))
         self.upstream_requests = Counter(
             "gateway_upstream_requests",
             "Calls made to the upstream API",
@@ -171,6 +186,8 @@ class Metrics:
         pending[0] += 1
         pending[1] += seconds
         pending[2][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the last is +Inf
+        if not self.bulk:
+            self.request_duration.labels(type_, cache).observe(seconds)
         if not self._fold_scheduled:
             self._schedule_fold()
 
@@ -211,6 +228,8 @@ class Metrics:
             children[0].inc(count)
             # Histogram.observe() per request, in bulk: its sum and the one bucket each
             # observation falls in (prometheus_client keeps buckets non-cumulative).
+            if not self.bulk:
+                continue  # observed one by one in count_request
             histogram = children[1]
             histogram._sum.inc(total)
             for i, n in enumerate(buckets):

@@ -19,6 +19,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway.core.envelope import CONTENT_TYPE
 from gateway.devtools.sample_images import make_png
+import gateway.http.response as response_module
 from gateway.http.response import EnvelopeResponse
 from tests.support import TEAM_KEYS, Gateway
 
@@ -90,7 +91,21 @@ def _exchange(gw: Gateway, *requests: bytes, close_expected: bool) -> list[Answe
     return answers
 
 
-async def test_keep_alive_answers_carry_what_http_clients_need(gateway: Gateway) -> None:
+@pytest.fixture(params=["written here", "web.Response"])
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways an answer is written: the module's own writer, and the public web.Response it
+    falls back to where aiohttp lacks the private parts it uses (the same bytes must result)."""
+    monkeypatch.setattr(response_module, "FAST", request.param == "written here")
+    return str(request.param)
+
+
+def test_the_installed_aiohttp_has_what_the_fast_writer_uses() -> None:
+    """pyproject.toml's aiohttp range is one where answers are written here; a release that
+    drops a private part would silently take the slower path: this says so first."""
+    assert response_module.FAST
+
+
+async def test_keep_alive_answers_carry_what_http_clients_need(gateway: Gateway, writer: str) -> None:
     body = _body(TEAM_KEYS["search"], make_png(4242))
     miss, hit, refused = await asyncio.to_thread(
         _exchange, gateway, _request(gateway, body), _request(gateway, body),
@@ -111,7 +126,7 @@ async def test_keep_alive_answers_carry_what_http_clients_need(gateway: Gateway)
     assert json.loads(refused.body)["status"] == 401
 
 
-async def test_connection_close_is_answered_and_honoured(gateway: Gateway) -> None:
+async def test_connection_close_is_answered_and_honoured(gateway: Gateway, writer: str) -> None:
     body = _body(TEAM_KEYS["search"], make_png(4243))
     (answer,) = await asyncio.to_thread(
         _exchange, gateway, _request(gateway, body, extra="Connection: close\r\n"),
@@ -122,7 +137,8 @@ async def test_connection_close_is_answered_and_honoured(gateway: Gateway) -> No
 
 
 @pytest.mark.parametrize("keep_alive", [False, True])
-async def test_http_1_0_gets_a_1_0_answer(gateway: Gateway, keep_alive: bool) -> None:
+async def test_http_1_0_gets_a_1_0_answer(gateway: Gateway, keep_alive: bool,
+                                          writer: str) -> None:
     body = _body(TEAM_KEYS["search"], make_png(4244))
     extra = "Connection: keep-alive\r\n" if keep_alive else ""
     raws = [_request(gateway, body, "1.0", extra)] * (2 if keep_alive else 1)

@@ -767,3 +767,30 @@ async def test_requests_counted_in_bulk_scrape_as_if_observed_one_by_one() -> No
                     ("type", "objects"))] == len(durations)
     assert counted[(("cache", "none"), ("status", "402"), ("team", "ads"), ("type", "nsfw"))] == 1
     assert counted[(("team", "search"), ("type", "objects"))] == 2
+
+
+def test_request_latency_counts_the_same_with_or_without_the_bulk_path() -> None:
+    """Metrics.fold adds a loop turn's requests to the histogram's private sum and bucket
+    counters; where prometheus-client lacks them, each request is observed through the public
+    observe(). Both leave the same series and values; the installed version takes the bulk one."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.obs.metrics import Metrics, bulk_histograms
+
+    durations = [0.0004, 0.003, 0.003, 0.02, 0.2, 1.5, 7.0, 42.0]
+    samples = []
+    for bulk in (True, False):
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        metrics.bulk = bulk
+        for i, seconds in enumerate(durations):
+            metrics.count_request("search", "objects", 200, "hit" if i % 2 else "miss", seconds)
+        metrics.fold()
+        samples.append(sorted(
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for family in registry.collect() if family.name.startswith("gateway_request")
+            for s in family.samples))
+    assert samples[0] == samples[1]
+    assert any(name.endswith("_bucket") and value for name, _, value in samples[0])
+    assert Metrics(CollectorRegistry()).bulk
+    assert not bulk_histograms(object())
