@@ -161,9 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             if config.admin.token_env and not config.admin.token:
+                status = (
+                    "open to anyone (public_status = true)"
+                    if config.admin.public_status
+                    else "for the viewer token only"
+                    if config.admin.status_token
+                    else "off (403)"
+                )
                 print(
                     f"note: {config.admin.token_env} is not set here (or only whitespace): "
-                    "the admin API is off and the status page open",
+                    f"the admin API is off and the status page {status}",
                     file=sys.stderr,
                 )
             print(

@@ -200,12 +200,20 @@ def add_admin_commands(sub: Any) -> None:
     reload = sub.add_parser(
         "reload",
         help="make a running gateway re-read its config",
-        description="With the admin token in the environment (the variable named by [admin] "
-        "token_env), POST /admin/reload on server.host:port and print the answer; "
-        "otherwise send SIGHUP to --pid.",
+        description="With --pid, send SIGHUP to that process. Otherwise, with the admin token "
+        "in the environment (the variable named by [admin] token_env), POST /admin/reload on "
+        "server.host:port (or --url) and print the answer.",
     )
     _config_arg(reload)
-    reload.add_argument("--pid", type=int, help="the gateway's process id (SIGHUP)")
+    reload.add_argument(
+        "--pid", type=int, help="the gateway's process id: send SIGHUP (even with a token)"
+    )
+    reload.add_argument(
+        "--url",
+        help="where the gateway listens, e.g. http://127.0.0.1:8080 (default: the config's "
+        "server.host:port; give it when the edit changes them: the gateway listens on the old "
+        "ones until restarted)",
+    )
     reload.add_argument("--timeout", type=float, default=10.0, help="seconds (HTTP)")
 
 
@@ -571,8 +579,10 @@ def keys_table(keys: Sequence[KeyRecord], config_keys: dict[str, int], *, now: f
 # -- reload -----------------------------------------------------------------------------------
 def _reload(args: argparse.Namespace) -> int:
     config = load_config(args.config, require_api_key=False)
+    if args.pid is not None:
+        return _reload_signal(args.pid)  # asked for by name: the token does not override it
     if config.admin.enabled:
-        return _reload_http(config, args.timeout)
+        return _reload_http(config, args.timeout, args.url)
     if args.pid is None:
         where = (
             f"set {config.admin.token_env} (named by [admin] token_env) to reload over HTTP"
@@ -583,11 +593,16 @@ def _reload(args: argparse.Namespace) -> int:
     return _reload_signal(args.pid)
 
 
-def _reload_http(config: Config, timeout: float) -> int:
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
-        config.server.host, config.server.host
-    )
-    url = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}/admin/reload"
+def _reload_http(config: Config, timeout: float, base: str | None = None) -> int:
+    if base is not None:
+        if not base.startswith(("http://", "https://")):
+            raise UsageError(f"--url must be an http:// or https:// URL, not {base!r}")
+        url = base.rstrip("/") + "/admin/reload"
+    else:
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+            config.server.host, config.server.host
+        )
+        url = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}/admin/reload"
     request = urllib.request.Request(
         url,
         data=b"",
@@ -601,7 +616,13 @@ def _reload_http(config: Config, timeout: float) -> int:
         status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise Failure(f"cannot reach the gateway at {url}: {reason}") from None
+        hint = (
+            ""
+            if base is not None
+            else " (if this edit changes server.host or server.port, the gateway still listens "
+            "on the old ones: pass --url or --pid)"
+        )
+        raise Failure(f"cannot reach the gateway at {url}: {reason}{hint}") from None
     if status == 401:
         raise Failure(f"the gateway refused the admin token in {config.admin.token_env}")
     if status == 404:

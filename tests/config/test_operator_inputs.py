@@ -103,4 +103,4 @@ def test_check_config_says_when_a_blank_admin_token_leaves_the_admin_api_off(
     assert run.returncode == 0
     assert run.stderr.splitlines() == [
         "note: TEST_ADMIN_TOKEN is not set here (or only whitespace): the admin API is off "
-        "and the status page open"]
+        "and the status page off (403)"]

@@ -459,6 +459,37 @@ def test_reload_over_http_with_the_admin_token(
     assert TOKEN not in processes[0].log_path.read_text()
 
 
+def test_reload_after_an_edit_that_moves_the_port(
+    tmp_path: Path, processes: list[GatewayProcess],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edited file names a port the gateway does not listen on yet: the plain command says
+    how to reach it, --url reaches it over HTTP, and --pid signals it even with the token set."""
+    config, port = start_gateway(tmp_path, processes, monkeypatch)
+    add_team(config, "marketing", "marketing-key", 10)
+    moved = free_port()
+    config.write_text(config.read_text().replace(f"port = {port}\n", f"port = {moved}\n"))
+    out = cli("reload", "--config", str(config), token=TOKEN)
+    assert out.returncode == 1 and f"127.0.0.1:{moved}" in out.stderr
+    assert "--url or --pid" in out.stderr
+    assert accepted(port, "marketing-key") == 401
+
+    out = cli("reload", "--config", str(config), "--url", f"http://127.0.0.1:{port}/",
+              token=TOKEN)
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout == (f"reloaded {config}: 4 teams (changes to server.port apply after a "
+                          "restart)\n")
+    assert accepted(port, "marketing-key") == 200
+
+    add_team(config, "sales", "sales-key", 10)
+    pid = processes[0].proc.pid
+    out = cli("reload", "--config", str(config), "--pid", str(pid), token=TOKEN)
+    assert out.returncode == 0 and out.stdout.startswith(f"sent SIGHUP to {pid}")
+    wait_until(lambda: accepted(port, "sales-key") == 200, what="the SIGHUP reload")
+    out = cli("reload", "--config", str(config), "--url", "127.0.0.1:1", token=TOKEN)
+    assert out.returncode == 2 and "--url must be an http://" in out.stderr
+
+
 def test_reload_with_sighup(
     tmp_path: Path, processes: list[GatewayProcess],
     monkeypatch: pytest.MonkeyPatch
