@@ -159,7 +159,7 @@ async def handle_api(request: web.Request) -> web.StreamResponse:
         state.inflight -= 1  # the gauge follows at the fold count_request schedules
         elapsed = time.perf_counter() - started
         state.metrics.count_request(team_label, type_label, status, outcome, elapsed)
-        if state.config.server.access_log:
+        if server.access_log:  # the config this request started on, read once
             upload = form.file
             log_access(
                 {

@@ -583,14 +583,12 @@ def _reload(args: argparse.Namespace) -> int:
         return _reload_signal(args.pid)  # asked for by name: the token does not override it
     if config.admin.enabled:
         return _reload_http(config, args.timeout, args.url)
-    if args.pid is None:
-        where = (
-            f"set {config.admin.token_env} (named by [admin] token_env) to reload over HTTP"
-            if config.admin.token_env
-            else "the config has no [admin] token_env for reloading over HTTP"
-        )
-        raise UsageError(f"{where}, or pass --pid PID to send SIGHUP")
-    return _reload_signal(args.pid)
+    where = (
+        f"set {config.admin.token_env} (named by [admin] token_env) to reload over HTTP"
+        if config.admin.token_env
+        else "the config has no [admin] token_env for reloading over HTTP"
+    )
+    raise UsageError(f"{where}, or pass --pid PID to send SIGHUP")
 
 
 def _reload_http(config: Config, timeout: float, base: str | None = None) -> int:
