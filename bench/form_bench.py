@@ -11,10 +11,12 @@ file. Columns, in microseconds per call (best of five rounds):
 
     read      the readany() loop plus b"".join: what `await request.read()` costs here
     hash      xxh3-128 of the file's bytes
-    find      one bytes.find of the delimiter over the whole body: the scan's floor
+    find      one bytes.find of the delimiter over the file: the scan's floor without StringZilla
+    sz-find   the same search by StringZilla's find (gateway.http.form.SCANS), the one used
     old       read_form as of REV (default 30877d4: the in-memory path walked back from the
               body's end and did not scan the file)
-    new       read_form as it is now: one forward scan of every body
+    new       read_form as it is now: one forward scan of every body (StringZilla's find)
+    new-bytes the same with bytes.find (what it costs where StringZilla does not install)
     new-old   what the scan costs the hit path (read_form runs on every request)
     parse     new - read - hash: what parsing adds to reading and hashing
 """
@@ -125,16 +127,28 @@ def contenders(image: bytes, boundary: str, spool: str, modules: list[ModuleType
     async def find() -> int:
         return body.find(delim, file_start)  # over the file: the next delimiter ends it
 
-    def parse_with(module: ModuleType) -> Callable[[], Awaitable[object]]:
+    fast = next(iter(new_form.SCANS.values()))
+
+    async def sz_find() -> int:
+        return fast(body, delim, file_start)
+
+    def parse_with(module: ModuleType, scan: str | None = None) -> Callable[[], Awaitable[object]]:
         async def parse() -> None:
-            form = await module.read_form(content_type, len(body), ChunkStream(chunks),
-                                          spool_dir=spool)
+            used = new_form._find
+            if scan is not None:
+                new_form._find = new_form.SCANS[scan]
+            try:
+                form = await module.read_form(content_type, len(body), ChunkStream(chunks),
+                                              spool_dir=spool)
+            finally:
+                new_form._find = used
             assert form.file is not None and form.file.size == len(image)
             form.close()
 
         return parse
 
-    return [read, hash_only, find, *(parse_with(m) for m in modules)]
+    return [read, hash_only, find, sz_find, *(parse_with(m) for m in modules),
+            parse_with(new_form, "bytes")]
 
 
 async def main() -> None:
@@ -145,20 +159,21 @@ async def main() -> None:
     old = old_module(args.old)
     modules = [m for m in (old, new_form) if m is not None]
     spool = tempfile.mkdtemp(prefix="form-bench-")
-    print(f"{'body':>6} {'boundary':>8} {'read':>8} {'hash':>8} {'find':>8} "
-          + (f"{'old':>8} " if old else "") + f"{'new':>8} "
+    print(f"{'body':>6} {'boundary':>8} {'read':>8} {'hash':>8} {'find':>8} {'sz-find':>8} "
+          + (f"{'old':>8} " if old else "") + f"{'new':>8} {'new-bytes':>9} "
           + (f"{'new-old':>8} " if old else "") + f"{'parse':>8}")
     for label, size, n in SIZES:
         image = b"\xff\xd8\xff\xe0" + os.urandom(size - 4)
         for boundary in BOUNDARIES:
             costs = [await per_call(fn, 2 if args.quick else n)
                      for fn in contenders(image, boundary, spool, modules)]
-            read, hash_, find, *parses = costs
+            read, hash_, find, sz_find, *parses, new_bytes = costs
             new = parses[-1]
-            row = f"{label:>6} {len(boundary):>8} {read:>8.1f} {hash_:>8.1f} {find:>8.1f} "
+            row = (f"{label:>6} {len(boundary):>8} {read:>8.1f} {hash_:>8.1f} {find:>8.1f} "
+                   f"{sz_find:>8.1f} ")
             if old:
                 row += f"{parses[0]:>8.1f} "
-            row += f"{new:>8.1f} "
+            row += f"{new:>8.1f} {new_bytes:>9.1f} "
             if old:
                 row += f"{new - parses[0]:>+8.1f} "
             print(row + f"{new - read - hash_:>8.1f}")

@@ -4,7 +4,8 @@ Bodies are generated (part count, order and sizes up to past memory_limit, bound
 characters, quoted or not, transport padding, preambles, epilogues holding delimiters, bytes in
 the file that almost make a delimiter) and read by read_form three ways: whole (Content-Length
 within memory_limit), streamed and spooled (Content-Length over it), chunked (no length), each
-fed in random chunks. python-multipart, fed the same way, says what the parts are; the
+fed in random chunks, with each delimiter search of gateway.http.form.SCANS (StringZilla's and
+bytes.find). python-multipart, fed the same way, says what the parts are; the
 gateway's rules (the first ``file`` part is the file, the first part of a name decides, a text
 part over max_field_bytes is dropped, or refused if the gateway uses it) say what it keeps.
 The end-to-end tests send such bodies through a real gateway and check what reached upstream.
@@ -31,11 +32,13 @@ from python_multipart.multipart import parse_options_header
 
 from gateway.core.errors import NoData
 from gateway.devtools.sample_images import make_jpeg, make_png
-from gateway.http.form import USED_FIELDS, Form, read_form
+from gateway.http import form as form_module
+from gateway.http.form import SCANS, USED_FIELDS, Form, read_form
 from tests.support import TEAM_KEYS, Gateway, Sim
 from tests.support.form import FakeStream
 
 MEMORY_LIMIT = 1024 * 1024  # read_form's default
+DEFAULT_SCAN = next(iter(SCANS))  # the delimiter search the gateway uses here
 MAX_FIELD = 8 * 1024  # read_form's default max_field_bytes
 BCHARS = string.ascii_letters + string.digits + "'()+_,-./:=? "  # RFC 2046 bchars
 
@@ -246,26 +249,26 @@ KEY_HEAD = head("apikey", None, None, "browser")
 @settings(max_examples=400, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large, HealthCheck.large_base_example])
-@given(case=multipart_bodies(), way=st.sampled_from(WAYS),
+@given(case=multipart_bodies(), way=st.sampled_from(WAYS), scan=st.sampled_from(sorted(SCANS)),
        cuts=st.lists(st.floats(0, 1), max_size=8), small_chunks=st.integers(1, 97))
 @example(case=issue_case([(KEY_HEAD, b"k"), (FILE_HEAD, IMAGE),
                           (head("note", None, None, "browser"), b"n" * 11_000)]),
-         way="whole", cuts=[], small_chunks=50).via("11 KB text field after the file")
+         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("11 KB text field after the file")
 @example(case=issue_case([(FILE_HEAD, IMAGE),
                           (head("thumb", "t.jpg", "image/jpeg", "browser"), b"\xff" * 20_000)]),
-         way="whole", cuts=[], small_chunks=50).via("20 KB thumbnail after the file")
+         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("20 KB thumbnail after the file")
 @example(case=issue_case([(FILE_HEAD, IMAGE), (head("file", "2.png", None, "browser"),
                                                IMAGE * 9)]),
-         way="whole", cuts=[], small_chunks=50).via("a second file after the file")
+         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("a second file after the file")
 @example(case=issue_case([(KEY_HEAD, b"k"), (FILE_HEAD, IMAGE),
                           (head("note", None, None, "browser"), b"n" * 11_000)]),
-         way="chunked", cuts=[0.3], small_chunks=50).via("the same, chunked")
+         way="chunked", cuts=[0.3], small_chunks=50, scan=DEFAULT_SCAN).via("the same, chunked")
 @example(case=issue_case([(head("note", None, None, "browser"), b"x" * 9000),
                           (head("file", "f" * 2048, None, "browser"), IMAGE)],
                          preamble=b"p" * 17_000 + b"\r\n"),
-         way="whole", cuts=[], small_chunks=50).via("9 KB part, 2 KB filename, 17 KB preamble")
+         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("9 KB part, 2 KB filename, 17 KB preamble")
 def test_reads_what_python_multipart_reads(case: Case, way: str, cuts: list[float],
-                                           small_chunks: int, tmp_path: Path) -> None:
+                                           small_chunks: int, scan: str, tmp_path: Path) -> None:
     body = case.body
     points = [int(c * len(body)) for c in cuts]
     if len(body) < 30_000 and small_chunks < 10:  # tiny chunks too, where they stay cheap
@@ -288,7 +291,12 @@ def test_reads_what_python_multipart_reads(case: Case, way: str, cuts: list[floa
         finally:
             form.close()
 
-    asyncio.run(check())
+    used = form_module._find
+    form_module._find = SCANS[scan]
+    try:
+        asyncio.run(check())
+    finally:
+        form_module._find = used
     assert list(tmp_path.iterdir()) == []
 
 
