@@ -65,14 +65,19 @@ def main() -> None:
                         help="SO_REUSEPORT, to run several floor processes on one port")
     args = parser.parse_args()
     use_event_loop(args.event_loop)
+    web.run_app(app(args.proxy_to), host=args.host, port=args.port, print=None, access_log=None,
+                reuse_port=args.reuse_port or None)
+
+
+def app(proxy_to: str | None = None) -> web.Application:
+    """The floor's app (bench/inproc_bench.py drives it without a socket)."""
     # Large enough for the 5 MB (and 50 MB) bodies: request.read() refuses past it.
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    if args.proxy_to:
-        app[UPSTREAM] = args.proxy_to
+    if proxy_to:
+        app[UPSTREAM] = proxy_to
         app.cleanup_ctx.append(_session)
-    app.router.add_route("*", "/{tail:.*}", proxy if args.proxy_to else handle)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
-                reuse_port=args.reuse_port or None)
+    app.router.add_route("*", "/{tail:.*}", proxy if proxy_to else handle)
+    return app
 
 
 if __name__ == "__main__":

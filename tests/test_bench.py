@@ -72,6 +72,16 @@ def test_hot_path_bench_smoke_prints_every_step() -> None:
     assert rows == ["body", "team", "parameters", "answer"]
 
 
+def test_inproc_bench_smoke_answers_hits_and_prints_the_gap() -> None:
+    # It exits non-zero unless every measured gateway answer was a hit (and one upstream call).
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "inproc_bench.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(":")[0].strip() for line in proc.stdout.splitlines()]
+    assert rows == ["floor", "gateway", "gap"]
+    assert "HTTP/1.1 200 OK" in proc.stdout
+
+
 def test_savings_bench_smoke_derives_and_widens_below_exact_dedup() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "savings.py"), "--quick"],
                           capture_output=True, text=True, timeout=300)

@@ -1,0 +1,174 @@
+"""A cache hit through the gateway's whole server stack, in one process and without sockets.
+
+    python bench/inproc_bench.py              # 20,000 hits, 100 KB upload
+    python bench/inproc_bench.py --quick      # CI smoke: 200 hits, judges nothing
+    python bench/inproc_bench.py --size 12400 --requests 50000
+
+The same raw HTTP request (bench/run.py's multipart body: the seed's fields, then a PNG) is
+handed to a connection's ``data_received`` as uvloop would hand it over, and the answer's bytes
+are taken from a transport that keeps them; the next request goes in when the answer is out.
+Microseconds per request, best of five rounds, side by side in one run:
+
+    floor      bench/floor.py's app (read the body, answer a small JSON), as bench/run.py's floor
+    gateway    create_app() on the shipped [server] settings (access log on, its buffer
+               dropped; the SQLite store in a temp dir); the simulator (loopback) answers the
+               one miss that stores the result, then every request is a hit
+    gap        gateway - floor: what the gateway adds to reading an upload
+
+What this leaves out, the socket reads and writes and the event loop's polling, costs both the
+same; so gap / (floor + socket) is close to what bench/run.py's hit ratio measures, with the
+noise of two processes, wrk and the kernel taken away: small changes show here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import floor  # noqa: E402
+import run  # noqa: E402  (bench/run.py: the body and the keys)
+
+from gateway.config import parse_config  # noqa: E402
+from gateway.devtools.sample_images import make_png_of_size  # noqa: E402
+from gateway.devtools.sim import start_sim  # noqa: E402
+from gateway.event_loop import use_event_loop  # noqa: E402
+from gateway.http.app import create_app  # noqa: E402
+from gateway.http.http_errors import EnvelopeAppRunner  # noqa: E402
+from gateway.obs import logs  # noqa: E402
+
+
+class Transport(asyncio.Transport):
+    """Keeps what is written; ``answered`` is set once an answer's bytes are all out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.answered: asyncio.Future[None] | None = None
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+        head, sep, _ = bytes(self.out[:4096]).partition(b"\r\n\r\n")
+        if sep:
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            if len(self.out) >= len(head) + 4 + length and self.answered is not None:
+                self.answered.set_result(None)
+
+    def writelines(self, lines: Any) -> None:
+        self.write(b"".join(lines))
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8080)}.get(
+            name, default)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def raw_request(body: bytes) -> bytes:
+    head = (f"POST /api/v2/ HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+            f"Content-Type: multipart/form-data; boundary={run.BOUNDARY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def per_request(runner: web.AppRunner, request: bytes, n: int) -> tuple[float, bytes]:
+    """Microseconds per request (best of five rounds of n), and the last answer."""
+    server = runner.server
+    assert server is not None
+    transport = Transport()
+    protocol = server()
+    protocol.connection_made(transport)
+    loop = asyncio.get_running_loop()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(n):
+            transport.out.clear()
+            transport.answered = loop.create_future()
+            protocol.data_received(request)
+            await transport.answered
+        best = min(best, (time.perf_counter() - start) / n)
+    answer = bytes(transport.out)
+    protocol.connection_lost(None)
+    return best * 1e6, answer
+
+
+def gateway_app(tmp: str, upstream: str) -> web.Application:
+    raw = {
+        "server": {"host": "127.0.0.1", "port": 8080, "drain_timeout_s": 5},
+        "upstream": {"url": upstream, "api_key_env": "INPROC_KEY"},
+        "storage": {"backend": "sqlite", "path": os.path.join(tmp, "gateway.db")},
+        "cache": {"max_mb": 1000},
+        "quota": {"period": "total"},
+        "teams": {"bench": {"keys": [run.TEAM_KEY], "quota": run.HUGE_QUOTA}},
+    }
+    return create_app(parse_config(raw, env={"INPROC_KEY": run.UPSTREAM_KEY}))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 hits a round")
+    parser.add_argument("--size", type=int, default=100 * 1024, help="upload bytes (100 KB)")
+    parser.add_argument("--requests", type=int, default=20_000, help="hits a round")
+    args = parser.parse_args()
+    n = 200 if args.quick else args.requests
+    request = raw_request(run.multipart(make_png_of_size(args.size, 1000 + args.size)))
+    logs.start_access_log(32, 1000)  # the shipped access log, its buffer dropped (below)
+    assert logs._access is not None
+    logs._access._sink = lambda data: None
+    with tempfile.TemporaryDirectory(prefix="inproc-bench-") as tmp:
+        # The simulator on loopback answers the one miss that stores the result.
+        sim, port, sim_state = await start_sim(api_key=run.UPSTREAM_KEY, quota=run.HUGE_QUOTA)
+        apps = {"floor": floor.app(),
+                "gateway": gateway_app(tmp, f"http://127.0.0.1:{port}/api/v2/")}
+        runners = {name: EnvelopeAppRunner(a, access_log=None) if name == "gateway"
+                   else web.AppRunner(a, access_log=None) for name, a in apps.items()}
+        for r in runners.values():
+            await r.setup()
+        await per_request(runners["gateway"], request, 1)  # the miss
+        costs = {}
+        for name, r in runners.items():
+            costs[name], answer = await per_request(r, request, n)
+            status = answer.split(b"\r\n", 1)[0]
+            if name == "gateway" and b"; hit;" not in answer:
+                raise SystemExit(f"inproc_bench: not a hit: {answer[:300]!r}")
+            print(f"{name:>8}: {costs[name]:7.1f} us  ({status.decode()})", flush=True)
+        for r in (*runners.values(), sim):
+            await r.cleanup()
+        assert sim_state.calls == 1, sim_state.calls
+    print(f"{'gap':>8}: {costs['gateway'] - costs['floor']:7.1f} us  "
+          f"({len(request):,}-byte request, {n:,} hits a round, best of 5)")
+
+
+if __name__ == "__main__":
+    use_event_loop("auto")
+    asyncio.run(main())
