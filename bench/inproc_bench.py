@@ -1,19 +1,21 @@
 """A cache hit through the gateway's whole server stack, in one process and without sockets.
 
-    python bench/inproc_bench.py              # 20,000 hits, 100 KB upload
+    python bench/inproc_bench.py              # 40,000 hits each, 100 KB upload
     python bench/inproc_bench.py --quick      # CI smoke: 200 hits, judges nothing
     python bench/inproc_bench.py --size 12400 --requests 50000
+    python bench/inproc_bench.py --no-access-log   # server.access_log = false
 
 The same raw HTTP request (bench/run.py's multipart body: the seed's fields, then a PNG) is
 handed to a connection's ``data_received`` as uvloop would hand it over, and the answer's bytes
 are taken from a transport that keeps them; the next request goes in when the answer is out.
-Microseconds per request, best of five rounds, side by side in one run:
+Microseconds per request, the median of 40 rounds that alternate the two, side by side:
 
     floor      bench/floor.py's app (read the body, answer a small JSON), as bench/run.py's floor
     gateway    create_app() on the shipped [server] settings (access log on, its buffer
                dropped; the SQLite store in a temp dir); the simulator (loopback) answers the
                one miss that stores the result, then every request is a hit
-    gap        gateway - floor: what the gateway adds to reading an upload
+    gap        gateway - floor, per round: its median and middle half (what the gateway adds
+               to reading an upload)
 
 What this leaves out, the socket reads and writes and the event loop's polling, costs both the
 same; so gap / (floor + socket) is close to what bench/run.py's hit ratio measures, with the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +50,8 @@ from gateway.event_loop import use_event_loop  # noqa: E402
 from gateway.http.app import create_app  # noqa: E402
 from gateway.http.http_errors import EnvelopeAppRunner  # noqa: E402
 from gateway.obs import logs  # noqa: E402
+
+ROUNDS = 40
 
 
 class Transport(asyncio.Transport):
@@ -100,31 +105,40 @@ def raw_request(body: bytes) -> bytes:
     return head.encode() + body
 
 
-async def per_request(runner: web.AppRunner, request: bytes, n: int) -> tuple[float, bytes]:
-    """Microseconds per request (best of five rounds of n), and the last answer."""
-    server = runner.server
-    assert server is not None
-    transport = Transport()
-    protocol = server()
-    protocol.connection_made(transport)
-    loop = asyncio.get_running_loop()
-    best = float("inf")
-    for _ in range(5):
+class Connection:
+    """One keep-alive connection to a runner's server, fed whole requests."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        server = runner.server
+        assert server is not None
+        self.transport = Transport()
+        self.protocol = server()
+        self.protocol.connection_made(self.transport)
+
+    async def per_request(self, request: bytes, n: int) -> float:
+        """Microseconds per request over n requests in a row."""
+        transport, protocol = self.transport, self.protocol
+        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         for _ in range(n):
             transport.out.clear()
             transport.answered = loop.create_future()
             protocol.data_received(request)
             await transport.answered
-        best = min(best, (time.perf_counter() - start) / n)
-    answer = bytes(transport.out)
-    protocol.connection_lost(None)
-    return best * 1e6, answer
+        return (time.perf_counter() - start) / n * 1e6
+
+    @property
+    def answer(self) -> bytes:
+        return bytes(self.transport.out)
+
+    def close(self) -> None:
+        self.protocol.connection_lost(None)
 
 
-def gateway_app(tmp: str, upstream: str) -> web.Application:
+def gateway_app(tmp: str, upstream: str, *, access_log: bool = True) -> web.Application:
     raw = {
-        "server": {"host": "127.0.0.1", "port": 8080, "drain_timeout_s": 5},
+        "server": {"host": "127.0.0.1", "port": 8080, "drain_timeout_s": 5,
+                   "access_log": access_log},
         "upstream": {"url": upstream, "api_key_env": "INPROC_KEY"},
         "storage": {"backend": "sqlite", "path": os.path.join(tmp, "gateway.db")},
         "cache": {"max_mb": 1000},
@@ -136,9 +150,11 @@ def gateway_app(tmp: str, upstream: str) -> web.Application:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 hits a round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 hits")
     parser.add_argument("--size", type=int, default=100 * 1024, help="upload bytes (100 KB)")
-    parser.add_argument("--requests", type=int, default=20_000, help="hits a round")
+    parser.add_argument("--requests", type=int, default=40_000, help="hits in all, each")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="the gateway with server.access_log = false (bench/run.py's tuned)")
     args = parser.parse_args()
     n = 200 if args.quick else args.requests
     request = raw_request(run.multipart(make_png_of_size(args.size, 1000 + args.size)))
@@ -149,24 +165,37 @@ async def main() -> None:
         # The simulator on loopback answers the one miss that stores the result.
         sim, port, sim_state = await start_sim(api_key=run.UPSTREAM_KEY, quota=run.HUGE_QUOTA)
         apps = {"floor": floor.app(),
-                "gateway": gateway_app(tmp, f"http://127.0.0.1:{port}/api/v2/")}
+                "gateway": gateway_app(tmp, f"http://127.0.0.1:{port}/api/v2/",
+                                       access_log=not args.no_access_log)}
         runners = {name: EnvelopeAppRunner(a, access_log=None) if name == "gateway"
                    else web.AppRunner(a, access_log=None) for name, a in apps.items()}
         for r in runners.values():
             await r.setup()
-        await per_request(runners["gateway"], request, 1)  # the miss
-        costs = {}
-        for name, r in runners.items():
-            costs[name], answer = await per_request(r, request, n)
-            status = answer.split(b"\r\n", 1)[0]
-            if name == "gateway" and b"; hit;" not in answer:
-                raise SystemExit(f"inproc_bench: not a hit: {answer[:300]!r}")
-            print(f"{name:>8}: {costs[name]:7.1f} us  ({status.decode()})", flush=True)
+        conns = {name: Connection(r) for name, r in runners.items()}
+        await conns["gateway"].per_request(request, 1)  # the miss
+        if b"; fwd=miss; stored" not in conns["gateway"].answer:
+            raise SystemExit(f"inproc_bench: the first request did not miss and store: "
+                             f"{conns['gateway'].answer[:300]!r}")
+        for conn in conns.values():
+            await conn.per_request(request, max(1, n // 10))  # warm-up
+        # Rounds alternate the two, so the machine's drift reaches both alike.
+        costs: dict[str, list[float]] = {name: [] for name in conns}
+        for _ in range(ROUNDS):
+            for name, conn in conns.items():
+                costs[name].append(await conn.per_request(request, max(1, n // ROUNDS)))
+        for name, conn in conns.items():
+            if name == "gateway" and b"; hit;" not in conn.answer:
+                raise SystemExit(f"inproc_bench: not a hit: {conn.answer[:300]!r}")
+            status = conn.answer.split(b"\r\n", 1)[0].decode()
+            print(f"{name:>8}: {statistics.median(costs[name]):7.1f} us  ({status})", flush=True)
+            conn.close()
         for r in (*runners.values(), sim):
             await r.cleanup()
         assert sim_state.calls == 1, sim_state.calls
-    print(f"{'gap':>8}: {costs['gateway'] - costs['floor']:7.1f} us  "
-          f"({len(request):,}-byte request, {n:,} hits a round, best of 5)")
+    gaps = sorted(g - f for g, f in zip(costs["gateway"], costs["floor"], strict=True))
+    print(f"{'gap':>8}: {statistics.median(gaps):7.1f} us  (middle half {gaps[len(gaps) // 4]:.1f}"
+          f"-{gaps[3 * len(gaps) // 4]:.1f}; {len(request):,}-byte request, {n:,} hits, "
+          f"{ROUNDS} alternating rounds)")
 
 
 if __name__ == "__main__":
