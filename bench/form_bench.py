@@ -17,6 +17,8 @@ file. Columns, in microseconds per call (best of five rounds):
               body's end and did not scan the file)
     new       read_form as it is now: one forward scan of every body (StringZilla's find)
     new-bytes the same with bytes.find (what it costs where StringZilla does not install)
+    new-mem   read_form as the gateway calls it, with the process's UploadMemory: bodies past
+              memory_limit up to 16 MiB read whole instead of spooled
     new-old   what the scan costs the hit path (read_form runs on every request)
     parse     new - read - hash: what parsing adds to reading and hashing
 """
@@ -132,14 +134,17 @@ def contenders(image: bytes, boundary: str, spool: str, modules: list[ModuleType
     async def sz_find() -> int:
         return fast(body, delim, file_start)
 
-    def parse_with(module: ModuleType, scan: str | None = None) -> Callable[[], Awaitable[object]]:
+    def parse_with(module: ModuleType, scan: str | None = None,
+                   memory: bool = False) -> Callable[[], Awaitable[object]]:
+        extra = {"memory": new_form.UploadMemory()} if memory else {}
+
         async def parse() -> None:
             used = new_form._find
             if scan is not None:
                 new_form._find = new_form.SCANS[scan]
             try:
                 form = await module.read_form(content_type, len(body), ChunkStream(chunks),
-                                              spool_dir=spool)
+                                              spool_dir=spool, **extra)
             finally:
                 new_form._find = used
             assert form.file is not None and form.file.size == len(image)
@@ -148,7 +153,7 @@ def contenders(image: bytes, boundary: str, spool: str, modules: list[ModuleType
         return parse
 
     return [read, hash_only, find, sz_find, *(parse_with(m) for m in modules),
-            parse_with(new_form, "bytes")]
+            parse_with(new_form, "bytes"), parse_with(new_form, memory=True)]
 
 
 async def main() -> None:
@@ -160,20 +165,20 @@ async def main() -> None:
     modules = [m for m in (old, new_form) if m is not None]
     spool = tempfile.mkdtemp(prefix="form-bench-")
     print(f"{'body':>6} {'boundary':>8} {'read':>8} {'hash':>8} {'find':>8} {'sz-find':>8} "
-          + (f"{'old':>8} " if old else "") + f"{'new':>8} {'new-bytes':>9} "
+          + (f"{'old':>8} " if old else "") + f"{'new':>8} {'new-bytes':>9} {'new-mem':>8} "
           + (f"{'new-old':>8} " if old else "") + f"{'parse':>8}")
     for label, size, n in SIZES:
         image = b"\xff\xd8\xff\xe0" + os.urandom(size - 4)
         for boundary in BOUNDARIES:
             costs = [await per_call(fn, 2 if args.quick else n)
                      for fn in contenders(image, boundary, spool, modules)]
-            read, hash_, find, sz_find, *parses, new_bytes = costs
+            read, hash_, find, sz_find, *parses, new_bytes, new_mem = costs
             new = parses[-1]
             row = (f"{label:>6} {len(boundary):>8} {read:>8.1f} {hash_:>8.1f} {find:>8.1f} "
                    f"{sz_find:>8.1f} ")
             if old:
                 row += f"{parses[0]:>8.1f} "
-            row += f"{new:>8.1f} {new_bytes:>9.1f} "
+            row += f"{new:>8.1f} {new_bytes:>9.1f} {new_mem:>8.1f} "
             if old:
                 row += f"{new - parses[0]:>+8.1f} "
             print(row + f"{new - read - hash_:>8.1f}")

@@ -192,6 +192,7 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
             request.content_length,
             request.content,
             spool_dir=state.spool_dir,
+            memory=state.upload_memory,
         )
     server = state.config.server
     body = _PacedBody(request.content, state.deadlines, server)
@@ -200,6 +201,7 @@ async def _read(request: web.Request, state: GatewayState) -> Form:
         request.content_length,
         body,
         spool_dir=state.spool_dir,
+        memory=state.upload_memory,
     )
     try:
         # A client trickling its body must not hold a socket (and a spool file) for ever.

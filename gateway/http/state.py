@@ -12,6 +12,7 @@ from gateway.core.quota import QuotaLedger
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.service import RecognitionService
 from gateway.http.deadlines import Deadlines
+from gateway.http.form import UploadMemory
 from gateway.obs.metrics import Metrics
 from gateway.store.base import Store
 from gateway.upstream import UpstreamClient
@@ -33,6 +34,7 @@ class GatewayState:
     teams_by_key: dict[str, TeamConfig] = field(default_factory=dict)  # accepted raw keys
     limiter: RateLimiter = field(default_factory=RateLimiter)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    upload_memory: UploadMemory = field(default_factory=UploadMemory)  # bodies read whole
     inflight: int = 0  # requests whose body is in, not yet answered
     receiving: int = 0  # requests whose body is still arriving
     draining: bool = False

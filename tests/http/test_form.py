@@ -26,6 +26,7 @@ from gateway.http.form import (
     LENGTH_SLACK,
     MAX_PART_HEAD,
     Form,
+    UploadMemory,
     parse_query,
     read_form,
 )
@@ -186,6 +187,65 @@ async def test_memory_and_spool(tmp_path: Path) -> None:
     assert Path(big.file.path).parent == tmp_path and big.file.read_all() == JPEG
     big.close()
     big.close()  # idempotent
+    assert_no_temp_files(tmp_path)
+
+
+async def test_a_body_past_memory_limit_is_read_whole_while_the_upload_memory_has_room(
+        tmp_path: Path) -> None:
+    ct, body = encode(SEED_FIELDS, {"file": JPEG})
+    memory = UploadMemory(limit=2 * len(body) + 10, largest=len(body))
+    first = await parse(ct, body, "spool", tmp_path, memory=memory)
+    second = await parse(ct, body, "spool", tmp_path, memory=memory)
+    for form in (first, second):  # in memory although over memory_limit (0 here)
+        assert form.file is not None and form.file.path is None
+        assert isinstance(form.file.data, memoryview)
+        check_file(form, JPEG, "file")
+    assert memory.held == 2 * len(body)
+    third = await parse(ct, body, "spool", tmp_path, memory=memory)  # no room left: spooled
+    assert third.file is not None and third.file.path is not None
+    check_file(third, JPEG, "file")
+    assert memory.held == 2 * len(body)
+    first.close()
+    first.close()  # gives its share back once
+    assert memory.held == len(body)
+    fourth = await parse(ct, body, "spool", tmp_path, memory=memory)  # room again
+    assert fourth.file is not None and fourth.file.path is None
+    for form in (second, third, fourth):
+        form.close()
+    assert memory.held == 0
+    assert_no_temp_files(tmp_path)
+
+
+async def test_the_upload_memory_takes_no_body_over_its_largest_nor_one_of_unknown_length(
+        tmp_path: Path) -> None:
+    ct, body = encode(SEED_FIELDS, {"file": JPEG})
+    memory = UploadMemory(limit=10 * len(body), largest=len(body) - 1)
+    over = await parse(ct, body, "spool", tmp_path, memory=memory)
+    assert over.file is not None and over.file.path is not None
+    memory.largest = len(body)
+    chunked = await parse(ct, body, "stream", memory=memory, memory_limit=0, spool_dir=tmp_path)
+    assert chunked.file is not None and chunked.file.path is not None
+    assert memory.held == 0
+    over.close()
+    chunked.close()
+    assert_no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["cut-short", "no-close-delimiter", "too-long"])
+async def test_a_refused_body_gives_its_upload_memory_back(bad: str, tmp_path: Path) -> None:
+    ct, body = encode(SEED_FIELDS, {"file": JPEG})
+    memory = UploadMemory()
+    length = len(body)
+    if bad == "cut-short":
+        length += 5
+    elif bad == "no-close-delimiter":
+        body = body[: body.rindex(b"--")]
+        length = len(body)
+    stream = FakeStream(body + (b"x" * 9 if bad == "too-long" else b""), 1000)
+    with pytest.raises(NoData):
+        await read_form(ct, length, stream, memory_limit=0, spool_dir=str(tmp_path),
+                        memory=memory)
+    assert memory.held == 0
     assert_no_temp_files(tmp_path)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import itertools
 import random
 import string
@@ -31,7 +32,7 @@ from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 
 from gateway.core.errors import NoData
-from gateway.devtools.sample_images import make_jpeg, make_png
+from gateway.devtools.sample_images import make_jpeg, make_png, make_png_of_size
 from gateway.http import form as form_module
 from gateway.http.form import SCANS, USED_FIELDS, Form, read_form
 from tests.support import TEAM_KEYS, Gateway, Sim
@@ -253,20 +254,25 @@ KEY_HEAD = head("apikey", None, None, "browser")
        cuts=st.lists(st.floats(0, 1), max_size=8), small_chunks=st.integers(1, 97))
 @example(case=issue_case([(KEY_HEAD, b"k"), (FILE_HEAD, IMAGE),
                           (head("note", None, None, "browser"), b"n" * 11_000)]),
-         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("11 KB text field after the file")
+         way="whole", cuts=[], small_chunks=50,
+         scan=DEFAULT_SCAN).via("11 KB text field after the file")
 @example(case=issue_case([(FILE_HEAD, IMAGE),
                           (head("thumb", "t.jpg", "image/jpeg", "browser"), b"\xff" * 20_000)]),
-         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("20 KB thumbnail after the file")
+         way="whole", cuts=[], small_chunks=50,
+         scan=DEFAULT_SCAN).via("20 KB thumbnail after the file")
 @example(case=issue_case([(FILE_HEAD, IMAGE), (head("file", "2.png", None, "browser"),
                                                IMAGE * 9)]),
-         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("a second file after the file")
+         way="whole", cuts=[], small_chunks=50,
+         scan=DEFAULT_SCAN).via("a second file after the file")
 @example(case=issue_case([(KEY_HEAD, b"k"), (FILE_HEAD, IMAGE),
                           (head("note", None, None, "browser"), b"n" * 11_000)]),
-         way="chunked", cuts=[0.3], small_chunks=50, scan=DEFAULT_SCAN).via("the same, chunked")
+         way="chunked", cuts=[0.3], small_chunks=50,
+         scan=DEFAULT_SCAN).via("the same, chunked")
 @example(case=issue_case([(head("note", None, None, "browser"), b"x" * 9000),
                           (head("file", "f" * 2048, None, "browser"), IMAGE)],
                          preamble=b"p" * 17_000 + b"\r\n"),
-         way="whole", cuts=[], small_chunks=50, scan=DEFAULT_SCAN).via("9 KB part, 2 KB filename, 17 KB preamble")
+         way="whole", cuts=[], small_chunks=50,
+         scan=DEFAULT_SCAN).via("9 KB part, 2 KB filename, 17 KB preamble")
 def test_reads_what_python_multipart_reads(case: Case, way: str, cuts: list[float],
                                            small_chunks: int, scan: str, tmp_path: Path) -> None:
     body = case.body
@@ -361,6 +367,31 @@ async def test_upstream_gets_exactly_the_image(gateway: Gateway, sim: Sim,
     assert forwarded["file_size"] == len(image)
     assert forwarded["file_sha256"] == hashlib.sha256(image).hexdigest()
     assert sim.state.calls == 1 and answer["data"]["quota"] == 999
+
+
+@pytest.mark.parametrize("length_known", [True, False], ids=["content-length", "chunked"])
+async def test_a_photo_sized_upload_is_forwarded_exactly_and_its_memory_given_back(
+        gateway: Gateway, sim: Sim, client: aiohttp.ClientSession, length_known: bool) -> None:
+    # 3 MB: past read_form's memory_limit, within UploadMemory.largest: read whole in memory
+    # when its length is known, streamed and spooled when chunked. Either way, exact bytes.
+    image = make_png_of_size(3 * 1024 * 1024, 5 if length_known else 6)
+    body = body_of([*text_parts(), ("file", image, "photo.png")])
+    headers = {"Content-Type": "multipart/form-data; boundary=e2eBoundary"}
+    for expected in ("fwd=miss", "; hit;"):
+        data: io.BytesIO | AsyncIterator[bytes] = (
+            io.BytesIO(body) if length_known else chunked(body))
+        if length_known:
+            headers["Content-Length"] = str(len(body))
+        async with client.post(gateway.url, data=data, headers=headers) as r:
+            answer = await r.json(content_type=None)
+            assert r.status == 200, answer
+            assert expected in r.headers["Cache-Status"]
+            assert r.headers["X-Content-Hash"] == xxhash.xxh3_128_hexdigest(image)
+        assert gateway.state.upload_memory.held == 0
+    forwarded = sim.state.history[-1]
+    assert forwarded["file_size"] == len(image)
+    assert forwarded["file_sha256"] == hashlib.sha256(image).hexdigest()
+    assert sim.state.calls == 1
 
 
 async def test_a_refused_body_is_answered_300_naming_why(gateway: Gateway, sim: Sim,
