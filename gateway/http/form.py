@@ -6,9 +6,10 @@ One forward parser reads every multipart body (RFC 2046 §5.1, RFC 7578), fed on
 * Bodies of known length up to ``memory_limit`` are read whole and fed at once: the file's
   bytes come out as a view of the body (no copy).
 * So are bodies of known length up to ``UploadMemory.largest`` (16 MiB) while the process's
-  ``UploadMemory`` (64 MiB for all such bodies at once) has room for them; the Form holds its
-  share until it is closed. A 5 MB photo is then read at memory speed, not written to disk and
-  read back (a 5 MB hit: 3.5 ms of parse -> ~0.4 ms, ``python bench/form_bench.py``).
+  ``UploadMemory`` (64 MiB for all such bodies at once, each counted twice while read) has
+  room for them; the Form holds its share until it is closed. A 5 MB photo is then read at
+  memory speed, not written to disk and read back (a 5 MB hit's parse: ~2.4 ms -> ~0.4 ms,
+  ``python bench/form_bench.py``).
 * Larger or chunked bodies, or any when that budget is spent, are fed chunk by chunk: the
   file's bytes are hashed as they arrive and spooled to a temp file past ``memory_limit``, so
   memory stays at about one chunk plus the text fields.
@@ -127,9 +128,9 @@ class UploadMemory:
     """How many bytes of uploads read whole past ``memory_limit`` one process holds at once.
 
     One per process (``GatewayState.upload_memory``): a body of known length up to
-    ``largest`` is read into memory if ``held + its length <= limit``, else streamed and
-    spooled as before, so the budget bounds memory and never refuses an upload. Reading whole
-    joins the body's chunks: for a moment a body takes twice its length."""
+    ``largest`` is read into memory if ``held`` plus twice its length stays within ``limit``
+    (twice: its chunks and their join are both held for a moment), else streamed and spooled
+    as before, so the budget bounds memory and never refuses an upload."""
 
     def __init__(self, limit: int = 64 * 1024 * 1024, largest: int = 16 * 1024 * 1024) -> None:
         self.limit = limit
@@ -137,9 +138,10 @@ class UploadMemory:
         self.held = 0
 
     def take(self, size: int) -> bool:
-        if size > self.largest or self.held + size > self.limit:
+        """Reserve what reading a body of ``size`` bytes whole holds: twice its size."""
+        if size > self.largest or self.held + 2 * size > self.limit:
             return False
-        self.held += size
+        self.held += 2 * size
         return True
 
     def give(self, size: int) -> None:
@@ -189,9 +191,9 @@ async def read_form(
             parser.feed(await _read_body(stream, content_length), eof=True)
             form = parser.finish()
         except BaseException:
-            memory.give(content_length)
+            memory.give(2 * content_length)
             raise
-        form.release = functools.partial(memory.give, content_length)
+        form.release = functools.partial(memory.give, 2 * content_length)
         return form
     return await _read_streamed(_MultipartParser(boundary, lim), stream, content_length, max_body)
 
