@@ -72,12 +72,12 @@ def main() -> None:
 def app(proxy_to: str | None = None) -> web.Application:
     """The floor's app (bench/inproc_bench.py drives it without a socket)."""
     # Large enough for the 5 MB (and 50 MB) bodies: request.read() refuses past it.
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    floor = web.Application(client_max_size=64 * 1024 * 1024)
     if proxy_to:
-        app[UPSTREAM] = proxy_to
-        app.cleanup_ctx.append(_session)
-    app.router.add_route("*", "/{tail:.*}", proxy if proxy_to else handle)
-    return app
+        floor[UPSTREAM] = proxy_to
+        floor.cleanup_ctx.append(_session)
+    floor.router.add_route("*", "/{tail:.*}", proxy if proxy_to else handle)
+    return floor
 
 
 if __name__ == "__main__":

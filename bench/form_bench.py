@@ -129,10 +129,8 @@ def contenders(image: bytes, boundary: str, spool: str, modules: list[ModuleType
     async def find() -> int:
         return body.find(delim, file_start)  # over the file: the next delimiter ends it
 
-    fast = next(iter(new_form.SCANS.values()))
-
-    async def sz_find() -> int:
-        return fast(body, delim, file_start)
+    async def sz_find() -> int:  # the installed search: StringZilla's where it installs
+        return new_form._find(body, delim, file_start)
 
     def parse_with(module: ModuleType, scan: str | None = None,
                    memory: bool = False) -> Callable[[], Awaitable[object]]:

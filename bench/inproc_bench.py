@@ -4,6 +4,7 @@
     python bench/inproc_bench.py --quick      # CI smoke: 200 hits, judges nothing
     python bench/inproc_bench.py --size 12400 --requests 50000
     python bench/inproc_bench.py --no-access-log   # server.access_log = false
+    python bench/inproc_bench.py --stages   # also the gap after each of the handler's steps
 
 The same raw HTTP request (bench/run.py's multipart body: the seed's fields, then a PNG) is
 handed to a connection's ``data_received`` as uvloop would hand it over, and the answer's bytes
@@ -44,11 +45,16 @@ import floor  # noqa: E402
 import run  # noqa: E402  (bench/run.py: the body and the keys)
 
 from gateway.config import parse_config  # noqa: E402
+from gateway.core.cache_key import analysis_params  # noqa: E402
+from gateway.core.service import Call  # noqa: E402
 from gateway.devtools.sample_images import make_png_of_size  # noqa: E402
 from gateway.devtools.sim import start_sim  # noqa: E402
 from gateway.event_loop import use_event_loop  # noqa: E402
+from gateway.http import api  # noqa: E402
 from gateway.http.app import create_app  # noqa: E402
+from gateway.http.form import Form  # noqa: E402
 from gateway.http.http_errors import EnvelopeAppRunner  # noqa: E402
+from gateway.http.state import STATE  # noqa: E402
 from gateway.obs import logs  # noqa: E402
 
 ROUNDS = 40
@@ -98,8 +104,8 @@ class Transport(asyncio.Transport):
         pass
 
 
-def raw_request(body: bytes) -> bytes:
-    head = (f"POST /api/v2/ HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+def raw_request(body: bytes, path: str = "/api/v2/") -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
             f"Content-Type: multipart/form-data; boundary={run.BOUNDARY}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
@@ -148,6 +154,57 @@ def gateway_app(tmp: str, upstream: str, *, access_log: bool = True) -> web.Appl
     return create_app(parse_config(raw, env={"INPROC_KEY": run.UPSTREAM_KEY}))
 
 
+# --stages: the API handler's steps, in its order, each route stopping after one more of them
+# and answering the hit's own body (so every route writes the same answer). Built here from
+# gateway.http.api's functions; keep them in handle_api's order.
+STAGES = ("read", "parse", "checks", "hit")
+
+
+def add_stages(app: web.Application, answer: dict[str, bytes]) -> None:
+    state = app[STATE]
+
+    def fixed(request: web.Request) -> web.StreamResponse:
+        return api.respond(request, answer["body"], 200, {"X-Request-Id": request[api.REQUEST_ID]})
+
+    async def checked(request: web.Request, form: Form) -> Call:
+        team = api._authorize(form, state)
+        type_ = api._type(form, team)
+        await state.limiter.check(team)
+        file = api._image(form)
+        params = analysis_params(type_, form.fields)
+        directives = api.parse_cache_control(request.headers.get("Cache-Control"))
+        return Call(team, type_, params, file, directives)
+
+    async def read(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return fixed(request)
+
+    async def parse(request: web.Request) -> web.StreamResponse:
+        (await api._read(request, state)).close()
+        return fixed(request)
+
+    async def checks(request: web.Request) -> web.StreamResponse:
+        form = await api._read(request, state)
+        try:
+            await checked(request, form)
+        finally:
+            form.close()
+        return fixed(request)
+
+    async def hit(request: web.Request) -> web.StreamResponse:
+        form = await api._read(request, state)
+        try:
+            found = await state.service.recognize(await checked(request, form))
+        finally:
+            form.close()
+        return api.respond(request, found.body, 200, {
+            "Cache-Status": api.cache_status(found), "X-Content-Hash": found.content_hash,
+            "X-Request-Id": request[api.REQUEST_ID]})
+
+    for name, handler in zip(STAGES, (read, parse, checks, hit), strict=True):
+        app.router.add_post(f"/stage/{name}", handler)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 hits")
@@ -155,6 +212,9 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=40_000, help="hits in all, each")
     parser.add_argument("--no-access-log", action="store_true",
                         help="the gateway with server.access_log = false (bench/run.py's tuned)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also the gap after each of the handler's steps (read, parse, "
+                             "checks, hit; the full handler is the gateway row)")
     args = parser.parse_args()
     n = 200 if args.quick else args.requests
     request = raw_request(run.multipart(make_png_of_size(args.size, 1000 + args.size)))
@@ -167,24 +227,35 @@ async def main() -> None:
         apps = {"floor": floor.app(),
                 "gateway": gateway_app(tmp, f"http://127.0.0.1:{port}/api/v2/",
                                        access_log=not args.no_access_log)}
+        hit_answer: dict[str, bytes] = {}
+        if args.stages:
+            add_stages(apps["gateway"], hit_answer)
         runners = {name: EnvelopeAppRunner(a, access_log=None) if name == "gateway"
                    else web.AppRunner(a, access_log=None) for name, a in apps.items()}
         for r in runners.values():
             await r.setup()
         conns = {name: Connection(r) for name, r in runners.items()}
+        requests = dict.fromkeys(conns, request)
         await conns["gateway"].per_request(request, 1)  # the miss
         if b"; fwd=miss; stored" not in conns["gateway"].answer:
             raise SystemExit(f"inproc_bench: the first request did not miss and store: "
                              f"{conns['gateway'].answer[:300]!r}")
-        for conn in conns.values():
-            await conn.per_request(request, max(1, n // 10))  # warm-up
-        # Rounds alternate the two, so the machine's drift reaches both alike.
+        await conns["gateway"].per_request(request, 1)
+        hit_answer["body"] = conns["gateway"].answer.partition(b"\r\n\r\n")[2]
+        if args.stages:
+            body = request.partition(b"\r\n\r\n")[2]
+            for stage in STAGES:
+                conns[stage] = Connection(runners["gateway"])
+                requests[stage] = raw_request(body, f"/stage/{stage}")
+        for name, conn in conns.items():
+            await conn.per_request(requests[name], max(1, n // 10))  # warm-up
+        # Rounds alternate them all, so the machine's drift reaches each alike.
         costs: dict[str, list[float]] = {name: [] for name in conns}
         for _ in range(ROUNDS):
             for name, conn in conns.items():
-                costs[name].append(await conn.per_request(request, max(1, n // ROUNDS)))
+                costs[name].append(await conn.per_request(requests[name], max(1, n // ROUNDS)))
         for name, conn in conns.items():
-            if name == "gateway" and b"; hit;" not in conn.answer:
+            if name in ("gateway", "hit") and b"; hit;" not in conn.answer:
                 raise SystemExit(f"inproc_bench: not a hit: {conn.answer[:300]!r}")
             status = conn.answer.split(b"\r\n", 1)[0].decode()
             print(f"{name:>8}: {statistics.median(costs[name]):7.1f} us  ({status})", flush=True)
@@ -192,8 +263,15 @@ async def main() -> None:
         for r in (*runners.values(), sim):
             await r.cleanup()
         assert sim_state.calls == 1, sim_state.calls
-    gaps = sorted(g - f for g, f in zip(costs["gateway"], costs["floor"], strict=True))
-    print(f"{'gap':>8}: {statistics.median(gaps):7.1f} us  (middle half {gaps[len(gaps) // 4]:.1f}"
+
+    def gap(name: str) -> tuple[float, list[float]]:
+        gaps = sorted(g - f for g, f in zip(costs[name], costs["floor"], strict=True))
+        return statistics.median(gaps), gaps
+
+    for stage in STAGES if args.stages else ():
+        print(f"{'gap':>8}: {gap(stage)[0]:7.1f} us  after {stage}")
+    median, gaps = gap("gateway")
+    print(f"{'gap':>8}: {median:7.1f} us  (middle half {gaps[len(gaps) // 4]:.1f}"
           f"-{gaps[3 * len(gaps) // 4]:.1f}; {len(request):,}-byte request, {n:,} hits, "
           f"{ROUNDS} alternating rounds)")
 

@@ -74,12 +74,12 @@ def test_hot_path_bench_smoke_prints_every_step() -> None:
 
 def test_inproc_bench_smoke_answers_hits_and_prints_the_gap() -> None:
     # It exits non-zero unless every measured gateway answer was a hit (and one upstream call).
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "inproc_bench.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "inproc_bench.py"), "--quick",
+                           "--stages"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split(":")[0].strip() for line in proc.stdout.splitlines()]
-    assert rows == ["floor", "gateway", "gap"]
-    assert "HTTP/1.1 200 OK" in proc.stdout
+    assert rows == ["floor", "gateway", "read", "parse", "checks", "hit", *["gap"] * 5]
+    assert proc.stdout.count("(HTTP/1.1 200 OK)") == 6  # every stage answered, none refused
 
 
 def test_savings_bench_smoke_derives_and_widens_below_exact_dedup() -> None:

@@ -18,9 +18,10 @@ Where a part ends is never guessed: a delimiter (CRLF, ``--``, the boundary) any
 body is a boundary, so the parser finds the next one with one substring search over each region
 (preamble, every part), and every byte of the body before the close delimiter is scanned once.
 That search is ``bytes.find``'s result, computed by StringZilla's SIMD ``find`` where it is
-installed (a dependency on CPython; 3.4 us against 12.2 us over the 100 KB bench body,
-``python bench/form_bench.py``), else by ``bytes.find`` itself (``SCANS`` names both; the
-differential tests run the parser on each and hold StringZilla's ``find`` to ``bytes.find``).
+installed (a dependency on CPython; over a 100 KB upload 2.9 us against 9.7 us,
+``python bench/form_bench.py``, columns sz-find and find), else by ``bytes.find`` itself
+(``SCANS`` names both; the differential tests run the parser on each and hold StringZilla's
+``find`` to ``bytes.find``).
 The file's bytes, hash and size are therefore exactly what a reference parser extracts
 (tests/http/test_form_differential.py checks this against python-multipart). What is accepted:
 
@@ -76,13 +77,9 @@ class _Find(Protocol):
     def __call__(self, haystack: bytes, needle: bytes, start: int, /) -> int: ...
 
 
-def _bytes_find(haystack: bytes, needle: bytes, start: int, /) -> int:
-    return haystack.find(needle, start)
-
-
-# The delimiter search: same arguments and result as ``bytes.find(needle, start)`` for
-# start >= 0 (tests/http/test_form_scan.py); the first installed one is used.
-SCANS: dict[str, _Find] = {"bytes": _bytes_find}
+# The delimiter search: ``bytes.find(haystack, needle, start)``'s result for start >= 0
+# (tests/http/test_form_scan.py); the first installed one is used.
+SCANS: dict[str, _Find] = {"bytes": bytes.find}
 try:
     from stringzilla import find as _sz_find
 except ImportError:  # not built for this platform: bytes.find, the same answers
@@ -137,15 +134,17 @@ class UploadMemory:
         self.largest = largest
         self.held = 0
 
-    def take(self, size: int) -> bool:
-        """Reserve what reading a body of ``size`` bytes whole holds: twice its size."""
-        if size > self.largest or self.held + 2 * size > self.limit:
-            return False
-        self.held += 2 * size
-        return True
+    def take(self, size: int) -> Callable[[], None] | None:
+        """Reserve what reading a body of ``size`` bytes whole holds (twice its size); the
+        answer gives it back, once called. None: no room, or the body is too large."""
+        share = 2 * size
+        if size > self.largest or self.held + share > self.limit:
+            return None
+        self.held += share
+        return functools.partial(self._give, share)
 
-    def give(self, size: int) -> None:
-        self.held -= size
+    def _give(self, share: int) -> None:
+        self.held -= share
 
 
 class _Limits(NamedTuple):
@@ -181,21 +180,25 @@ async def read_form(
     lim = _Limits(max_file_bytes, max_field_bytes, max_fields, memory_limit, spool_dir)
     if boundary is None:
         return await _read_streamed(_UrlencodedParser(lim), stream, content_length, max_body)
-    if content_length is not None and content_length <= memory_limit:
+    release = None  # past memory_limit, read whole only within the process's UploadMemory
+    if content_length is not None and content_length > memory_limit and memory is not None:
+        release = memory.take(content_length)
+    if content_length is None or (content_length > memory_limit and release is None):
+        parser = _MultipartParser(boundary, lim)
+        return await _read_streamed(parser, stream, content_length, max_body)
+    if release is not None:
+        lim = lim._replace(memory_limit=content_length)
+    # Read whole: no temp file to clean up, the file is at most the body.
+    try:
         parser = _MultipartParser(boundary, lim)
         parser.feed(await _read_body(stream, content_length), eof=True)
-        return parser.finish()  # no temp file to clean up: the file is at most the body
-    if content_length is not None and memory is not None and memory.take(content_length):
-        try:
-            parser = _MultipartParser(boundary, lim._replace(memory_limit=content_length))
-            parser.feed(await _read_body(stream, content_length), eof=True)
-            form = parser.finish()
-        except BaseException:
-            memory.give(2 * content_length)
-            raise
-        form.release = functools.partial(memory.give, 2 * content_length)
-        return form
-    return await _read_streamed(_MultipartParser(boundary, lim), stream, content_length, max_body)
+        form = parser.finish()
+    except BaseException:
+        if release is not None:
+            release()
+        raise
+    form.release = release
+    return form
 
 
 async def _read_streamed(
